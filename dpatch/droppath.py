@@ -1,0 +1,311 @@
+"""The stochastic depth op: ``drop_path``, the fused ``drop_add`` and the ``DropPath`` module.
+
+Conventions (Huang et al. 2016; timm ``timm.layers.drop_path``; torchvision
+``torchvision.ops.stochastic_depth``):
+
+- ``mode="row"`` drops the branch per sample (one Bernoulli(1 - p) draw per entry of the
+  first dimension); ``mode="batch"`` drops it for the whole batch (the paper).
+- ``scaling="inverted"`` divides kept branches by ``1 - p`` in training and is the identity
+  in eval (timm, torchvision); ``"expected"`` does not scale in training and multiplies the
+  branch by ``1 - p`` in eval (the paper); ``"none"`` does neither.
+
+No function here reads a random value back to the host: masks stay tensors and scales are
+Python floats, so nothing forces a device synchronisation. This module knows nothing of
+models.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar, Optional
+
+import torch
+from torch import Tensor, nn
+
+MODES: tuple[str, ...] = ("row", "batch")
+SCALINGS: tuple[str, ...] = ("inverted", "expected", "none")
+
+__all__ = ["MODES", "SCALINGS", "DropPath", "drop_add", "drop_path", "keep_count"]
+
+
+def _check_prob(p: Any) -> float:
+    # Same message shape as torchvision: repeat the bad value. Kept free of the schedule
+    # module so the op stays importable on its own (and scriptable-adjacent code stays small).
+    if isinstance(p, bool) or not isinstance(p, int | float):
+        raise ValueError(f"drop probability must be a number in [0, 1), but got {p!r}")
+    if not 0.0 <= p < 1.0:  # NaN fails this too
+        raise ValueError(f"drop probability has to be in [0, 1), but got {p!r}")
+    return float(p)
+
+
+def _check_mode(mode: str) -> str:
+    if mode not in MODES:
+        raise ValueError(f"mode has to be one of {MODES}, but got {mode!r}")
+    return mode
+
+
+def _resolve_scaling(scale_by_keep: bool, scaling: str | None) -> str:
+    if scaling is None:
+        return "inverted" if scale_by_keep else "none"
+    if scaling not in SCALINGS:
+        raise ValueError(f"scaling has to be one of {SCALINGS}, but got {scaling!r}")
+    return scaling
+
+
+def _keep_mask(x: Tensor, keep_prob: float, mode: str) -> Tensor:
+    """A {0, 1} mask in ``x``'s dtype: shape (B, 1, ..., 1) for rows, (1, ..., 1) for batch."""
+    if x.dim() < 1:
+        raise ValueError(
+            f"stochastic depth needs a tensor of rank >= 1, but got shape {tuple(x.shape)}"
+        )
+    lead = x.shape[0] if mode == "row" else 1
+    shape = (lead,) + (1,) * (x.dim() - 1)
+    return x.new_empty(shape).bernoulli_(keep_prob)
+
+
+def drop_path(
+    x: Tensor,
+    drop_prob: float = 0.0,
+    training: bool = False,
+    scale_by_keep: bool = True,
+    mode: str = "row",
+    scaling: str | None = None,
+) -> Tensor:
+    """Drop ``x`` (a residual branch) per sample or per batch; a drop-in for timm's ``drop_path``.
+
+    Args:
+        x: the branch output, rank >= 1, batch first.
+        drop_prob: probability p of dropping, 0 <= p < 1.
+        training: apply the random drop (eval applies only ``"expected"`` scaling).
+        scale_by_keep: timm's switch; maps to ``scaling="inverted"`` / ``"none"`` when
+            ``scaling`` is not given.
+        mode: ``"row"`` or ``"batch"``.
+        scaling: ``"inverted"``, ``"expected"`` or ``"none"``; overrides ``scale_by_keep``.
+
+    Returns:
+        ``x`` itself when nothing is dropped or scaled (eval with inverted/none scaling, or
+        p == 0), else a new tensor.
+    """
+    p = _check_prob(drop_prob)
+    _check_mode(mode)
+    how = _resolve_scaling(scale_by_keep, scaling)
+    if p == 0.0:
+        return x
+    keep = 1.0 - p
+    if not training:
+        return x * keep if how == "expected" else x
+    mask = _keep_mask(x, keep, mode)
+    if how == "inverted":
+        mask.mul_(1.0 / keep)
+    return x * mask
+
+
+def drop_add(
+    x: Tensor,
+    branch: Tensor,
+    drop_prob: float,
+    training: bool,
+    mode: str = "row",
+    scaling: str = "inverted",
+    alpha: float = 1.0,
+) -> Tensor:
+    """``x + drop_path(branch)`` in one pass over memory.
+
+    Training uses ``torch.addcmul(x, branch, mask, value=scale)``: a single kernel with the
+    (B, 1, ..., 1) mask broadcast and the scale as a host float (computed in the op's
+    accumulation type, so bf16 branches are not rounded twice). Eval is ``x + branch`` (or
+    ``x + (1 - p) * branch`` for ``"expected"`` scaling), bit for bit the plain residual.
+
+    Args:
+        x: the shortcut (never dropped).
+        branch: the residual branch, same shape as ``x``.
+        drop_prob: probability p of dropping the branch, 0 <= p < 1.
+        training: apply the random drop.
+        mode: ``"row"`` or ``"batch"``.
+        scaling: ``"inverted"``, ``"expected"`` or ``"none"``.
+        alpha: a constant factor on the branch, for blocks written ``torch.add(x, b, alpha=)``.
+    """
+    p = _check_prob(drop_prob)
+    _check_mode(mode)
+    how = _resolve_scaling(True, scaling)
+    if p == 0.0 or not training:
+        if p > 0.0 and how == "expected":
+            return torch.add(x, branch, alpha=alpha * (1.0 - p))
+        return x + branch if alpha == 1.0 else torch.add(x, branch, alpha=alpha)
+    keep = 1.0 - p
+    mask = _keep_mask(branch, keep, mode)
+    return torch.addcmul(x, branch, mask, value=alpha / keep if how == "inverted" else alpha)
+
+
+def _scripted_drop(
+    x: Tensor,
+    residual: Optional[Tensor],  # noqa: UP045 - TorchScript reads typing.Optional only
+    alpha: float,
+    p: float,
+    training: bool,
+    mode: str,
+    scaling: str,
+) -> Tensor:
+    """The op as TorchScript can compile it (no argument checks; same arithmetic)."""
+    if residual is None:
+        if p == 0.0 or not training:
+            return x * (1.0 - p) if (p > 0.0 and scaling == "expected") else x
+        lead = x.shape[0] if mode == "row" else 1
+        shape = [lead] + [1] * (x.dim() - 1)
+        mask = torch.empty(shape, dtype=x.dtype, device=x.device).bernoulli_(1.0 - p)
+        if scaling == "inverted":
+            mask = mask / (1.0 - p)
+        return x * mask
+    if p == 0.0 or not training:
+        if p > 0.0 and scaling == "expected":
+            return torch.add(residual, x, alpha=alpha * (1.0 - p))
+        return residual + x if alpha == 1.0 else torch.add(residual, x, alpha=alpha)
+    lead = x.shape[0] if mode == "row" else 1
+    shape = [lead] + [1] * (x.dim() - 1)
+    mask = torch.empty(shape, dtype=x.dtype, device=x.device).bernoulli_(1.0 - p)
+    value = alpha / (1.0 - p) if scaling == "inverted" else alpha
+    return torch.addcmul(residual, x, mask, value=value)
+
+
+def keep_count(batch: int, drop_prob: float) -> int:
+    """Samples that compute the branch in skip mode: ``max(round(B * (1 - p)), 1)``.
+
+    A fixed count (DINOv2's subset scheme) keeps shapes static for ``torch.compile`` and
+    uses every parameter each step, which DDP needs; the kept rows are scaled by ``B / k``
+    so the residual stays unbiased: E[out] = x + branch.
+    """
+    return max(round(batch * (1.0 - drop_prob)), 1)
+
+
+class DropPath(nn.Module):
+    """Stochastic depth on a residual branch; a drop-in for ``timm.layers.DropPath``.
+
+    Called as ``drop_path(branch)`` it returns the dropped branch (timm's contract). Called
+    as ``drop_path(branch, residual=x)`` it returns ``x + drop_path(branch)`` fused in one
+    pass: the form dpatch's rewritten blocks use.
+
+    Attributes:
+        drop_prob: float rate, mutable (as in timm); checked on every call.
+        mode: ``"row"`` or ``"batch"``.
+        scaling: ``"inverted"``, ``"expected"`` or ``"none"``.
+        skip: in rewritten blocks, compute the branch only where it is kept (training).
+        seed: batch mode only: when set, drop decisions come from a host generator seeded
+            with it, so every DDP rank makes the same choice with no collective and no
+            device synchronisation; ``None`` draws from torch's default generator instead.
+    """
+
+    # The host generator is runtime state, not configuration: TorchScript need not see it.
+    __jit_ignored_attributes__: ClassVar[list[str]] = ["_generator"]
+
+    def __init__(
+        self,
+        drop_prob: float = 0.0,
+        scale_by_keep: bool = True,
+        mode: str = "row",
+        scaling: str | None = None,
+        *,
+        skip: bool = False,
+        seed: int | None = None,
+    ) -> None:
+        super().__init__()
+        self.drop_prob = _check_prob(drop_prob)
+        self.mode = _check_mode(mode)
+        self.scaling = _resolve_scaling(scale_by_keep, scaling)
+        self.skip = bool(skip)
+        self.seed = seed
+        self._generator: torch.Generator | None = None
+
+    @property
+    def scale_by_keep(self) -> bool:
+        """timm's name for inverted scaling."""
+        return self.scaling == "inverted"
+
+    def forward(
+        self,
+        x: Tensor,
+        residual: Optional[Tensor] = None,  # noqa: UP045 - TorchScript reads typing.Optional
+        alpha: float = 1.0,
+    ) -> Tensor:
+        if torch.jit.is_scripting():
+            return _scripted_drop(
+                x, residual, alpha, self.drop_prob, self.training, self.mode, self.scaling
+            )
+        else:
+            return self._forward(x, residual, alpha)
+
+    @torch.jit.unused
+    def _forward(self, x: Tensor, residual: Tensor | None, alpha: float) -> Tensor:
+        if isinstance(x, torch.fx.Proxy):
+            # Any torch.fx tracer (not only dpatch's) keeps this module a leaf, so a traced
+            # graph reads ``self.training`` and ``self.drop_prob`` at run time instead of
+            # baking in the values they had while tracing.
+            tracer = x.tracer
+            args = (x,) if residual is None else (x, residual)
+            kwargs = {} if alpha == 1.0 else {"alpha": alpha}
+            return tracer.create_proxy("call_module", tracer.path_of_module(self), args, kwargs)
+        if (
+            self.training
+            and self.mode == "batch"
+            and self.seed is not None
+            and not torch.compiler.is_compiling()
+        ):
+            return self._batch_host(x, residual, alpha)
+        if residual is None:
+            out = drop_path(x, self.drop_prob, self.training, mode=self.mode, scaling=self.scaling)
+            return out if alpha == 1.0 else out * alpha
+        return drop_add(residual, x, self.drop_prob, self.training, self.mode, self.scaling, alpha)
+
+    # -- batch mode with a shared host generator --------------------------------------
+    def keep_batch(self) -> bool:
+        """Draw this step's batch-mode decision on the host: True keeps the branch."""
+        p = _check_prob(self.drop_prob)
+        if p == 0.0:
+            return True
+        if self._generator is None:
+            self._generator = torch.Generator().manual_seed(int(self.seed or 0))
+        return bool(torch.rand((), generator=self._generator).item() >= p)
+
+    def batch_scale(self) -> float:
+        """The factor a kept batch-mode branch is multiplied by in training."""
+        return 1.0 / (1.0 - self.drop_prob) if self.scaling == "inverted" else 1.0
+
+    def _batch_host(self, x: Tensor, residual: Tensor | None, alpha: float = 1.0) -> Tensor:
+        scale = alpha * self.batch_scale() if self.keep_batch() else 0.0
+        if residual is None:
+            return x * scale
+        # alpha=0 still connects the branch to the loss: every parameter gets a (zero)
+        # gradient, so DDP with find_unused_parameters=False keeps working.
+        return torch.add(residual, x, alpha=scale)
+
+    # -- row mode, compute-skipping ----------------------------------------------------
+    def keep_indices(self, x: Tensor) -> Tensor:
+        """Indices of the rows that compute the branch: a random subset of fixed size."""
+        k = keep_count(x.shape[0], _check_prob(self.drop_prob))
+        return torch.randperm(x.shape[0], device=x.device)[:k]
+
+    def scatter_add(
+        self, residual: Tensor, branch: Tensor, index: Tensor, alpha: float = 1.0
+    ) -> Tensor:
+        """``residual`` with ``branch`` (computed on rows ``index``) added back, scaled B/k."""
+        if self.scaling == "inverted":
+            alpha = alpha * residual.shape[0] / branch.shape[0]
+        return torch.index_add(residual, 0, index, branch.to(residual.dtype), alpha=alpha)
+
+    def skips(self) -> bool:
+        """True when this call should compute the branch on a subset (or not at all)."""
+        return self.skip and self.training and self.drop_prob > 0.0
+
+    def extra_repr(self) -> str:
+        extra = (
+            f"drop_prob={round(self.drop_prob, 3):0.3f}, mode={self.mode}, scaling={self.scaling}"
+        )
+        if self.skip:
+            extra += ", skip=True"
+        if self.seed is not None and self.mode == "batch":
+            extra += f", seed={self.seed}"
+        return extra
+
+    def __getstate__(self) -> dict[str, Any]:
+        # A torch.Generator is not picklable everywhere; it is re-created from the seed.
+        state = self.__dict__.copy()
+        state["_generator"] = None
+        return state

@@ -1,0 +1,47 @@
+"""Errors raised by dpatch: each carries a message a user can act on.
+
+The command line maps each class to an exit code (``exit_code``) and prints only the
+message; the library never prints.
+"""
+
+from __future__ import annotations
+
+
+class DPatchError(Exception):
+    """Base class: a failed operation whose message names the bad value and a fix."""
+
+    exit_code = 1
+
+
+class InvalidValueError(DPatchError, ValueError):
+    """An argument is out of range or of the wrong kind (rates, schedules, modes)."""
+
+
+class ModelNotFoundError(DPatchError, LookupError):
+    """A model spec names no model that timm, torchvision or Python can provide."""
+
+
+class DownloadError(DPatchError):
+    """Pretrained weights or a hub config could not be fetched (offline, no access)."""
+
+
+class WeightsError(DPatchError):
+    """A weights file is missing, unreadable, corrupt, unsafe or of another architecture."""
+
+
+class OutputError(DPatchError):
+    """An output path exists (without ``force``), or its folder is missing or read-only."""
+
+
+class ManifestError(DPatchError):
+    """A file's dpatch manifest is missing, malformed or of an unknown format version."""
+
+
+class NoResidualSitesError(DPatchError):
+    """The model has no residual branch to put stochastic depth on."""
+
+    exit_code = 3
+
+
+class TraceError(DPatchError):
+    """A block's forward could not be traced or rewritten (reported as skipped, not raised)."""

@@ -1,0 +1,892 @@
+"""Finding residual sites: native DropPath slots and residual additions found by tracing.
+
+Read-only: nothing here changes the model (hooks are added and removed, traced copies are
+shallow copies). The public result is a list of frozen :class:`Site`; :func:`analyze`
+returns the richer internal :class:`Analysis` that :mod:`dpatch.patch` and
+:mod:`dpatch.rewrite` use.
+
+How a site is found:
+
+1. *Probe*: one forward pass with every parameter and buffer swapped for a ``meta`` tensor
+   (``torch.func.functional_call``), so it costs no compute and changes no state. Forward
+   pre-hooks record which modules run, in which order, and with which inputs.
+2. *Trace*: each module that ran and has children is traced on its own with torch.fx, all
+   its children kept as leaves, so the graph is exactly that module's own forward code.
+3. *Interpret*: the graph runs on the recorded meta inputs to learn every value's shape.
+4. *Classify*: an addition ``a + b`` of two same-shaped activations is residual when one
+   operand (the branch) holds learned computation that the other (the shortcut) lacks and
+   both grow from one activation (``x + f(x)``, ``proj(x) + f(x)``), or the shortcut is a
+   tensor handed in as an argument (Hugging Face ``ViTOutput``-style). A native slot
+   (timm/torchvision/dpatch DropPath, a slot-named ``nn.Identity`` or ``None``) on one
+   operand marks it as the branch. When a model has native slots, they alone define its
+   sites: the model author chose where stochastic depth belongs.
+"""
+
+from __future__ import annotations
+
+import inspect
+import operator
+import sys
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.fx as fx
+from torch import Tensor, nn
+
+from dpatch.droppath import DropPath
+from dpatch.errors import TraceError
+
+__all__ = ["SLOT_ATTRS", "Site", "find_sites", "is_slot_module"]
+
+#: Attribute names timm and torchvision give their stochastic-depth slots.
+SLOT_ATTRS: tuple[str, ...] = (
+    "drop_path",
+    "drop_path1",
+    "drop_path2",
+    "drop_path3",
+    "attn_drop_path",
+    "mlp_drop_path",
+    "mhsa_drop_path",
+    "mhca_drop_path",
+    "stochastic_depth",
+)
+
+#: Marker a rewritten block's class carries (see :mod:`dpatch.rewrite`).
+PATCH_ATTR = "_dpatch_patch"
+
+_PROBE_BATCH = 2
+_HEAVY_FUNCTIONS: frozenset[Any] = frozenset(
+    {
+        torch.nn.functional.linear,
+        torch.nn.functional.conv1d,
+        torch.nn.functional.conv2d,
+        torch.nn.functional.conv3d,
+        torch.matmul,
+        torch.bmm,
+        torch.einsum,
+    }
+)
+
+
+@dataclass(frozen=True)
+class Site:
+    """One residual branch and the stochastic depth on it.
+
+    Attributes:
+        path: qualified name of the module whose forward adds the branch ("" for the root).
+        branch: name of the branch inside that module: its slot attribute (``drop_path1``)
+            or, for a slot nested deeper, the slot's path relative to ``path``.
+        block: 0-based depth index of the owning block in forward execution order.
+        kind: ``"native"`` (a timm/torchvision/dpatch slot the model author placed) or
+            ``"graph"`` (a residual addition found by tracing).
+        rate: current drop probability.
+        mode: ``"row"`` or ``"batch"``.
+        scaling: ``"inverted"``, ``"expected"`` or ``"none"``.
+        slot: qualified name of the module that applies the drop (may not exist yet on an
+            unpatched model: a ``None`` slot or a graph site).
+        fused: the residual addition runs through dpatch's fused ``drop_add``.
+        skip: compute-skipping is on for this site.
+    """
+
+    path: str
+    branch: str
+    block: int
+    kind: str
+    rate: float
+    mode: str = "row"
+    scaling: str = "inverted"
+    slot: str = ""
+    fused: bool = False
+    skip: bool = False
+
+    @property
+    def name(self) -> str:
+        """``path.branch``, the site's unique name in the model."""
+        return f"{self.path}.{self.branch}" if self.path else self.branch
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain-JSON form (used by manifests and ``--json`` output)."""
+        return {
+            "path": self.path,
+            "branch": self.branch,
+            "block": self.block,
+            "kind": self.kind,
+            "rate": self.rate,
+            "mode": self.mode,
+            "scaling": self.scaling,
+            "slot": self.slot,
+            "fused": self.fused,
+            "skip": self.skip,
+        }
+
+
+# --------------------------------------------------------------------------- slots
+def _slot_types() -> tuple[type, ...]:
+    """DropPath-like classes of the libraries that are loaded (no import is forced)."""
+    types: list[type] = [DropPath]
+    timm_drop = sys.modules.get("timm.layers.drop")
+    if timm_drop is not None:
+        types.append(timm_drop.DropPath)
+    tv_sd = sys.modules.get("torchvision.ops.stochastic_depth")
+    if tv_sd is not None:
+        types.append(tv_sd.StochasticDepth)
+    return tuple(types)
+
+
+def is_slot_module(module: object, attr: str | None = None) -> bool:
+    """True for a DropPath-like module, or an ``nn.Identity`` stored under a slot name."""
+    if isinstance(module, _slot_types()):
+        return True
+    return isinstance(module, nn.Identity) and attr is not None and attr in SLOT_ATTRS
+
+
+def slot_settings(module: object) -> tuple[float, str, str]:
+    """(rate, mode, scaling) of a slot module; an Identity or None slot is rate 0."""
+    if isinstance(module, DropPath):
+        return module.drop_prob, module.mode, module.scaling
+    tv_sd = sys.modules.get("torchvision.ops.stochastic_depth")
+    if tv_sd is not None and isinstance(module, tv_sd.StochasticDepth):
+        return float(module.p), str(module.mode), "inverted"
+    timm_drop = sys.modules.get("timm.layers.drop")
+    if timm_drop is not None and isinstance(module, timm_drop.DropPath):
+        scaling = "inverted" if getattr(module, "scale_by_keep", True) else "none"
+        return float(module.drop_prob), "row", scaling
+    return 0.0, "row", "inverted"
+
+
+# --------------------------------------------------------------------------- tracing
+class LeafTracer(fx.Tracer):
+    """Traces one module's own forward: every submodule is a leaf."""
+
+    def __init__(self) -> None:
+        super().__init__(autowrap_functions=_notrace_functions())
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        return True
+
+
+def _notrace_functions() -> tuple[Callable[..., Any], ...]:
+    """Functions timm marks as untraceable (shape asserts, resampling), when timm is loaded."""
+    timm_fx = sys.modules.get("timm.layers._fx")
+    if timm_fx is None:
+        return ()
+    return tuple(f for f in timm_fx.get_notrace_functions() if callable(f))
+
+
+def _training_watcher(cls: type) -> type:
+    """A subclass of ``cls`` whose ``training`` attribute records that it was read."""
+
+    def get(self: nn.Module) -> bool:
+        self.__dict__["_dpatch_read_training"] = True
+        return bool(self.__dict__["training"])
+
+    def set_(self: nn.Module, value: bool) -> None:
+        self.__dict__["training"] = value
+
+    return type(
+        cls.__name__, (cls,), {"training": property(get, set_), "__module__": cls.__module__}
+    )
+
+
+def trace_module(
+    module: nn.Module,
+    training: bool | None = None,
+    concrete_args: dict[str, Any] | None = None,
+) -> fx.Graph:
+    """Trace ``module``'s own forward (children as leaves) without touching ``module``.
+
+    The tracer runs the forward on a shallow copy: Python attributes such as
+    ``self.training`` are read at trace time, so the copy carries the requested mode and
+    records whether the forward read it (``graph._dpatch_reads_training``); attributes the
+    tracer adds (tensor constants) land on the copy and are returned in
+    ``graph._dpatch_consts``. ``concrete_args`` (optional arguments recorded as None or a
+    constant) are specialised, with torch.fx's guards that fail loudly on other values.
+    """
+    shadow = object.__new__(_training_watcher(type(module)))
+    shadow.__dict__ = dict(module.__dict__)
+    if training is not None:
+        shadow.__dict__["training"] = training
+    before = set(shadow.__dict__)
+    graph = LeafTracer().trace(shadow, concrete_args=concrete_args)
+    if concrete_args:
+        _restore_arg_names(graph, set(concrete_args))
+    graph._dpatch_concrete = dict(concrete_args or {})  # type: ignore[attr-defined]
+    reads = bool(shadow.__dict__.pop("_dpatch_read_training", False))
+    graph._dpatch_reads_training = reads  # type: ignore[attr-defined]
+    graph._dpatch_consts = {  # type: ignore[attr-defined]
+        k: v for k, v in shadow.__dict__.items() if k not in before
+    }
+    return graph
+
+
+def _restore_arg_names(graph: fx.Graph, names: set[str]) -> None:
+    """torch.fx renames specialised arguments (``mask`` -> ``mask_1``); a rewritten forward
+    must keep the original keyword names, so they are put back where nothing clashes."""
+    used = {n.name for n in graph.nodes}
+    for n in graph.nodes:
+        if n.op != "placeholder" or not isinstance(n.target, str):
+            continue
+        base = n.target.rsplit("_", 1)[0]
+        if n.target.endswith("_1") and base in names and base not in used:
+            n.target = base
+            n.name = base
+            used.add(base)
+
+
+def concrete_candidates(
+    module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> dict[str, Any]:
+    """Recorded arguments that are None or plain constants: specialisable when tracing fails."""
+    try:
+        sig = inspect.signature(module.forward)
+        bound = sig.bind(*args, **kwargs)
+        bound.apply_defaults()
+    except (TypeError, ValueError):
+        return {}
+    return {
+        k: v
+        for k, v in bound.arguments.items()
+        if v is None or isinstance(v, bool | int | float | str)
+    }
+
+
+# --------------------------------------------------------------------------- probing
+@dataclass
+class Probe:
+    """What one meta-device forward pass saw."""
+
+    order: dict[int, int] = field(default_factory=dict)  # id(module) -> first-call index
+    calls: dict[int, int] = field(default_factory=dict)  # id(module) -> number of calls
+    inputs: dict[int, tuple[tuple[Any, ...], dict[str, Any]]] = field(default_factory=dict)
+    error: str | None = None
+
+
+def default_example_input(model: nn.Module, batch: int = _PROBE_BATCH) -> Tensor:
+    """An input of the size the model expects: timm's ``pretrained_cfg``, torchvision ViT's
+    ``image_size``, else 3x224x224."""
+    size: Sequence[int] = (3, 224, 224)
+    cfg = getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", None)
+    if isinstance(cfg, dict) and isinstance(cfg.get("input_size"), list | tuple):
+        size = tuple(int(s) for s in cfg["input_size"])
+    elif isinstance(getattr(model, "image_size", None), int):
+        size = (3, int(model.image_size), int(model.image_size))  # type: ignore[arg-type]
+    patch_embed = getattr(model, "patch_embed", None)
+    img_size = getattr(patch_embed, "img_size", None)
+    if isinstance(img_size, list | tuple) and len(img_size) == 2 and img_size[0]:
+        size = (size[0], int(img_size[0]), int(img_size[1]))
+    return torch.empty((batch, *size), device="meta")
+
+
+def _to_meta(value: Any) -> Any:
+    if isinstance(value, Tensor):
+        return value if value.is_meta else torch.empty_like(value, device="meta")
+    if isinstance(value, list | tuple):
+        return type(value)(_to_meta(v) for v in value)
+    if isinstance(value, dict):
+        return {k: _to_meta(v) for k, v in value.items()}
+    return value
+
+
+# Shape-preserving functions whose meta kernels are slow Python decompositions (batch norm
+# costs ~4 ms per call on meta): on meta inputs the probe answers them with ``empty_like``.
+_SHAPE_PRESERVING: frozenset[Any] = frozenset(
+    {
+        torch.batch_norm,
+        torch.nn.functional.batch_norm,
+        torch.nn.functional.layer_norm,
+        torch.layer_norm,
+        torch.nn.functional.group_norm,
+        torch.group_norm,
+        torch.nn.functional.instance_norm,
+        torch.instance_norm,
+    }
+)
+
+
+class MetaMode(torch.overrides.TorchFunctionMode):
+    """Meta-device evaluation: factories default to meta; slow shape-preserving ops are
+    answered by shape alone."""
+
+    def __torch_function__(
+        self,
+        func: Callable[..., Any],
+        types: Any,
+        args: Sequence[Any] = (),
+        kwargs: dict[str, Any] | None = None,
+    ) -> Any:
+        kwargs = kwargs or {}
+        if func in _SHAPE_PRESERVING and args and isinstance(args[0], Tensor) and args[0].is_meta:
+            return torch.empty_like(args[0])
+        return func(*args, **kwargs)
+
+
+def meta_state(module: nn.Module) -> dict[str, Tensor]:
+    """Every parameter and buffer of ``module`` as an empty meta tensor of the same shape."""
+    state: dict[str, Tensor] = {}
+    for name, t in module.named_parameters(remove_duplicate=False):
+        state[name] = torch.empty_like(t, device="meta")
+    for name, t in module.named_buffers(remove_duplicate=False):
+        state[name] = torch.empty_like(t, device="meta")
+    return state
+
+
+def probe(model: nn.Module, example_inputs: Sequence[Any] | None = None) -> Probe:
+    """Run ``model`` once on the meta device, recording call order and each module's inputs."""
+    result = Probe()
+    inputs = (
+        tuple(_to_meta(v) for v in example_inputs)
+        if example_inputs
+        else (default_example_input(model),)
+    )
+
+    def pre_hook(mod: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        key = id(mod)
+        result.calls[key] = result.calls.get(key, 0) + 1
+        if key not in result.order:
+            result.order[key] = len(result.order)
+            result.inputs[key] = (args, dict(kwargs))
+
+    handles = [m.register_forward_pre_hook(pre_hook, with_kwargs=True) for m in model.modules()]
+    try:
+        with torch.no_grad(), torch.device("meta"), MetaMode():
+            torch.func.functional_call(model, meta_state(model), inputs, strict=False)
+    except Exception as exc:  # any model code can fail on meta; the caller reports it
+        result.error = f"{type(exc).__name__}: {exc}".splitlines()[0][:300]
+    finally:
+        for h in handles:
+            h.remove()
+    return result
+
+
+class _ConstInterpreter(fx.Interpreter):
+    """An Interpreter that also finds the tensor constants the tracer lifted (``trace_module``)."""
+
+    def __init__(self, module: nn.Module, graph: fx.Graph) -> None:
+        super().__init__(module, garbage_collect_values=False, graph=graph)
+        self.consts: dict[str, Any] = getattr(graph, "_dpatch_consts", {})
+
+    def fetch_attr(self, target: str) -> Any:
+        if target in self.consts:
+            return _to_meta(self.consts[target])
+        return super().fetch_attr(target)
+
+
+class _GraphRunner(nn.Module):
+    """Runs a traced graph of ``block`` with an Interpreter, keeping every value."""
+
+    def __init__(self, block: nn.Module, graph: fx.Graph) -> None:
+        super().__init__()
+        self.block = block
+        self.graph = graph
+
+    def forward(self, *args: Any) -> dict[fx.Node, Any]:
+        interp = _ConstInterpreter(self.block, self.graph)
+        interp.run(*args)
+        return interp.env
+
+
+def bind_inputs(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> list[Any]:
+    """Positional values for a traced graph's placeholders from a recorded call."""
+    sig = inspect.signature(module.forward)
+    bound = sig.bind(*args, **kwargs)
+    bound.apply_defaults()
+    values: list[Any] = []
+    for name, param in sig.parameters.items():
+        if param.kind in (param.VAR_POSITIONAL, param.VAR_KEYWORD):
+            raise TypeError(f"forward takes *{name}; dpatch traces fixed signatures only")
+        values.append(bound.arguments[name])
+    return values
+
+
+def run_graph_meta(
+    block: nn.Module, graph: fx.Graph, args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> dict[fx.Node, Any]:
+    """Values of every node of ``graph`` on meta inputs, ``block``'s state swapped to meta."""
+    runner = _GraphRunner(block, graph)
+    state = {f"block.{k}": v for k, v in meta_state(block).items()}
+    values = [_to_meta(v) for v in bind_inputs(block, args, kwargs)]
+    with torch.no_grad(), torch.device("meta"), MetaMode():
+        env: dict[fx.Node, Any] = torch.func.functional_call(
+            runner, state, tuple(values), strict=False
+        )
+    return env
+
+
+# --------------------------------------------------------------------------- classification
+_ADD_FUNCTIONS = (operator.add, operator.iadd, torch.add)
+_ADD_METHODS = ("add", "add_", "__add__", "__iadd__", "__radd__")
+INPLACE_ADDS: tuple[Any, ...] = (operator.iadd, "add_", "__iadd__")
+
+
+@dataclass(frozen=True)
+class AddOperands:
+    """``out = first + alpha * second`` as an addition node reads."""
+
+    first: fx.Node
+    second: fx.Node
+    alpha: float
+
+
+def add_operands(node: fx.Node) -> AddOperands | None:
+    """The tensor operands of an addition node, or None if ``node`` is not one."""
+    if (node.op == "call_function" and node.target in _ADD_FUNCTIONS) or (
+        node.op == "call_method" and node.target in _ADD_METHODS
+    ):
+        pass
+    else:
+        return None
+    args = list(node.args)
+    if len(args) < 2 and "other" in node.kwargs:
+        args.append(node.kwargs["other"])
+    if len(args) != 2 or not all(isinstance(a, fx.Node) for a in args):
+        return None
+    alpha = node.kwargs.get("alpha", 1)
+    if isinstance(alpha, bool) or not isinstance(alpha, int | float):
+        return None
+    first, second = args
+    assert isinstance(first, fx.Node) and isinstance(second, fx.Node)
+    if node.op == "call_method" and node.target == "__radd__":
+        first, second = second, first
+    return AddOperands(first, second, float(alpha))
+
+
+class _Ancestry:
+    """Memoised ancestor sets (each node included in its own set)."""
+
+    def __init__(self) -> None:
+        self._memo: dict[fx.Node, frozenset[fx.Node]] = {}
+
+    def __call__(self, node: fx.Node) -> frozenset[fx.Node]:
+        if node in self._memo:
+            return self._memo[node]
+        stack: list[fx.Node] = [node]
+        seen: set[fx.Node] = set()
+        while stack:
+            n = stack.pop()
+            if n in seen:
+                continue
+            if n in self._memo and n is not node:
+                seen |= self._memo[n]
+                continue
+            seen.add(n)
+            stack.extend(n.all_input_nodes)
+        result = frozenset(seen)
+        self._memo[node] = result
+        return result
+
+
+def _learned_cost(block: nn.Module, nodes: Iterable[fx.Node], memo: dict[int, int]) -> int:
+    """How much learned computation ``nodes`` hold: parametrised modules they call."""
+    cost = 0
+    for n in nodes:
+        if n.op == "call_module":
+            mod = block.get_submodule(str(n.target))
+            key = id(mod)
+            if key not in memo:
+                memo[key] = sum(
+                    1
+                    for sub in mod.modules()
+                    if any(p is not None for p in sub._parameters.values())
+                )
+            cost += memo[key]
+        elif (
+            n.op == "call_function"
+            and n.target in _HEAVY_FUNCTIONS
+            and any(a.op == "get_attr" for a in n.all_input_nodes)
+        ):
+            cost += 1
+    return cost
+
+
+def _is_tensor(value: Any) -> bool:
+    return isinstance(value, Tensor)
+
+
+@dataclass
+class ResidualAdd:
+    """A residual addition in one block's traced graph (internal)."""
+
+    node: fx.Node
+    shortcut: fx.Node
+    branch: fx.Node
+    alpha: float  # multiplies the branch (``torch.add(x, b, alpha=)``)
+    slot_node: fx.Node | None = None  # call_module of a native slot on the branch
+
+
+def find_residual_adds(
+    block: nn.Module,
+    graph: fx.Graph,
+    env: dict[fx.Node, Any],
+    slot_nodes: Sequence[fx.Node],
+) -> list[ResidualAdd]:
+    """Residual additions of one block's graph, in execution order."""
+    anc = _Ancestry()
+    memo: dict[int, int] = {}
+    found: list[ResidualAdd] = []
+    for node in graph.nodes:
+        ops = add_operands(node)
+        if ops is None:
+            continue
+        a, b = ops.first, ops.second
+        va, vb, vo = env.get(a), env.get(b), env.get(node)
+        if not (_is_tensor(va) and _is_tensor(vb) and _is_tensor(vo)):
+            continue
+        if not (va.shape == vb.shape == vo.shape):
+            continue
+        anc_a, anc_b = anc(a), anc(b)
+        if not _has_activation(anc_a, env) or not _has_activation(anc_b, env):
+            continue
+        excl_a, excl_b = anc_a - anc_b, anc_b - anc_a
+        slot_a = [s for s in slot_nodes if s in excl_a]
+        slot_b = [s for s in slot_nodes if s in excl_b]
+        if len(slot_a) + len(slot_b) == 1:
+            if slot_b:
+                found.append(ResidualAdd(node, a, b, ops.alpha, slot_b[0]))
+            elif ops.alpha == 1.0:
+                found.append(ResidualAdd(node, b, a, 1.0, slot_a[0]))
+            continue
+        cost_a, cost_b = _learned_cost(block, excl_a, memo), _learned_cost(block, excl_b, memo)
+        if cost_a == cost_b:
+            continue  # parallel branches of equal weight (RepVGG-style): not a residual
+        shortcut, branch = (a, b) if cost_b > cost_a else (b, a)
+        if branch is a and ops.alpha != 1.0:
+            continue  # ``branch + alpha * shortcut``: a scaled shortcut is not a residual
+        common = anc_a & anc_b
+        shares_source = any(_is_tensor(env.get(n)) and n.op != "get_attr" for n in common)
+        fed_in = shortcut.op == "placeholder" and _is_tensor(env.get(shortcut))
+        if not (shares_source or fed_in):
+            continue
+        found.append(ResidualAdd(node, shortcut, branch, ops.alpha if branch is b else 1.0))
+    return found
+
+
+def _has_activation(nodes: Iterable[fx.Node], env: dict[fx.Node, Any]) -> bool:
+    """True when ``nodes`` include a tensor input of the block (not only parameters)."""
+    for n in nodes:
+        if n.op != "placeholder":
+            continue
+        value = env.get(n)
+        if _is_tensor(value):
+            return True
+        if isinstance(value, list | tuple) and any(_is_tensor(v) for v in value):
+            return True
+    return False
+
+
+# --------------------------------------------------------------------------- analysis
+@dataclass
+class BlockSites:
+    """Residual sites of one module's own forward (internal)."""
+
+    path: str
+    module: nn.Module
+    order: int
+    graph: fx.Graph | None
+    env: dict[fx.Node, Any]
+    adds: list[ResidualAdd]
+    slot_attrs: list[str]  # per add: the attribute that holds (or will hold) its DropPath
+    kinds: list[str]  # per add: "native" or "graph"
+    patched: bool = False  # already rewritten by dpatch
+
+
+@dataclass
+class LooseSlot:
+    """A native slot that is called but not on a traced residual add (internal)."""
+
+    slot_path: str
+    owner_path: str
+    order: int
+
+
+@dataclass
+class Analysis:
+    """Everything :func:`analyze` learned about a model (internal)."""
+
+    model: nn.Module
+    blocks: list[BlockSites]
+    loose: list[LooseSlot]
+    skipped: list[tuple[str, str]]  # (path, reason)
+    ignored_graph_sites: int
+    probe_error: str | None
+    example_inputs: tuple[Any, ...] | None
+    inputs: dict[int, tuple[tuple[Any, ...], dict[str, Any]]]  # id(module) -> recorded call
+
+    def sites(self) -> list[Site]:
+        return _build_sites(self)
+
+
+def _candidates(model: nn.Module, probe_result: Probe) -> Iterator[tuple[str, nn.Module]]:
+    for path, mod in model.named_modules():
+        if id(mod) not in probe_result.order:
+            continue
+        if not any(True for _ in mod.children()):
+            continue
+        if isinstance(mod, nn.Sequential | nn.ModuleList | nn.ModuleDict):
+            continue
+        if type(mod).__module__.startswith(("torch.nn.", "torch.ao.nn.")):
+            continue  # PyTorch's own layers (MultiheadAttention, Transformer*) are leaves
+        yield path, mod
+
+
+def _child_name(path: str, child_path: str) -> str:
+    return child_path[len(path) + 1 :] if path else child_path
+
+
+def analyze(model: nn.Module, example_inputs: Sequence[Any] | None = None) -> Analysis:
+    """Probe, trace and classify ``model`` (internal; :func:`find_sites` is the public form)."""
+    pr = probe(model, example_inputs)
+    skipped: list[tuple[str, str]] = []
+    if pr.error is not None:
+        skipped.append(("", f"forward on the meta device failed ({pr.error})"))
+    slot_paths_called = {
+        n
+        for n, m in model.named_modules()
+        if id(m) in pr.order and is_slot_module(m, n.rsplit(".", 1)[-1])
+    }
+
+    blocks: list[BlockSites] = []
+    covered_slots: set[str] = set()
+    for path, mod in _candidates(model, pr):
+        patch_meta = mod.__dict__.get("_dpatch_meta")
+        if patch_meta is not None:
+            blocks.append(_patched_block(path, mod, pr.order[id(mod)], patch_meta))
+            covered_slots.update(f"{path}.{a}" if path else a for a in blocks[-1].slot_attrs)
+            continue
+        args, kwargs = pr.inputs[id(mod)]
+        try:
+            graph, env = _trace_and_run(mod, args, kwargs)
+        except Exception as exc:
+            if _has_own_add_source(mod):
+                skipped.append((path, _one_line(exc)))
+            continue
+        slot_nodes = [
+            n
+            for n in graph.nodes
+            if n.op == "call_module"
+            and is_slot_module(mod.get_submodule(str(n.target)), str(n.target).rsplit(".", 1)[-1])
+        ]
+        adds = find_residual_adds(mod, graph, env, slot_nodes)
+        if not adds:
+            continue
+        attrs, kinds = _assign_slots(mod, adds)
+        blk = BlockSites(path, mod, pr.order[id(mod)], graph, env, adds, attrs, kinds)
+        blocks.append(blk)
+        for add in adds:
+            if add.slot_node is not None:
+                q = str(add.slot_node.target)
+                covered_slots.add(f"{path}.{q}" if path else q)
+
+    loose = [
+        LooseSlot(s, _owner_of(s, blocks, model), pr.order[id(model.get_submodule(s))])
+        for s in sorted(
+            slot_paths_called - covered_slots, key=lambda s: pr.order[id(model.get_submodule(s))]
+        )
+    ]
+    has_native = bool(loose) or any(k == "native" for b in blocks for k in b.kinds)
+    ignored = 0
+    if has_native:
+        # Trace failures cannot hide sites here: native slots are found by the probe.
+        skipped = [(p, r) for p, r in skipped if p == "" and r.startswith("forward on the meta")]
+        kept: list[BlockSites] = []
+        for b in blocks:
+            keep_idx = [i for i, k in enumerate(b.kinds) if k == "native"]
+            ignored += len(b.kinds) - len(keep_idx)
+            if not keep_idx:
+                continue
+            b.adds = [b.adds[i] for i in keep_idx]
+            b.slot_attrs = [b.slot_attrs[i] for i in keep_idx]
+            b.kinds = [b.kinds[i] for i in keep_idx]
+            kept.append(b)
+        blocks = kept
+    return Analysis(
+        model=model,
+        blocks=blocks,
+        loose=loose,
+        skipped=skipped,
+        ignored_graph_sites=ignored,
+        probe_error=pr.error,
+        example_inputs=tuple(example_inputs) if example_inputs else None,
+        inputs=pr.inputs,
+    )
+
+
+def _trace_and_run(
+    mod: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> tuple[fx.Graph, dict[fx.Node, Any]]:
+    """Trace ``mod`` and run the graph on its recorded inputs; if either fails, try again
+    with its None/constant arguments specialised (``if mask is not None:`` needs that).
+
+    Raises:
+        TraceError: neither attempt worked; the message says why.
+    """
+    graph: fx.Graph | None = None
+    try:
+        graph = trace_module(mod)
+        if not any(add_operands(n) is not None for n in graph.nodes):
+            return graph, {}
+        return graph, run_graph_meta(mod, graph, args, kwargs)
+    except Exception as first:
+        concrete = concrete_candidates(mod, args, kwargs)
+        stage = "could not trace" if graph is None else "traced graph does not run"
+        if not concrete:
+            raise TraceError(f"{stage}: {_one_line(first)}") from first
+        try:
+            graph = trace_module(mod, concrete_args=concrete)
+            if not any(add_operands(n) is not None for n in graph.nodes):
+                return graph, {}
+            return graph, run_graph_meta(mod, graph, args, kwargs)
+        except Exception:
+            raise TraceError(f"{stage}: {_one_line(first)}") from first
+
+
+def _one_line(exc: BaseException) -> str:
+    head = "" if isinstance(exc, TraceError) else f"{type(exc).__name__}: "
+    text = f"{head}{exc}".strip().splitlines()
+    return (text[0] if text else type(exc).__name__)[:200]
+
+
+def _has_own_add_source(mod: nn.Module) -> bool:
+    """Whether an untraceable module's forward source could hold an addition (for reports)."""
+    try:
+        src = inspect.getsource(type(mod).forward)
+    except (OSError, TypeError):
+        return True
+    return "+" in src or "add" in src
+
+
+def _owner_of(slot_path: str, blocks: Sequence[BlockSites], model: nn.Module) -> str:
+    """The module a loose slot belongs to: its parent, unless it sits in an nn.Sequential."""
+    parts = slot_path.split(".")
+    parent = ".".join(parts[:-1])
+    owner = parent
+    while owner:
+        mod = model.get_submodule(owner)
+        if not isinstance(mod, nn.Sequential | nn.ModuleList | nn.ModuleDict):
+            break
+        owner = ".".join(owner.split(".")[:-1])
+    return owner
+
+
+def _assign_slots(mod: nn.Module, adds: Sequence[ResidualAdd]) -> tuple[list[str], list[str]]:
+    """The slot attribute (existing or new) and kind of each residual add of one block."""
+    attrs: list[str] = []
+    kinds: list[str] = []
+    taken: set[str] = set()
+    none_slots = [a for a in SLOT_ATTRS if a in mod.__dict__ and mod.__dict__[a] is None]
+    unslotted = [a for a in adds if a.slot_node is None]
+    for add in adds:
+        if add.slot_node is not None:
+            base = str(add.slot_node.target)
+            name = base
+            k = 1
+            while name in taken:  # one module shared by two branches (torchvision Swin)
+                name = f"{base}_{k}"
+                k += 1
+            attrs.append(name)
+            kinds.append("native")
+        elif len(none_slots) == 1 and len(unslotted) == 1:
+            name = none_slots[0]  # timm ResNet keeps ``drop_path = None`` at rate 0
+            attrs.append(name)
+            kinds.append("native")
+        else:
+            name = _free_name(mod, taken, len(unslotted))
+            attrs.append(name)
+            kinds.append("graph")
+        taken.add(name)
+    return attrs, kinds
+
+
+def _free_name(mod: nn.Module, taken: set[str], count: int) -> str:
+    """``drop_path`` for a lone graph site, else ``drop_path1``, ``drop_path2``, ..."""
+    names = ["drop_path"] if count == 1 else []
+    names += [f"drop_path{i}" for i in range(1, 1000)]
+    for name in names:
+        if name not in taken and not hasattr(mod, name):
+            return name
+    raise RuntimeError("no free attribute name for a DropPath slot")  # pragma: no cover
+
+
+def _patched_block(path: str, mod: nn.Module, order: int, meta: Any) -> BlockSites:
+    return BlockSites(
+        path=path,
+        module=mod,
+        order=order,
+        graph=None,
+        env={},
+        adds=[],
+        slot_attrs=list(meta.slot_attrs),
+        kinds=list(meta.kinds),
+        patched=True,
+    )
+
+
+def _build_sites(an: Analysis) -> list[Site]:
+    """Public sites, numbered by block in forward order."""
+    entries: list[
+        tuple[str, str, str, str, int, bool]
+    ] = []  # path, branch, slot, kind, order, fused
+    for b in an.blocks:
+        for attr, kind in zip(b.slot_attrs, b.kinds, strict=True):
+            slot = f"{b.path}.{attr}" if b.path else attr
+            entries.append((b.path, attr, slot, kind, b.order, True))
+    for s in an.loose:
+        rel = _child_name(s.owner_path, s.slot_path)
+        entries.append((s.owner_path, rel, s.slot_path, "native", s.order, False))
+    owners = sorted({(order, path) for path, _, _, _, order, _ in entries})
+    owner_paths = [p for _, p in owners]
+    group: dict[str, str] = {}
+    for p in owner_paths:
+        outer = [q for q in owner_paths if q and p.startswith(q + ".")]
+        group[p] = min(outer, key=len) if outer else p
+    order_of = {p: o for o, p in owners}
+    heads = sorted({group[p] for p in owner_paths}, key=lambda p: order_of[p])
+    block_index = {h: i for i, h in enumerate(heads)}
+
+    model = an.model
+    sites: list[Site] = []
+    for path, branch, slot, kind, _order, fused in entries:
+        module = _get_or_none(model, slot)
+        rate, mode, scaling = slot_settings(module)
+        skip = isinstance(module, DropPath) and module.skip and fused
+        is_fused = fused and _is_rewritten(model, path)
+        sites.append(
+            Site(
+                path=path,
+                branch=branch,
+                block=block_index[group[path]],
+                kind=kind,
+                rate=rate,
+                mode=mode,
+                scaling=scaling,
+                slot=slot,
+                fused=is_fused,
+                skip=skip,
+            )
+        )
+    # Stable: by block, then by the order the entries were found (graph order in a block).
+    return sorted(sites, key=lambda s: s.block)
+
+
+def _get_or_none(model: nn.Module, path: str) -> nn.Module | None:
+    try:
+        return model.get_submodule(path)
+    except AttributeError:
+        return None
+
+
+def _is_rewritten(model: nn.Module, path: str) -> bool:
+    mod = _get_or_none(model, path)
+    return mod is not None and "_dpatch_meta" in mod.__dict__
+
+
+def find_sites(model: nn.Module, example_inputs: Sequence[Any] | None = None) -> list[Site]:
+    """Every residual site of ``model`` with its current rate, in forward order. Read-only.
+
+    Args:
+        model: any ``nn.Module``.
+        example_inputs: positional inputs for one forward pass (shapes only matter: they
+            run on the meta device). Default: one image batch of the model's input size.
+    """
+    return analyze(model, example_inputs).sites()
