@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import copy
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -539,3 +539,57 @@ def strip(model: nn.Module) -> int:
                     setattr(parent, attr, original)
                 restored += 1
     return restored
+
+
+def apply_sites(
+    model: nn.Module,
+    sites: Sequence[Mapping[str, Any]],
+    *,
+    skip: bool = False,
+    seed: int = 0,
+    example_inputs: Sequence[Any] | None = None,
+) -> PatchReport:
+    """Patch ``model`` so each site has exactly the settings listed (a manifest's ``sites``).
+
+    Raises:
+        ManifestError: a listed site does not exist in the model, or the model has sites
+            the list does not mention.
+    """
+    from dpatch.errors import ManifestError
+
+    wanted = {(f"{d['path']}.{d['branch']}" if d["path"] else d["branch"]): d for d in sites}
+    report = inject(
+        model, 0.0, schedule="uniform", skip=skip, seed=seed, example_inputs=example_inputs
+    )
+    have = {s.name: s for s in report.sites}
+    missing = sorted(set(wanted) - set(have))
+    extra = sorted(set(have) - set(wanted))
+    if missing or extra:
+        raise ManifestError(
+            f"the file's sites do not fit the model: {len(missing)} listed but absent "
+            f"(e.g. {', '.join(missing[:3]) or '-'}), {len(extra)} present but unlisted "
+            f"(e.g. {', '.join(extra[:3]) or '-'}); was it made for another model or dpatch?"
+        )
+    for i, (name, site) in enumerate(have.items()):
+        d = wanted[name]
+        dp = model.get_submodule(site.slot)
+        if isinstance(dp, DropPath):
+            _configure(
+                dp,
+                _rate_of(d, name),
+                str(d.get("mode", "row")),
+                str(d.get("scaling", "inverted")),
+                seed + i,
+                dp.skip and bool(d.get("skip", False)),
+            )
+    return inspect(model, example_inputs)
+
+
+def _rate_of(d: Mapping[str, Any], name: str) -> float:
+    from dpatch.errors import ManifestError
+    from dpatch.schedule import check_rate
+
+    try:
+        return check_rate(d.get("rate"), f"rate of site {name}")
+    except InvalidValueError as exc:
+        raise ManifestError(f"manifest: {exc}") from exc

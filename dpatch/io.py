@@ -1,0 +1,379 @@
+"""Files: safetensors with the patch manifest in its metadata, weight loading, atomic writes.
+
+A dpatch file is an ordinary safetensors file whose tensor names are exactly the unpatched
+model's ``state_dict`` keys, so ``safetensors.torch.load_file`` plus
+``model.load_state_dict(strict=True)`` works without dpatch. The metadata key
+``dpatch.manifest`` holds JSON: format version, library versions, the model spec, the
+schedule arguments and every site with its rate, mode and scaling.
+
+Pickles are never trusted: ``.pt``/``.pth`` files load with ``torch.load(weights_only=True)``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import tempfile
+import zipfile
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from dpatch._version import __version__
+from dpatch.errors import ManifestError, OutputError, WeightsError
+
+__all__ = [
+    "FORMAT",
+    "MANIFEST_KEY",
+    "atomic_write",
+    "load",
+    "load_state_dict_file",
+    "load_weights",
+    "read_manifest",
+    "save",
+]
+
+FORMAT = "dpatch/1"
+MANIFEST_KEY = "dpatch.manifest"
+_NESTED_KEYS = ("state_dict", "model_state_dict", "model", "module", "net", "network")
+_EMA_KEYS = ("state_dict_ema", "model_ema", "ema", "ema_state_dict", "ema_model")
+_PREFIXES = ("module.", "_orig_mod.", "model.", "ema.")
+_DROP_KEYS = ("n_averaged",)  # torch.optim.swa_utils.AveragedModel bookkeeping
+
+
+# --------------------------------------------------------------------------- writing
+def check_output(path: str | os.PathLike[str], force: bool) -> Path:
+    """Validate an output path before any work: folder exists and is writable, no clobber.
+
+    Raises:
+        OutputError: with the path and what to do.
+    """
+    out = Path(path)
+    folder = out.parent if str(out.parent) else Path(".")
+    if not folder.is_dir():
+        raise OutputError(f"output folder {str(folder)!r} does not exist; create it first")
+    if not os.access(folder, os.W_OK):
+        raise OutputError(f"output folder {str(folder)!r} is not writable; choose another -o")
+    if out.is_dir():
+        raise OutputError(f"output {str(out)!r} is a folder; give a file name")
+    if out.exists() and not force:
+        raise OutputError(f"output {str(out)!r} exists; pass --force to overwrite it")
+    return out
+
+
+def atomic_write(
+    path: str | os.PathLike[str], write: Callable[[str], None], *, force: bool = False
+) -> Path:
+    """Call ``write(tmp)`` on a temporary file in the target folder, then rename it into
+    place. An interrupted or failed write leaves neither a partial output nor the temp file.
+    """
+    out = check_output(path, force)
+    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent or ".")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, out)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return out
+
+
+def _versions() -> dict[str, str]:
+    out = {"dpatch": __version__, "torch": torch.__version__}
+    for lib in ("timm", "torchvision"):
+        try:
+            out[lib] = __import__(lib).__version__
+        except ImportError:  # pragma: no cover - both are dependencies
+            out[lib] = "absent"
+    return out
+
+
+def build_manifest(
+    report: Any, spec: Any | None, model_kwargs: Mapping[str, Any] | None = None
+) -> dict[str, Any]:
+    """The manifest dict for a :class:`~dpatch.patch.PatchReport` and model spec."""
+    model_entry = None
+    if spec is not None:
+        model_entry = {"spec": spec.text, "kwargs": dict(spec.kwargs)}
+        if model_kwargs:
+            model_entry["kwargs"].update(model_kwargs)
+    body = report.to_dict() if report is not None else {"sites": []}
+    return {
+        "format": FORMAT,
+        "versions": _versions(),
+        "model": model_entry,
+        "schedule": {
+            k: body.get(k)
+            for k in ("schedule", "per", "max_rate", "min_rate", "mode", "scaling", "skip", "rates")
+        },
+        "summary": body.get("summary", {}),
+        "sites": body["sites"],
+    }
+
+
+def _plain_tensors(model: nn.Module) -> dict[str, Tensor]:
+    """state_dict tensors, contiguous and with no shared storage (safetensors needs both)."""
+    out: dict[str, Tensor] = {}
+    storages: set[int] = set()
+    for key, value in model.state_dict().items():
+        if value.is_meta:
+            raise OutputError(f"tensor {key!r} is on the meta device; materialise the model first")
+        t = value.detach().to("cpu").contiguous()
+        ptr = t.untyped_storage().data_ptr()
+        if ptr in storages:  # tied weights: each name gets its own copy
+            t = t.clone()
+            ptr = t.untyped_storage().data_ptr()
+        storages.add(ptr)
+        out[key] = t
+    return out
+
+
+def save(
+    model: nn.Module,
+    path: str | os.PathLike[str],
+    report: Any | None = None,
+    *,
+    spec: Any | None = None,
+    force: bool = False,
+) -> Path:
+    """Write ``model``'s weights and its patch manifest to a safetensors file, atomically.
+
+    Args:
+        model: the patched (or plain) model.
+        path: output file.
+        report: the :class:`~dpatch.PatchReport` of the patch (default: inspect ``model``).
+        spec: the model spec to rebuild it (default: what :func:`dpatch.zoo.create_model`
+            recorded, or timm's architecture name).
+        force: overwrite an existing file.
+    """
+    from safetensors.torch import save_file
+
+    from dpatch.patch import inspect as inspect_model
+    from dpatch.zoo import spec_of
+
+    out = check_output(path, force)
+    if spec is None:
+        spec = spec_of(model)
+    if report is None:
+        report = inspect_model(model)
+    manifest = build_manifest(report, spec)
+    tensors = _plain_tensors(model)
+    metadata = {MANIFEST_KEY: json.dumps(manifest, sort_keys=True), "format": "pt"}
+    return atomic_write(out, lambda tmp: save_file(tensors, tmp, metadata=metadata), force=force)
+
+
+# --------------------------------------------------------------------------- reading
+def _check_readable(path: Path) -> None:
+    if not path.exists():
+        raise WeightsError(f"weights file {str(path)!r} does not exist")
+    if path.is_dir():
+        raise WeightsError(f"weights path {str(path)!r} is a folder, not a file")
+    if not os.access(path, os.R_OK):
+        raise WeightsError(f"weights file {str(path)!r} is not readable (permissions)")
+    if path.stat().st_size == 0:
+        raise WeightsError(f"weights file {str(path)!r} is empty")
+
+
+def _is_safetensors(path: Path) -> bool:
+    """safetensors files start with an 8-byte little-endian header size, then '{'."""
+    with path.open("rb") as f:
+        head = f.read(9)
+    return len(head) == 9 and head[8:9] == b"{"
+
+
+def read_manifest(path: str | os.PathLike[str]) -> dict[str, Any] | None:
+    """The dpatch manifest of a safetensors file, None for a plain one; reads no tensors.
+
+    Raises:
+        WeightsError: missing, unreadable or corrupt file.
+        ManifestError: a manifest that is not valid JSON or of an unknown format.
+    """
+    from safetensors import SafetensorError, safe_open
+
+    p = Path(path)
+    _check_readable(p)
+    if not _is_safetensors(p):
+        return None
+    try:
+        with safe_open(str(p), framework="pt") as f:
+            meta = f.metadata() or {}
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise WeightsError(
+            f"{str(p)!r} is not a valid safetensors file ({_first_line(exc)})"
+        ) from exc
+    raw = meta.get(MANIFEST_KEY)
+    if raw is None:
+        return None
+    try:
+        manifest = json.loads(raw)
+    except json.JSONDecodeError as exc:
+        raise ManifestError(f"the dpatch manifest in {str(p)!r} is not valid JSON ({exc})") from exc
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        got = manifest.get("format") if isinstance(manifest, dict) else type(manifest).__name__
+        raise ManifestError(
+            f"{str(p)!r} has manifest format {got!r}; this dpatch reads {FORMAT!r} "
+            "(upgrade dpatch?)"
+        )
+    return manifest
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0][:200] if text else type(exc).__name__
+
+
+def load_state_dict_file(path: str | os.PathLike[str]) -> dict[str, Tensor]:
+    """Tensors of a weights file: safetensors, or a weights-only torch checkpoint.
+
+    Nested checkpoints (``state_dict``, ``model``, ``model_state_dict``, ...) are unwrapped;
+    EMA weights are used when they are the only weights in the file.
+
+    Raises:
+        WeightsError: missing, unreadable, corrupt or truncated file, or a pickle that needs
+            more than tensors to load.
+    """
+    p = Path(path)
+    _check_readable(p)
+    if _is_safetensors(p):
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        try:
+            return dict(load_file(str(p)))
+        except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+            raise WeightsError(
+                f"{str(p)!r} is a corrupt or truncated safetensors file ({_first_line(exc)}); "
+                "re-download or re-save it"
+            ) from exc
+    try:
+        obj = torch.load(str(p), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        raise WeightsError(
+            f"{str(p)!r} holds pickled Python objects besides tensors, and dpatch only loads "
+            "weights-only checkpoints; re-save it with torch.save(model.state_dict(), path) "
+            "or convert it to safetensors"
+        ) from exc
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as exc:
+        raise WeightsError(
+            f"{str(p)!r} is not a readable checkpoint (corrupt or truncated: "
+            f"{_first_line(exc)}); re-download or re-save it"
+        ) from exc
+    return _unwrap(obj, p)
+
+
+def _is_state_dict(obj: Any) -> bool:
+    return (
+        isinstance(obj, Mapping)
+        and bool(obj)
+        and all(isinstance(k, str) and isinstance(v, Tensor) for k, v in obj.items())
+    )
+
+
+def _unwrap(obj: Any, path: Path) -> dict[str, Tensor]:
+    if _is_state_dict(obj):
+        return dict(obj)
+    if isinstance(obj, Mapping):
+        for key in (*_NESTED_KEYS, *_EMA_KEYS):
+            inner = obj.get(key)
+            if _is_state_dict(inner):
+                return dict(inner)
+            if isinstance(inner, Mapping):
+                for key2 in _NESTED_KEYS:
+                    if _is_state_dict(inner.get(key2)):
+                        return dict(inner[key2])
+        tensors = {k: v for k, v in obj.items() if isinstance(k, str) and isinstance(v, Tensor)}
+        if tensors:
+            return tensors
+    raise WeightsError(
+        f"{str(path)!r} holds no state dict (found {type(obj).__name__}"
+        + (f" with keys {sorted(map(str, obj))[:5]}" if isinstance(obj, Mapping) else "")
+        + "); save one with torch.save(model.state_dict(), path)"
+    )
+
+
+def _match_prefixes(state: dict[str, Tensor], expected: set[str]) -> dict[str, Tensor]:
+    """Strip DDP/compile/EMA wrapper prefixes (``module.``, ``_orig_mod.``) where they make
+    the keys fit the model better."""
+    state = {k: v for k, v in state.items() if k not in _DROP_KEYS}
+    best = state
+    best_hits = len(expected & set(state))
+    changed = True
+    while changed and best_hits < len(expected):
+        changed = False
+        for prefix in _PREFIXES:
+            if best and all(k.startswith(prefix) for k in best):
+                cand = {k[len(prefix) :]: v for k, v in best.items()}
+                cand = {k: v for k, v in cand.items() if k not in _DROP_KEYS}
+                hits = len(expected & set(cand))
+                if hits > best_hits or (hits == best_hits and len(cand) == len(best)):
+                    best, best_hits, changed = cand, hits, True
+                    break
+    return best
+
+
+def load_weights(model: nn.Module, path: str | os.PathLike[str], *, what: str = "") -> None:
+    """Load a weights file into ``model`` strictly, with one clear line on any mismatch.
+
+    Raises:
+        WeightsError: unreadable file or weights of another architecture (missing,
+            unexpected and mis-shaped keys are listed).
+    """
+    state = load_state_dict_file(path)
+    own = model.state_dict()
+    state = _match_prefixes(state, set(own))
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    shapes = [
+        f"{k}: file {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
+        for k in own
+        if k in state and tuple(state[k].shape) != tuple(own[k].shape)
+    ]
+    if missing or unexpected or shapes:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} missing keys (e.g. {', '.join(missing[:3])})")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected keys (e.g. {', '.join(unexpected[:3])})")
+        if shapes:
+            parts.append(f"{len(shapes)} shape mismatches (e.g. {shapes[0]})")
+        target = f" {what}" if what else " the model"
+        raise WeightsError(
+            f"weights in {str(path)!r} do not fit{target}: {'; '.join(parts)}; "
+            "are they for another architecture or size?"
+        )
+    model.load_state_dict(state, strict=True)
+
+
+def load(path: str | os.PathLike[str], model: nn.Module | None = None) -> nn.Module:
+    """Rebuild a patched model from a dpatch file: build it from the manifest's spec (or use
+    ``model``), load the weights strictly and re-apply every site's rate, mode and scaling.
+
+    Raises:
+        ManifestError: the file has no manifest, or its sites do not fit the model.
+        WeightsError: see :func:`load_weights`.
+    """
+    from dpatch.patch import apply_sites
+    from dpatch.zoo import create_model
+
+    manifest = read_manifest(path)
+    if manifest is None:
+        raise ManifestError(
+            f"{str(path)!r} has no dpatch manifest; build the model yourself and use "
+            "--weights / dpatch.io.load_weights"
+        )
+    if model is None:
+        entry = manifest.get("model")
+        if not entry or not entry.get("spec"):
+            raise ManifestError(
+                f"the manifest of {str(path)!r} names no model spec; pass the model: "
+                "dpatch.load(path, model=...)"
+            )
+        model = create_model(entry["spec"], **dict(entry.get("kwargs") or {}))
+    load_weights(model, path)
+    apply_sites(model, manifest["sites"], skip=bool(manifest.get("schedule", {}).get("skip")))
+    return model
