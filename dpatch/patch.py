@@ -290,7 +290,7 @@ def _apply(
 
     an = analyze(model, example_inputs)
     before = {s.name: s for s in an.sites()}
-    if slots_only and not before:
+    if slots_only and not any(s.kind == "native" or s.fused for s in before.values()):
         raise NoResidualSitesError(
             "the model has no DropPath slot to retune; use inject to add stochastic depth"
         )

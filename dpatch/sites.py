@@ -333,13 +333,42 @@ def meta_state(module: nn.Module) -> dict[str, Tensor]:
 
 
 def probe(model: nn.Module, example_inputs: Sequence[Any] | None = None) -> Probe:
-    """Run ``model`` once on the meta device, recording call order and each module's inputs."""
-    result = Probe()
+    """Run ``model`` once, recording call order and each module's inputs.
+
+    The pass runs on the meta device (free). A model whose forward needs real values
+    (data-dependent control flow, ``.item()``) runs once more on random inputs on its own
+    device, under ``no_grad`` and with copies of its buffers, so nothing of it changes.
+    """
     inputs = (
         tuple(_to_meta(v) for v in example_inputs)
         if example_inputs
         else (default_example_input(model),)
     )
+    result = _probe_once(model, inputs, meta=True)
+    if result.error is None:
+        return result
+    device = next((t.device for t in model.parameters() if not t.is_meta), None)
+    if device is None:
+        return result
+    real = _probe_once(model, tuple(_materialise(v, device) for v in inputs), meta=False)
+    return real if real.error is None else result
+
+
+def _materialise(value: Any, device: torch.device) -> Any:
+    """A random real tensor shaped like a meta one (integers: zeros)."""
+    if isinstance(value, Tensor):
+        if value.is_floating_point():
+            return torch.randn(value.shape, dtype=value.dtype, device=device)
+        return torch.zeros(value.shape, dtype=value.dtype, device=device)
+    if isinstance(value, list | tuple):
+        return type(value)(_materialise(v, device) for v in value)
+    if isinstance(value, dict):
+        return {k: _materialise(v, device) for k, v in value.items()}
+    return value
+
+
+def _probe_once(model: nn.Module, inputs: tuple[Any, ...], *, meta: bool) -> Probe:
+    result = Probe()
 
     def pre_hook(mod: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         key = id(mod)
@@ -350,9 +379,14 @@ def probe(model: nn.Module, example_inputs: Sequence[Any] | None = None) -> Prob
 
     handles = [m.register_forward_pre_hook(pre_hook, with_kwargs=True) for m in model.modules()]
     try:
-        with torch.no_grad(), torch.device("meta"), MetaMode():
-            torch.func.functional_call(model, meta_state(model), inputs, strict=False)
-    except Exception as exc:  # any model code can fail on meta; the caller reports it
+        if meta:
+            with torch.no_grad(), torch.device("meta"), MetaMode():
+                torch.func.functional_call(model, meta_state(model), inputs, strict=False)
+        else:
+            buffers = {k: v.clone() for k, v in model.named_buffers(remove_duplicate=False)}
+            with torch.no_grad():
+                torch.func.functional_call(model, buffers, inputs, strict=False)
+    except Exception as exc:  # any model code can fail here; the caller reports it
         result.error = f"{type(exc).__name__}: {exc}".splitlines()[0][:300]
     finally:
         for h in handles:
