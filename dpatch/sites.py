@@ -729,7 +729,7 @@ def analyze(model: nn.Module, example_inputs: Sequence[Any] | None = None) -> An
             ignored += len(b.kinds) - len(keep_idx)
             if not keep_idx:
                 continue
-            b.adds = [b.adds[i] for i in keep_idx]
+            b.adds = [b.adds[i] for i in keep_idx] if b.adds else []
             b.slot_attrs = [b.slot_attrs[i] for i in keep_idx]
             b.kinds = [b.kinds[i] for i in keep_idx]
             kept.append(b)

@@ -239,13 +239,12 @@ def run(model: nn.Module, x: Any, *, train: bool, seed: int = 0) -> torch.Tensor
     return out
 
 
-def check_invariants(
-    model: nn.Module, x: Any, patch: Callable[[nn.Module], Any]
-) -> Iterator[str]:
+def check_invariants(model: nn.Module, x: Any, patch: Callable[[nn.Module], Any]) -> Iterator[str]:
     """Patch ``model`` and yield a message for every broken invariant: state_dict keys and
     tensors, bit-identical eval output, bit-identical train output at rate 0."""
     before = snapshot(model)
     eval_ref = run(model, x, train=False)
+    zero_native_rates(model)
     train_ref = run(model, x, train=True)
     patch(model)
     after = model.state_dict()
@@ -262,6 +261,18 @@ def check_invariants(
             m.drop_prob = 0.0
     if not torch.equal(run(model, x, train=True), train_ref):
         yield "train output at rate 0 differs"
+
+
+def zero_native_rates(model: nn.Module) -> None:
+    """Set every timm/torchvision drop-path rate to 0 (a model's own slots, before patching)."""
+    from timm.layers import DropPath as TimmDropPath
+    from torchvision.ops import StochasticDepth
+
+    for m in model.modules():
+        if isinstance(m, TimmDropPath):
+            m.drop_prob = 0.0
+        elif isinstance(m, StochasticDepth):
+            m.p = 0.0
 
 
 def clone_model(model: nn.Module) -> nn.Module:

@@ -88,7 +88,12 @@ def test_native_timm_slots_are_replaced_and_fused() -> None:
     problems = list(check_invariants(model, x, lambda m: inject(m, 0.3, example_inputs=(x,))))
     assert problems == []
     assert [type(m) for m in slots(model).values()] == [DropPath] * 4
-    assert [n for n in slots(model)] == ["0.drop_path1", "0.drop_path2", "1.drop_path1", "1.drop_path2"]
+    assert [n for n in slots(model)] == [
+        "0.drop_path1",
+        "0.drop_path2",
+        "1.drop_path1",
+        "1.drop_path2",
+    ]
 
 
 def test_native_schedule_needs_a_library_model(net: nn.Module) -> None:

@@ -29,9 +29,7 @@ def test_every_spelling_is_found_once(net: nn.Module) -> None:
     got: dict[str, list[Site]] = {}
     for s in sites:
         got.setdefault(s.path, []).append(s)
-    assert {p: (len(v), v[0].block) for p, v in got.items()} == {
-        p: (n, b) for p, n, b in EXPECTED
-    }
+    assert {p: (len(v), v[0].block) for p, v in got.items()} == {p: (n, b) for p, n, b in EXPECTED}
     assert all(s.kind == "graph" and s.rate == 0.0 and not s.fused for s in sites)
     assert len({s.name for s in sites}) == len(sites)
     # Names follow timm: one site -> drop_path, two -> drop_path1, drop_path2.
