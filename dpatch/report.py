@@ -26,7 +26,7 @@ def bar(rate: float, top: float, width: int = _BAR_WIDTH) -> str:
         return ""
     filled = rate / top * width
     whole = int(filled)
-    eighths = int(round((filled - whole) * 8))
+    eighths = round((filled - whole) * 8)
     if eighths == 8:
         whole, eighths = whole + 1, 0
     partial = " ▏▎▍▌▋▊▉"[eighths] if eighths else ""

@@ -149,9 +149,9 @@ def test_bad_rates_raise_value_error_naming_the_value(bad: object) -> None:
 
 
 def test_unknown_mode_and_scaling_list_valid_choices() -> None:
-    with pytest.raises(ValueError, match="row.*batch"):
+    with pytest.raises(ValueError, match=r"row.*batch"):
         drop_path(torch.ones(2, 2), 0.1, True, mode="sample")
-    with pytest.raises(ValueError, match="inverted.*expected.*none"):
+    with pytest.raises(ValueError, match=r"inverted.*expected.*none"):
         drop_add(torch.ones(2), torch.ones(2), 0.1, True, scaling="linear")
     with pytest.raises(ValueError, match="row"):
         DropPath(0.1, mode="block")

@@ -64,7 +64,7 @@ def test_bad_max_rate_named(bad: object) -> None:
 def test_other_errors() -> None:
     with pytest.raises(InvalidValueError, match="unknown schedule 'step'"):
         schedule_rates("step", 4, 0.1)
-    with pytest.raises(InvalidValueError, match="min_rate=0.3 is above"):
+    with pytest.raises(InvalidValueError, match=r"min_rate=0\.3 is above"):
         schedule_rates("linear", 4, 0.1, 0.3)
     with pytest.raises(InvalidValueError, match="no meaning for schedule 'huang'"):
         schedule_rates("huang", 4, 0.1, 0.05)
