@@ -7,12 +7,13 @@ Errors are one line on stderr; ``DPATCH_DEBUG=1`` adds the traceback.
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import sys
 import traceback
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, redirect_stdout
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -220,13 +221,36 @@ def _err() -> Console:
 
 @contextmanager
 def _step(message: str, quiet: bool = False) -> Iterator[None]:
-    """A spinner on stderr while a slow step runs (terminals only)."""
+    """A spinner on stderr while a slow step runs (terminals only).
+
+    Whatever the libraries print meanwhile (torch.hub's "Downloading: ...") goes to stderr,
+    so stdout carries only dpatch's own output (one JSON document with ``--json``).
+    """
     err = _err()
-    if quiet or not err.is_terminal:
-        yield
-        return
-    with err.status(message):
-        yield
+    with redirect_stdout(_NoteWriter()):
+        if quiet or not err.is_terminal:
+            yield
+            return
+        with err.status(message):
+            yield
+
+
+class _NoteWriter(io.TextIOBase):
+    """Stands in for stdout during library calls: their lines go to stderr as notes."""
+
+    def __init__(self) -> None:
+        self._pending = ""
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, text: str) -> int:
+        self._pending += text
+        *lines, self._pending = self._pending.split("\n")
+        for line in lines:
+            if line.strip():
+                _note(line.strip())
+        return len(text)
 
 
 def _note(message: str) -> None:

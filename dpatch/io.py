@@ -253,6 +253,11 @@ def load_state_dict_file(path: str | os.PathLike[str]) -> dict[str, Tensor]:
     try:
         obj = torch.load(str(p), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
+        if "global" not in str(exc).lower():  # bad opcodes: damage, not unsafe content
+            raise WeightsError(
+                f"{str(p)!r} is not a readable checkpoint (corrupt or truncated: "
+                f"{_first_line(exc)}); re-download or re-save it"
+            ) from exc
         raise WeightsError(
             f"{str(p)!r} holds pickled Python objects besides tensors, and dpatch only loads "
             "weights-only checkpoints; re-save it with torch.save(model.state_dict(), path) "
