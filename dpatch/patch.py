@@ -312,7 +312,7 @@ def _apply(
         from dpatch.zoo import native_rates
 
         by_slot = native_rates(model, max_rate)
-        site_rate = {s.name: by_slot.get(s.slot, 0.0) for s in sites}
+        site_rate = {s.name: by_slot.get(s.origin or s.slot, 0.0) for s in sites}
         steps = [0.0] * depth
         for s in sites:
             steps[step_of[s.name]] = max(steps[step_of[s.name]], site_rate[s.name])
@@ -414,15 +414,17 @@ def _set_slot(
     model: nn.Module, path: str, rate: float, mode: str, scaling: str, seed: int, *, skip: bool
 ) -> None:
     """Give a slot module (replacing a timm/torchvision/Identity slot) these settings."""
-    current = model.get_submodule(path)
+    parent_path, _, attr = path.rpartition(".")
+    parent = model.get_submodule(parent_path) if parent_path else model
+    current = getattr(parent, attr)
     if isinstance(current, DropPath):
         _configure(current, rate, mode, scaling, seed, skip)
         return
-    parent_path, _, attr = path.rpartition(".")
-    parent = model.get_submodule(parent_path) if parent_path else model
     dp = _make_slot(rate, mode, scaling, seed, skip)
-    dp.train(current.training)
+    dp.train(parent.training if current is None else current.training)
     object.__setattr__(dp, "_dpatch_original", current)
+    if current is None:
+        del parent.__dict__[attr]  # timm's ``drop_path = None``
     setattr(parent, attr, dp)
 
 
@@ -501,7 +503,10 @@ def _fallback(
     (unfused), graph sites are reported as skipped."""
     notes: list[Skipped] = []
     mod = b.module
-    for attr, kind, name in zip(b.slot_attrs, b.kinds, names, strict=True):
+    for attr, kind, origin, name in zip(b.slot_attrs, b.kinds, b.origins, names, strict=True):
+        if kind == "native" and attr != origin:  # second use of a shared slot
+            notes.append(Skipped(name, f"shares {origin} (block could not be rewritten: {why})"))
+            continue
         if kind != "native" or (attr not in mod._modules and mod.__dict__.get(attr, 0) is not None):
             notes.append(Skipped(name, f"not patched: {why}"))
             continue

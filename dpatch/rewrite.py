@@ -41,6 +41,7 @@ from dpatch.sites import (
     ResidualAdd,
     bind_inputs,
     meta_state,
+    to_meta,
     trace_module,
 )
 
@@ -54,6 +55,7 @@ class PatchMeta:
     orig_cls: type
     slot_attrs: tuple[str, ...]
     kinds: tuple[str, ...]
+    origins: tuple[str, ...]
     skippable: tuple[bool, ...]
     skip_reasons: tuple[str, ...]
     added_attrs: tuple[str, ...]  # DropPath children dpatch created (graph sites, shared slots)
@@ -447,6 +449,7 @@ def rewrite_block(
         orig_cls=type(module),
         slot_attrs=tuple(bs.slot_attrs),
         kinds=tuple(bs.kinds),
+        origins=tuple(bs.origins),
         skippable=tuple(skippable),
         skip_reasons=tuple(reasons),
         added_attrs=tuple(added),
@@ -488,7 +491,7 @@ def _trial_run(
     object.__setattr__(trial, "__class__", cls)
     args, kwargs = inputs
     try:
-        values = bind_inputs(module, args, kwargs)
+        values = [to_meta(v) for v in bind_inputs(module, args, kwargs)]
         state = meta_state(module)
         with torch.no_grad(), torch.device("meta"), MetaMode():
             torch.func.functional_call(trial, state, tuple(values), strict=False)

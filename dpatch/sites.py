@@ -88,6 +88,8 @@ class Site:
             unpatched model: a ``None`` slot or a graph site).
         fused: the residual addition runs through dpatch's fused ``drop_add``.
         skip: compute-skipping is on for this site.
+        origin: for native sites, the model's own slot this site came from (a slot one
+            module shared by two branches is the origin of both); "" for graph sites.
     """
 
     path: str
@@ -100,6 +102,7 @@ class Site:
     slot: str = ""
     fused: bool = False
     skip: bool = False
+    origin: str = ""
 
     @property
     def name(self) -> str:
@@ -119,6 +122,7 @@ class Site:
             "slot": self.slot,
             "fused": self.fused,
             "skip": self.skip,
+            "origin": self.origin,
         }
 
 
@@ -279,13 +283,13 @@ def default_example_input(model: nn.Module, batch: int = _PROBE_BATCH) -> Tensor
     return torch.empty((batch, *size), device="meta")
 
 
-def _to_meta(value: Any) -> Any:
+def to_meta(value: Any) -> Any:
     if isinstance(value, Tensor):
         return value if value.is_meta else torch.empty_like(value, device="meta")
     if isinstance(value, list | tuple):
-        return type(value)(_to_meta(v) for v in value)
+        return type(value)(to_meta(v) for v in value)
     if isinstance(value, dict):
-        return {k: _to_meta(v) for k, v in value.items()}
+        return {k: to_meta(v) for k, v in value.items()}
     return value
 
 
@@ -325,10 +329,14 @@ class MetaMode(torch.overrides.TorchFunctionMode):
 def meta_state(module: nn.Module) -> dict[str, Tensor]:
     """Every parameter and buffer of ``module`` as an empty meta tensor of the same shape."""
     state: dict[str, Tensor] = {}
-    for name, t in module.named_parameters(remove_duplicate=False):
-        state[name] = torch.empty_like(t, device="meta")
-    for name, t in module.named_buffers(remove_duplicate=False):
-        state[name] = torch.empty_like(t, device="meta")
+    made: dict[int, Tensor] = {}  # tied tensors (shared modules) must stay tied
+    for name, t in [
+        *module.named_parameters(remove_duplicate=False),
+        *module.named_buffers(remove_duplicate=False),
+    ]:
+        if id(t) not in made:
+            made[id(t)] = torch.empty_like(t, device="meta")
+        state[name] = made[id(t)]
     return state
 
 
@@ -340,7 +348,7 @@ def probe(model: nn.Module, example_inputs: Sequence[Any] | None = None) -> Prob
     device, under ``no_grad`` and with copies of its buffers, so nothing of it changes.
     """
     inputs = (
-        tuple(_to_meta(v) for v in example_inputs)
+        tuple(to_meta(v) for v in example_inputs)
         if example_inputs
         else (default_example_input(model),)
     )
@@ -403,7 +411,7 @@ class _ConstInterpreter(fx.Interpreter):
 
     def fetch_attr(self, target: str) -> Any:
         if target in self.consts:
-            return _to_meta(self.consts[target])
+            return to_meta(self.consts[target])
         return super().fetch_attr(target)
 
 
@@ -440,7 +448,7 @@ def run_graph_meta(
     """Values of every node of ``graph`` on meta inputs, ``block``'s state swapped to meta."""
     runner = _GraphRunner(block, graph)
     state = {f"block.{k}": v for k, v in meta_state(block).items()}
-    values = [_to_meta(v) for v in bind_inputs(block, args, kwargs)]
+    values = [to_meta(v) for v in bind_inputs(block, args, kwargs)]
     with torch.no_grad(), torch.device("meta"), MetaMode():
         env: dict[fx.Node, Any] = torch.func.functional_call(
             runner, state, tuple(values), strict=False
@@ -587,8 +595,12 @@ def find_residual_adds(
         shortcut, branch = (a, b) if cost_b > cost_a else (b, a)
         if branch is a and ops.alpha != 1.0:
             continue  # ``branch + alpha * shortcut``: a scaled shortcut is not a residual
+        # The nearest values both operands grow from must include an activation tensor:
+        # ``x`` in ``x + f(x)``. Res2Net's ``f(split[0]) + split[1]`` meet only at the
+        # tuple ``split``, so that addition mixes two channel groups, not a residual.
         common = anc_a & anc_b
-        shares_source = any(_is_tensor(env.get(n)) and n.op != "get_attr" for n in common)
+        frontier = [n for n in common if not any(u in common for u in n.users)]
+        shares_source = any(_is_tensor(env.get(n)) and n.op != "get_attr" for n in frontier)
         fed_in = shortcut.op == "placeholder" and _is_tensor(env.get(shortcut))
         if not (shares_source or fed_in):
             continue
@@ -622,6 +634,7 @@ class BlockSites:
     adds: list[ResidualAdd]
     slot_attrs: list[str]  # per add: the attribute that holds (or will hold) its DropPath
     kinds: list[str]  # per add: "native" or "graph"
+    origins: list[str]  # per add: the model's own slot attribute, "" for graph sites
     patched: bool = False  # already rewritten by dpatch
 
 
@@ -682,6 +695,9 @@ def analyze(model: nn.Module, example_inputs: Sequence[Any] | None = None) -> An
 
     blocks: list[BlockSites] = []
     covered_slots: set[str] = set()
+    traced_slots: set[str] = set()  # slots a traced forward calls (residual or not)
+    none_loose: list[LooseSlot] = []  # ``None`` slots of blocks that cannot be traced
+    idle_none_slots: set[str] = set()  # ``None`` slots of traced blocks, on no residual
     for path, mod in _candidates(model, pr):
         patch_meta = mod.__dict__.get("_dpatch_meta")
         if patch_meta is not None:
@@ -694,6 +710,12 @@ def analyze(model: nn.Module, example_inputs: Sequence[Any] | None = None) -> An
         except Exception as exc:
             if _has_own_add_source(mod):
                 skipped.append((path, _one_line(exc)))
+            # timm's ``drop_path = None`` slots still work unfused: the forward calls them
+            # once they hold a module.
+            none_loose += [
+                LooseSlot(_qualify(path, a), path, pr.order[id(mod)])
+                for a in _referenced_none_slots(mod)
+            ]
             continue
         slot_nodes = [
             n
@@ -701,23 +723,33 @@ def analyze(model: nn.Module, example_inputs: Sequence[Any] | None = None) -> An
             if n.op == "call_module"
             and is_slot_module(mod.get_submodule(str(n.target)), str(n.target).rsplit(".", 1)[-1])
         ]
+        traced_slots.update(_qualify(path, str(n.target)) for n in slot_nodes)
         adds = find_residual_adds(mod, graph, env, slot_nodes)
+        attrs, kinds, origins = _assign_slots(mod, adds)
+        idle_none_slots.update(
+            _qualify(path, a) for a in _referenced_none_slots(mod) if a not in attrs
+        )
         if not adds:
             continue
-        attrs, kinds = _assign_slots(mod, adds)
-        blk = BlockSites(path, mod, pr.order[id(mod)], graph, env, adds, attrs, kinds)
+        blk = BlockSites(path, mod, pr.order[id(mod)], graph, env, adds, attrs, kinds, origins)
         blocks.append(blk)
         for add in adds:
             if add.slot_node is not None:
                 q = str(add.slot_node.target)
                 covered_slots.add(f"{path}.{q}" if path else q)
 
+    # A slot seen in a traced forward but on no residual addition is not a site (timm's
+    # RDNet drops features it concatenates); one never seen in a trace (inside a leaf
+    # nn.Sequential, or in a block that cannot be traced) is taken at its word.
+    not_residual = sorted((traced_slots - covered_slots) | idle_none_slots)
     loose = [
         LooseSlot(s, _owner_of(s, blocks, model), pr.order[id(model.get_submodule(s))])
         for s in sorted(
-            slot_paths_called - covered_slots, key=lambda s: pr.order[id(model.get_submodule(s))]
+            slot_paths_called - covered_slots - traced_slots,
+            key=lambda s: pr.order[id(model.get_submodule(s))],
         )
     ]
+    loose = sorted(loose + none_loose, key=lambda s: s.order)
     has_native = bool(loose) or any(k == "native" for b in blocks for k in b.kinds)
     ignored = 0
     if has_native:
@@ -732,8 +764,10 @@ def analyze(model: nn.Module, example_inputs: Sequence[Any] | None = None) -> An
             b.adds = [b.adds[i] for i in keep_idx] if b.adds else []
             b.slot_attrs = [b.slot_attrs[i] for i in keep_idx]
             b.kinds = [b.kinds[i] for i in keep_idx]
+            b.origins = [b.origins[i] for i in keep_idx]
             kept.append(b)
         blocks = kept
+    skipped += [(s, "slot is not added to a residual branch; left alone") for s in not_residual]
     return Analysis(
         model=model,
         blocks=blocks,
@@ -790,6 +824,18 @@ def _has_own_add_source(mod: nn.Module) -> bool:
     return "+" in src or "add" in src
 
 
+def _referenced_none_slots(mod: nn.Module) -> list[str]:
+    """Slot attributes holding None that the module's forward source reads (timm ResNet)."""
+    names = [a for a in SLOT_ATTRS if a in mod.__dict__ and mod.__dict__[a] is None]
+    if not names:
+        return []
+    try:
+        src = inspect.getsource(type(mod).forward)
+    except (OSError, TypeError):
+        return []
+    return [a for a in names if f"self.{a}" in src]
+
+
 def _owner_of(slot_path: str, blocks: Sequence[BlockSites], model: nn.Module) -> str:
     """The module a loose slot belongs to: its parent, unless it sits in an nn.Sequential."""
     parts = slot_path.split(".")
@@ -803,10 +849,13 @@ def _owner_of(slot_path: str, blocks: Sequence[BlockSites], model: nn.Module) ->
     return owner
 
 
-def _assign_slots(mod: nn.Module, adds: Sequence[ResidualAdd]) -> tuple[list[str], list[str]]:
-    """The slot attribute (existing or new) and kind of each residual add of one block."""
+def _assign_slots(
+    mod: nn.Module, adds: Sequence[ResidualAdd]
+) -> tuple[list[str], list[str], list[str]]:
+    """The slot attribute (existing or new), kind and origin of each residual add."""
     attrs: list[str] = []
     kinds: list[str] = []
+    origins: list[str] = []
     taken: set[str] = set()
     none_slots = [a for a in SLOT_ATTRS if a in mod.__dict__ and mod.__dict__[a] is None]
     unslotted = [a for a in adds if a.slot_node is None]
@@ -820,16 +869,19 @@ def _assign_slots(mod: nn.Module, adds: Sequence[ResidualAdd]) -> tuple[list[str
                 k += 1
             attrs.append(name)
             kinds.append("native")
+            origins.append(base)
         elif len(none_slots) == 1 and len(unslotted) == 1:
             name = none_slots[0]  # timm ResNet keeps ``drop_path = None`` at rate 0
             attrs.append(name)
             kinds.append("native")
+            origins.append(name)
         else:
             name = _free_name(mod, taken, len(unslotted))
             attrs.append(name)
             kinds.append("graph")
+            origins.append("")
         taken.add(name)
-    return attrs, kinds
+    return attrs, kinds, origins
 
 
 def _free_name(mod: nn.Module, taken: set[str], count: int) -> str:
@@ -852,23 +904,32 @@ def _patched_block(path: str, mod: nn.Module, order: int, meta: Any) -> BlockSit
         adds=[],
         slot_attrs=list(meta.slot_attrs),
         kinds=list(meta.kinds),
+        origins=list(meta.origins),
         patched=True,
     )
 
 
 def _build_sites(an: Analysis) -> list[Site]:
     """Public sites, numbered by block in forward order."""
-    entries: list[
-        tuple[str, str, str, str, int, bool]
-    ] = []  # path, branch, slot, kind, order, fused
+    # (path, branch, slot, kind, first-call order, fused, origin)
+    entries: list[tuple[str, str, str, str, int, bool, str]] = []
     for b in an.blocks:
-        for attr, kind in zip(b.slot_attrs, b.kinds, strict=True):
-            slot = f"{b.path}.{attr}" if b.path else attr
-            entries.append((b.path, attr, slot, kind, b.order, True))
+        for attr, kind, origin in zip(b.slot_attrs, b.kinds, b.origins, strict=True):
+            entries.append(
+                (
+                    b.path,
+                    attr,
+                    _qualify(b.path, attr),
+                    kind,
+                    b.order,
+                    True,
+                    _qualify(b.path, origin) if origin else "",
+                )
+            )
     for s in an.loose:
         rel = _child_name(s.owner_path, s.slot_path)
-        entries.append((s.owner_path, rel, s.slot_path, "native", s.order, False))
-    owners = sorted({(order, path) for path, _, _, _, order, _ in entries})
+        entries.append((s.owner_path, rel, s.slot_path, "native", s.order, False, s.slot_path))
+    owners = sorted({(e[4], e[0]) for e in entries})
     owner_paths = [p for _, p in owners]
     group: dict[str, str] = {}
     for p in owner_paths:
@@ -880,8 +941,12 @@ def _build_sites(an: Analysis) -> list[Site]:
 
     model = an.model
     sites: list[Site] = []
-    for path, branch, slot, kind, _order, fused in entries:
+    for path, branch, slot, kind, _order, fused, origin in entries:
         module = _get_or_none(model, slot)
+        if module is None and origin and not _is_rewritten(model, path):
+            # A shared slot in a block that could not be rewritten: both branches use
+            # the model's one module.
+            slot, module = origin, _get_or_none(model, origin)
         rate, mode, scaling = slot_settings(module)
         skip = isinstance(module, DropPath) and module.skip and fused
         is_fused = fused and _is_rewritten(model, path)
@@ -897,10 +962,15 @@ def _build_sites(an: Analysis) -> list[Site]:
                 slot=slot,
                 fused=is_fused,
                 skip=skip,
+                origin=origin,
             )
         )
     # Stable: by block, then by the order the entries were found (graph order in a block).
     return sorted(sites, key=lambda s: s.block)
+
+
+def _qualify(path: str, name: str) -> str:
+    return f"{path}.{name}" if path else name
 
 
 def _get_or_none(model: nn.Module, path: str) -> nn.Module | None:
