@@ -40,7 +40,7 @@ from dpatch.sites import (
     MetaMode,
     ResidualAdd,
     bind_inputs,
-    meta_state,
+    on_meta,
     to_meta,
     trace_module,
 )
@@ -492,9 +492,8 @@ def _trial_run(
     args, kwargs = inputs
     try:
         values = [to_meta(v) for v in bind_inputs(module, args, kwargs)]
-        state = meta_state(module)
-        with torch.no_grad(), torch.device("meta"), MetaMode():
-            torch.func.functional_call(trial, state, tuple(values), strict=False)
+        with torch.no_grad(), on_meta(trial), torch.device("meta"), MetaMode():
+            trial(*values)
     except Exception as exc:
         return f"{type(exc).__name__}: {exc}".splitlines()[0][:160]
     return ""

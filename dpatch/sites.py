@@ -8,7 +8,7 @@ returns the richer internal :class:`Analysis` that :mod:`dpatch.patch` and
 How a site is found:
 
 1. *Probe*: one forward pass with every parameter and buffer swapped for a ``meta`` tensor
-   (``torch.func.functional_call``), so it costs no compute and changes no state. Forward
+   (:func:`on_meta`), so it costs no compute and changes no state. Forward
    pre-hooks record which modules run, in which order, and with which inputs.
 2. *Trace*: each module that ran and has children is traced on its own with torch.fx, all
    its children kept as leaves, so the graph is exactly that module's own forward code.
@@ -28,6 +28,7 @@ import inspect
 import operator
 import sys
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -162,7 +163,14 @@ def slot_settings(module: object) -> tuple[float, str, str]:
 
 # --------------------------------------------------------------------------- tracing
 class LeafTracer(fx.Tracer):
-    """Traces one module's own forward: every submodule is a leaf."""
+    """Traces one module's own forward: every submodule is a leaf.
+
+    Buffers are traced as graph values, not touched: a forward such as timm's
+    ``BatchNormAct2d`` updates ``num_batches_tracked`` in place, which would otherwise
+    change the real model while tracing.
+    """
+
+    proxy_buffer_attributes = True
 
     def __init__(self) -> None:
         super().__init__(autowrap_functions=_notrace_functions())
@@ -326,18 +334,48 @@ class MetaMode(torch.overrides.TorchFunctionMode):
         return func(*args, **kwargs)
 
 
-def meta_state(module: nn.Module) -> dict[str, Tensor]:
-    """Every parameter and buffer of ``module`` as an empty meta tensor of the same shape."""
-    state: dict[str, Tensor] = {}
-    made: dict[int, Tensor] = {}  # tied tensors (shared modules) must stay tied
-    for name, t in [
-        *module.named_parameters(remove_duplicate=False),
-        *module.named_buffers(remove_duplicate=False),
-    ]:
-        if id(t) not in made:
-            made[id(t)] = torch.empty_like(t, device="meta")
-        state[name] = made[id(t)]
-    return state
+@contextmanager
+def swapped_state(module: nn.Module, make: Callable[[Tensor], Tensor]) -> Iterator[None]:
+    """Temporarily replace every parameter and buffer of ``module`` by ``make(tensor)``.
+
+    Each distinct tensor is replaced once, so modules shared between parents (CoaT, tied
+    weights) stay shared; everything is put back on exit, whatever happens inside. In-place
+    updates during the call (BatchNorm statistics) land on the replacements.
+    """
+    made: dict[int, Tensor] = {}
+    saved: list[tuple[dict[str, Any], str, Tensor]] = []
+    # Some forwards cache values on the module (ConViT's ``rel_indices``): plain
+    # attributes are put back too.
+    attrs = [(m, dict(m.__dict__)) for m in module.modules()]
+    try:
+        for m in module.modules():
+            for store in (m._parameters, m._buffers):
+                for key, t in list(store.items()):
+                    if t is None:
+                        continue
+                    if id(t) not in made:
+                        new = make(t)
+                        if isinstance(t, nn.Parameter):
+                            new = nn.Parameter(new, requires_grad=t.requires_grad)
+                        made[id(t)] = new
+                    saved.append((store, key, t))
+                    store[key] = made[id(t)]
+        yield
+    finally:
+        for store, key, t in reversed(saved):
+            store[key] = t
+        for m, before in attrs:
+            current = m.__dict__
+            for key in [k for k in current if k not in before]:
+                del current[key]
+            for key, value in before.items():
+                if current.get(key) is not value:
+                    current[key] = value
+
+
+def on_meta(module: nn.Module) -> Any:
+    """``swapped_state`` with empty meta tensors: runs cost nothing and change nothing."""
+    return swapped_state(module, lambda t: torch.empty_like(t, device="meta"))
 
 
 def probe(model: nn.Module, example_inputs: Sequence[Any] | None = None) -> Probe:
@@ -388,12 +426,11 @@ def _probe_once(model: nn.Module, inputs: tuple[Any, ...], *, meta: bool) -> Pro
     handles = [m.register_forward_pre_hook(pre_hook, with_kwargs=True) for m in model.modules()]
     try:
         if meta:
-            with torch.no_grad(), torch.device("meta"), MetaMode():
-                torch.func.functional_call(model, meta_state(model), inputs, strict=False)
+            with torch.no_grad(), on_meta(model), torch.device("meta"), MetaMode():
+                model(*inputs)
         else:
-            buffers = {k: v.clone() for k, v in model.named_buffers(remove_duplicate=False)}
-            with torch.no_grad():
-                torch.func.functional_call(model, buffers, inputs, strict=False)
+            with torch.no_grad(), swapped_state(model, _clone_buffer):
+                model(*inputs)
     except Exception as exc:  # any model code can fail here; the caller reports it
         result.error = f"{type(exc).__name__}: {exc}".splitlines()[0][:300]
     finally:
@@ -415,18 +452,8 @@ class _ConstInterpreter(fx.Interpreter):
         return super().fetch_attr(target)
 
 
-class _GraphRunner(nn.Module):
-    """Runs a traced graph of ``block`` with an Interpreter, keeping every value."""
-
-    def __init__(self, block: nn.Module, graph: fx.Graph) -> None:
-        super().__init__()
-        self.block = block
-        self.graph = graph
-
-    def forward(self, *args: Any) -> dict[fx.Node, Any]:
-        interp = _ConstInterpreter(self.block, self.graph)
-        interp.run(*args)
-        return interp.env
+def _clone_buffer(t: Tensor) -> Tensor:
+    return t if isinstance(t, nn.Parameter) else t.clone()
 
 
 def bind_inputs(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> list[Any]:
@@ -446,14 +473,11 @@ def run_graph_meta(
     block: nn.Module, graph: fx.Graph, args: tuple[Any, ...], kwargs: dict[str, Any]
 ) -> dict[fx.Node, Any]:
     """Values of every node of ``graph`` on meta inputs, ``block``'s state swapped to meta."""
-    runner = _GraphRunner(block, graph)
-    state = {f"block.{k}": v for k, v in meta_state(block).items()}
     values = [to_meta(v) for v in bind_inputs(block, args, kwargs)]
-    with torch.no_grad(), torch.device("meta"), MetaMode():
-        env: dict[fx.Node, Any] = torch.func.functional_call(
-            runner, state, tuple(values), strict=False
-        )
-    return env
+    interp = _ConstInterpreter(block, graph)
+    with torch.no_grad(), on_meta(block), torch.device("meta"), MetaMode():
+        interp.run(*values)
+    return interp.env
 
 
 # --------------------------------------------------------------------------- classification
