@@ -37,7 +37,7 @@ import torch.fx as fx
 from torch import Tensor, nn
 
 from dpatch.droppath import DropPath
-from dpatch.errors import TraceError
+from dpatch.errors import InvalidValueError, TraceError
 
 __all__ = ["SLOT_ATTRS", "Site", "find_sites", "is_slot_module"]
 
@@ -706,7 +706,20 @@ def _child_name(path: str, child_path: str) -> str:
 
 
 def analyze(model: nn.Module, example_inputs: Sequence[Any] | None = None) -> Analysis:
-    """Probe, trace and classify ``model`` (internal; :func:`find_sites` is the public form)."""
+    """Probe, trace and classify ``model`` (internal; :func:`find_sites` is the public form).
+
+    Raises:
+        InvalidValueError: the model has lazy modules that were never run.
+    """
+    lazy = next(
+        (n for n, p in model.named_parameters() if isinstance(p, nn.UninitializedParameter)),
+        None,
+    )
+    if lazy is not None:
+        raise InvalidValueError(
+            f"parameter {lazy!r} is uninitialized (a lazy module); run one forward pass to "
+            "materialize the model before patching it"
+        )
     pr = probe(model, example_inputs)
     skipped: list[tuple[str, str]] = []
     if pr.error is not None:

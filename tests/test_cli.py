@@ -145,11 +145,22 @@ def test_python_factory_spec(tmp_path: Path) -> None:
         "    def forward(s, x):\n"
         "        return x + s.f(x)\n"
         "def build():\n"
-        "    return nn.Sequential(nn.Flatten(), nn.LazyLinear(8), B(), B())\n"
+        "    return nn.Sequential(nn.Flatten(), nn.Linear(3 * 224 * 224, 8), B(), B())\n"
+        "def lazy():\n"
+        "    return nn.Sequential(nn.Flatten(), nn.LazyLinear(8), B())\n"
     )
     code, out, err = cli("inject", "mymodels:build", "--max-rate", "0.2", "--json", cwd=tmp_path)
     assert code == 0, err
     assert [s["path"] for s in json.loads(out)["sites"]] == ["2", "3"]
+    code, out, err = cli("inject", "mymodels:lazy", cwd=tmp_path)
+    assert code == 1
+    one_line_error(err, "'1.weight'", "lazy")
+    code, out, err = cli("inject", "mymodels:nothing", cwd=tmp_path)
+    assert code == 1
+    one_line_error(err, "'nothing'")
+    code, out, err = cli("inject", "nomodule:build", cwd=tmp_path)
+    assert code == 1
+    one_line_error(err, "'nomodule'")
 
 
 def test_bare_name_says_which_library(tmp_path: Path) -> None:
