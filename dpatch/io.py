@@ -285,7 +285,7 @@ def _unwrap(obj: Any, path: Path) -> dict[str, Tensor]:
     if isinstance(obj, Mapping):
         for key in (*_NESTED_KEYS, *_EMA_KEYS):
             inner = obj.get(key)
-            if _is_state_dict(inner):
+            if isinstance(inner, Mapping) and _is_state_dict(inner):
                 return dict(inner)
             if isinstance(inner, Mapping):
                 for key2 in _NESTED_KEYS:

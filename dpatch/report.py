@@ -80,8 +80,10 @@ def render_report(
     )
     console.print(summary, highlight=False)
     notes = report.skipped if show_all else report.skipped[:5]
-    for s in notes:
-        console.print(f"note: {s.path or '(root)'}: {s.reason}", highlight=False, markup=False)
+    for note in notes:
+        console.print(
+            f"note: {note.path or '(root)'}: {note.reason}", highlight=False, markup=False
+        )
     if len(report.skipped) > len(notes):
         console.print(
             f"note: {len(report.skipped) - len(notes)} more (use --all to list them)",

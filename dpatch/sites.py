@@ -216,7 +216,7 @@ def trace_module(
     ``graph._dpatch_consts``. ``concrete_args`` (optional arguments recorded as None or a
     constant) are specialised, with torch.fx's guards that fail loudly on other values.
     """
-    shadow = object.__new__(_training_watcher(type(module)))
+    shadow: nn.Module = object.__new__(_training_watcher(type(module)))
     shadow.__dict__ = dict(module.__dict__)
     if training is not None:
         shadow.__dict__["training"] = training
@@ -349,12 +349,13 @@ def swapped_state(module: nn.Module, make: Callable[[Tensor], Tensor]) -> Iterat
     attrs = [(m, dict(m.__dict__)) for m in module.modules()]
     try:
         for m in module.modules():
-            for store in (m._parameters, m._buffers):
+            stores: tuple[dict[str, Any], ...] = (m._parameters, m._buffers)
+            for store in stores:
                 for key, t in list(store.items()):
                     if t is None:
                         continue
                     if id(t) not in made:
-                        new = make(t)
+                        new: Tensor = make(t)
                         if isinstance(t, nn.Parameter):
                             new = nn.Parameter(new, requires_grad=t.requires_grad)
                         made[id(t)] = new
@@ -597,7 +598,7 @@ def find_residual_adds(
             continue
         a, b = ops.first, ops.second
         va, vb, vo = env.get(a), env.get(b), env.get(node)
-        if not (_is_tensor(va) and _is_tensor(vb) and _is_tensor(vo)):
+        if not (isinstance(va, Tensor) and isinstance(vb, Tensor) and isinstance(vo, Tensor)):
             continue
         if not (va.shape == vb.shape == vo.shape):
             continue

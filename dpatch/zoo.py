@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import difflib
 import fnmatch
+import functools
 import importlib
 import inspect
 import os
@@ -192,7 +193,7 @@ def _import_factory(text: str) -> Callable[..., Any]:
     factory = getattr(module, attr, None)
     if not callable(factory):
         raise ModelNotFoundError(f"{module_name!r} has no callable {attr!r} (model spec {text!r})")
-    return factory  # type: ignore[no-any-return]
+    return factory
 
 
 def spec_of(model: nn.Module) -> ModelSpec | None:
@@ -318,7 +319,7 @@ def _tv_identify(model: nn.Module) -> str:
         builder = torchvision.models.get_model_builder(name)
         if builder.__module__ != cls_module:
             continue
-        ref = build_light(lambda b=builder: b(weights=None))
+        ref = build_light(functools.partial(builder, weights=None))
         if {k: tuple(v.shape) for k, v in ref.state_dict().items()} == shapes:
             return name
     raise InvalidValueError(
@@ -355,7 +356,7 @@ def native_rates(model: nn.Module, max_rate: float) -> dict[str, float]:
         kw.pop("drop_path_rate", None)
         try:
             ref = build_light(
-                lambda: timm.create_model(spec.name, drop_path_rate=max_rate, **kw)  # type: ignore[union-attr]
+                functools.partial(timm.create_model, spec.name, drop_path_rate=max_rate, **kw)
             )
         except TypeError as exc:
             raise InvalidValueError(

@@ -37,9 +37,7 @@ LINEAR_ELSEWHERE = {
     "xception_aligned": "timm counts the last block, which has no residual",
     "nextvit": "timm splits a block's rate 0.75/0.25 between its two attention branches",
 }
-LINEAR = [
-    f for f in NATIVE if f["rate_rule"] == "linear" and f["module"] not in LINEAR_ELSEWHERE
-]
+LINEAR = [f for f in NATIVE if f["rate_rule"] == "linear" and f["module"] not in LINEAR_ELSEWHERE]
 
 
 def meta_input(fam: dict[str, Any]) -> torch.Tensor:
