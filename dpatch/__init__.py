@@ -14,8 +14,10 @@ from dpatch.errors import (
     OutputError,
     WeightsError,
 )
+from dpatch.io import load, save
 from dpatch.patch import PatchReport, Skipped, inject, inspect, retune, strip
 from dpatch.schedule import SCHEDULES, expected_depth, schedule_rates
+from dpatch.scheduler import DropPathScheduler
 from dpatch.sites import Site, find_sites
 
 __all__ = [
@@ -23,6 +25,7 @@ __all__ = [
     "DPatchError",
     "DownloadError",
     "DropPath",
+    "DropPathScheduler",
     "InvalidValueError",
     "ManifestError",
     "ModelNotFoundError",
@@ -39,7 +42,9 @@ __all__ = [
     "find_sites",
     "inject",
     "inspect",
+    "load",
     "retune",
+    "save",
     "schedule_rates",
     "strip",
 ]

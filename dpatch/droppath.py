@@ -166,6 +166,25 @@ def _scripted_drop(
     return torch.addcmul(residual, x, mask, value=value)
 
 
+def _drop_rate_tensor(
+    x: Tensor, residual: Tensor | None, alpha: float, rate: Tensor, mode: str, scaling: str
+) -> Tensor:
+    """Training-mode drop with the rate as a 0-dim tensor (what compiled graphs run).
+
+    No Python branch on the rate: a graph captured once serves every rate (a rate of 0
+    gives an all-ones mask and scale 1, the plain residual). ``mode="batch"`` draws from
+    the device generator here, not the host one.
+    """
+    lead = x.shape[0] if mode == "row" else 1
+    keep = 1.0 - rate
+    mask = torch.rand((lead,) + (1,) * (x.dim() - 1), device=x.device) < keep
+    scale = alpha / keep if scaling == "inverted" else torch.full_like(keep, alpha)
+    factor = (mask * scale).to(x.dtype)
+    if residual is None:
+        return x * factor
+    return torch.addcmul(residual, x, factor)
+
+
 def keep_count(batch: int, drop_prob: float) -> int:
     """Samples that compute the branch in skip mode: ``max(round(B * (1 - p)), 1)``.
 
@@ -184,7 +203,7 @@ class DropPath(nn.Module):
     pass: the form dpatch's rewritten blocks use.
 
     Attributes:
-        drop_prob: float rate, mutable (as in timm); checked on every call.
+        drop_prob: float rate, mutable (as in timm); checked when set.
         mode: ``"row"`` or ``"batch"``.
         scaling: ``"inverted"``, ``"expected"`` or ``"none"``.
         skip: in rewritten blocks, compute the branch only where it is kept (training).
@@ -194,7 +213,8 @@ class DropPath(nn.Module):
     """
 
     # The host generator is runtime state, not configuration: TorchScript need not see it.
-    __jit_ignored_attributes__: ClassVar[list[str]] = ["_generator"]
+    __jit_ignored_attributes__: ClassVar[list[str]] = ["_generator", "_rate"]
+    __jit_unused_properties__: ClassVar[list[str]] = ["drop_prob", "scale_by_keep"]
 
     def __init__(
         self,
@@ -207,12 +227,34 @@ class DropPath(nn.Module):
         seed: int | None = None,
     ) -> None:
         super().__init__()
-        self.drop_prob = _check_prob(drop_prob)
+        # The rate lives twice: a float for eager code and a 0-dim tensor that compiled
+        # graphs read, so changing it never recompiles. The tensor is a plain attribute,
+        # not a buffer: it is not state, and torch.export must not see it in eval graphs.
+        self._rate = torch.zeros(())
+        self._p = 0.0
+        self.drop_prob = drop_prob
         self.mode = _check_mode(mode)
         self.scaling = _resolve_scaling(scale_by_keep, scaling)
         self.skip = bool(skip)
         self.seed = seed
         self._generator: torch.Generator | None = None
+
+    def _apply(self, fn: Any, recurse: bool = True) -> DropPath:
+        # .to()/.cuda() move parameters and buffers; the rate tensor follows (in float32).
+        super()._apply(fn, recurse)
+        self._rate = fn(self._rate).float()
+        return self
+
+    @property
+    def drop_prob(self) -> float:
+        """The drop probability (mutable, as in timm)."""
+        return self._p
+
+    @drop_prob.setter
+    def drop_prob(self, value: float) -> None:
+        self._p = _check_prob(value)
+        with torch.no_grad():
+            self._rate.fill_(self._p)
 
     @property
     def scale_by_keep(self) -> bool:
@@ -227,7 +269,7 @@ class DropPath(nn.Module):
     ) -> Tensor:
         if torch.jit.is_scripting():
             return _scripted_drop(
-                x, residual, alpha, self.drop_prob, self.training, self.mode, self.scaling
+                x, residual, alpha, self._p, self.training, self.mode, self.scaling
             )
         else:
             return self._forward(x, residual, alpha)
@@ -242,22 +284,19 @@ class DropPath(nn.Module):
             args = (x,) if residual is None else (x, residual)
             kwargs = {} if alpha == 1.0 else {"alpha": alpha}
             return tracer.create_proxy("call_module", tracer.path_of_module(self), args, kwargs)
-        if (
-            self.training
-            and self.mode == "batch"
-            and self.seed is not None
-            and not torch.compiler.is_compiling()
-        ):
+        if self.training and torch.compiler.is_compiling():
+            return _drop_rate_tensor(x, residual, alpha, self._rate, self.mode, self.scaling)
+        if self.training and self.mode == "batch" and self.seed is not None:
             return self._batch_host(x, residual, alpha)
         if residual is None:
-            out = drop_path(x, self.drop_prob, self.training, mode=self.mode, scaling=self.scaling)
+            out = drop_path(x, self._p, self.training, mode=self.mode, scaling=self.scaling)
             return out if alpha == 1.0 else out * alpha
-        return drop_add(residual, x, self.drop_prob, self.training, self.mode, self.scaling, alpha)
+        return drop_add(residual, x, self._p, self.training, self.mode, self.scaling, alpha)
 
     # -- batch mode with a shared host generator --------------------------------------
     def keep_batch(self) -> bool:
         """Draw this step's batch-mode decision on the host: True keeps the branch."""
-        p = _check_prob(self.drop_prob)
+        p = self._p
         if p == 0.0:
             return True
         if self._generator is None:
@@ -266,7 +305,7 @@ class DropPath(nn.Module):
 
     def batch_scale(self) -> float:
         """The factor a kept batch-mode branch is multiplied by in training."""
-        return 1.0 / (1.0 - self.drop_prob) if self.scaling == "inverted" else 1.0
+        return 1.0 / (1.0 - self._p) if self.scaling == "inverted" else 1.0
 
     def _batch_host(self, x: Tensor, residual: Tensor | None, alpha: float = 1.0) -> Tensor:
         scale = alpha * self.batch_scale() if self.keep_batch() else 0.0
@@ -279,7 +318,7 @@ class DropPath(nn.Module):
     # -- row mode, compute-skipping ----------------------------------------------------
     def keep_indices(self, x: Tensor) -> Tensor:
         """Indices of the rows that compute the branch: a random subset of fixed size."""
-        k = keep_count(x.shape[0], _check_prob(self.drop_prob))
+        k = keep_count(x.shape[0], self._p)
         return torch.randperm(x.shape[0], device=x.device)[:k]
 
     def scatter_add(
@@ -292,12 +331,10 @@ class DropPath(nn.Module):
 
     def skips(self) -> bool:
         """True when this call should compute the branch on a subset (or not at all)."""
-        return self.skip and self.training and self.drop_prob > 0.0
+        return self.skip and self.training and self._p > 0.0
 
     def extra_repr(self) -> str:
-        extra = (
-            f"drop_prob={round(self.drop_prob, 3):0.3f}, mode={self.mode}, scaling={self.scaling}"
-        )
+        extra = f"drop_prob={round(self._p, 3):0.3f}, mode={self.mode}, scaling={self.scaling}"
         if self.skip:
             extra += ", skip=True"
         if self.seed is not None and self.mode == "batch":

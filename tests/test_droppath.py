@@ -164,11 +164,14 @@ def test_rank_zero_rejected_and_rank_one_works() -> None:
     assert set(out.tolist()) <= {0.0, 2.0}
 
 
-def test_mutated_rate_is_checked_on_call() -> None:
+def test_mutated_rate_is_checked_when_set() -> None:
     m = DropPath(0.1).train()
-    m.drop_prob = 1.0
     with pytest.raises(ValueError, match=r"1\.0"):
-        m(torch.ones(2, 2))
+        m.drop_prob = 1.0
+    assert m.drop_prob == 0.1
+    m.drop_prob = 0.25
+    assert m._rate.item() == 0.25  # the tensor copy compiled graphs read follows
+    assert dict(m.state_dict()) == {} and list(m.buffers()) == []
 
 
 # --------------------------------------------------------------------------- dtypes, seeds

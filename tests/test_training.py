@@ -1,0 +1,227 @@
+"""Patched models in the training stack: torch.compile, export, TorchScript, checkpoints,
+mixed precision, rate schedules. Everything runs on CPU; CUDA variants run when present."""
+
+from __future__ import annotations
+
+import copy
+import math
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+import torchvision
+from conftest import PlainRes, example
+from torch import nn
+
+import dpatch
+from dpatch import DropPath, DropPathScheduler, inject, zoo
+from dpatch import io as dio
+from dpatch.errors import InvalidValueError
+
+CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+def resnet18() -> nn.Module:
+    torch.manual_seed(0)
+    return torchvision.models.resnet18(num_classes=10)
+
+
+def small_vit() -> nn.Module:
+    torch.manual_seed(0)
+    return timm.create_model("vit_tiny_patch16_224", img_size=32, num_classes=10)
+
+
+MODELS = {"resnet18": resnet18, "vit": small_vit}
+X = torch.randn(4, 3, 32, 32)
+
+
+def patched(name: str, skip: bool, rate: float = 0.5) -> nn.Module:
+    model = MODELS[name]()
+    report = inject(model, rate, schedule="uniform", skip=skip, example_inputs=(X[:2],))
+    assert all(s.fused and s.skip == skip for s in report.sites)
+    return model
+
+
+# --------------------------------------------------------------------------- compile
+@pytest.mark.slow
+@pytest.mark.parametrize("skip", [False, True], ids=["mask", "skip"])
+@pytest.mark.parametrize("name", list(MODELS))
+def test_compile_fullgraph_no_recompiles_fresh_masks(name: str, skip: bool) -> None:
+    """fullgraph=True proves there is no graph break; error_on_recompile proves repeated
+    steps reuse the graph; different outputs for one input prove masks are drawn anew."""
+    torch._dynamo.reset()
+    model = patched(name, skip).train()
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+    y1 = compiled(X)
+    y1.sum().backward()
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        y2 = compiled(X)
+        y3 = compiled(X)
+    assert not torch.equal(y2, y3) and not torch.equal(y1.detach(), y2)
+
+
+@pytest.mark.slow
+def test_compiled_masking_follows_new_rates_without_recompiling() -> None:
+    torch._dynamo.reset()
+    model = patched("vit", skip=False)
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+    model.train()
+    compiled(X)
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        for m in model.modules():
+            if isinstance(m, DropPath):
+                m.drop_prob = 0.0
+        train_out = compiled(X)  # rate 0 in training is the eval computation (no dropout)
+    model.eval()
+    assert torch.allclose(train_out, model(X), atol=1e-5)
+
+
+@pytest.mark.slow
+def test_compiled_skipping_follows_retune() -> None:
+    """A skipping site's subset size is a shape: a new rate recompiles, never goes stale."""
+    torch._dynamo.reset()
+    model = patched("vit", skip=True).train()
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+    compiled(X)
+    dpatch.retune(model, 0.0, schedule="uniform", skip=True, example_inputs=(X[:2],))
+    out = compiled(X)
+    assert torch.allclose(out, model.eval()(X), atol=1e-5)
+
+
+# --------------------------------------------------------------------------- export
+def graph_size(model: nn.Module) -> int:
+    ep = torch.export.export(model.eval(), (X[:2],))
+    return len(ep.graph.nodes)
+
+
+@pytest.mark.parametrize("skip", [False, True], ids=["mask", "skip"])
+@pytest.mark.parametrize("name", list(MODELS))
+def test_torch_export_has_no_droppath_left(name: str, skip: bool) -> None:
+    plain = MODELS[name]().eval()
+    model = patched(name, skip).eval()
+    assert graph_size(model) == graph_size(plain)
+    ep = torch.export.export(model, (X[:2],))
+    assert torch.equal(ep.module()(X[:2]), plain(X[:2]))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", list(MODELS))
+def test_onnx_export_matches_unpatched(name: str, tmp_path: Path) -> None:
+    onnx = pytest.importorskip("onnx")
+    pytest.importorskip("onnxscript")
+    sizes = []
+    for model in (MODELS[name](), patched(name, skip=True)):
+        path = tmp_path / "m.onnx"
+        torch.onnx.export(model.eval(), (X[:2],), str(path), dynamo=True)
+        sizes.append(len(onnx.load(str(path)).graph.node))
+    assert sizes[0] == sizes[1]
+
+
+@pytest.mark.parametrize("skip", [False, True], ids=["mask", "skip"])
+def test_torchscript_scripting(skip: bool) -> None:
+    plain = resnet18().eval()
+    model = patched("resnet18", skip).eval()
+    scripted = torch.jit.script(model)
+    assert torch.equal(scripted(X), plain(X))
+
+
+# --------------------------------------------------------------------------- checkpoints
+def test_ddp_and_ema_state_dicts_load_back(tmp_path: Path) -> None:
+    from timm.utils import ModelEmaV3
+
+    model = patched("resnet18", skip=False)
+    wrapped = {f"module.{k}": v for k, v in model.state_dict().items()}  # DDP's prefix
+    torch.save(wrapped, tmp_path / "ddp.pt")
+    ema = ModelEmaV3(model, decay=0.9)
+    torch.save({"state_dict_ema": ema.state_dict(), "epoch": 3}, tmp_path / "ema.pth")
+    for name in ("ddp.pt", "ema.pth"):
+        fresh = resnet18()
+        dio.load_weights(fresh, tmp_path / name)
+        assert all(torch.equal(fresh.state_dict()[k], v) for k, v in model.state_dict().items())
+    # and a dpatch file rebuilt from the loaded weights keeps the sites
+    fresh = zoo.create_model("tv:resnet18", num_classes=10)
+    dio.load_weights(fresh, tmp_path / "ddp.pt")
+    inject(fresh, 0.5, schedule="uniform")
+    out = dio.save(fresh, tmp_path / "r.safetensors")
+    assert [s.rate for s in dpatch.find_sites(dpatch.load(out))] == [0.5] * 8
+
+
+# --------------------------------------------------------------------------- precision
+@pytest.mark.parametrize("skip", [False, True], ids=["mask", "skip"])
+@pytest.mark.parametrize("name", list(MODELS))
+def test_bf16_autocast_train_step(name: str, skip: bool) -> None:
+    model = patched(name, skip).train()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    for _ in range(2):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = model(X).float().logsumexp(dim=1).mean()
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        assert math.isfinite(loss.item())
+
+
+@CUDA
+@pytest.mark.cuda
+@pytest.mark.parametrize("skip", [False, True], ids=["mask", "skip"])
+def test_cuda_bf16_train_step(skip: bool) -> None:
+    model = patched("vit", skip).cuda().train()
+    x = X.cuda()
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        loss = model(x).float().logsumexp(dim=1).mean()
+    loss.backward()
+    assert math.isfinite(loss.item())
+    assert all(p.grad is not None for p in model.parameters())
+
+
+# --------------------------------------------------------------------------- schedules
+def test_linear_warmup_scheduler() -> None:
+    model = nn.Sequential(PlainRes(), PlainRes())
+    inject(model, 0.4, schedule="linear", example_inputs=(example(),))
+    sched = DropPathScheduler(model, kind="linear", warmup_steps=4)
+    rates = lambda: [m.drop_prob for m in model.modules() if isinstance(m, DropPath)]  # noqa: E731
+    assert rates() == [0.0, 0.0]
+    sched.step()
+    assert rates() == pytest.approx([0.0, 0.1])
+    for _ in range(10):
+        sched.step()
+    assert rates() == pytest.approx([0.0, 0.4])
+    state = sched.state_dict()
+    again = DropPathScheduler(model, kind="linear", warmup_steps=4)
+    again.load_state_dict(state)
+    assert again.last_step == 11 and rates() == pytest.approx([0.0, 0.4])
+
+
+def test_progressive_layer_drop_matches_deepspeed() -> None:
+    """Layer i of L keeps with 1 - i/L (1 - theta(t)), theta = (1-theta_bar)e^(-gamma t) +
+    theta_bar (Zhang & He 2020), from huang targets with max 1 - theta_bar."""
+    theta_bar, gamma, depth = 0.5, 0.01, 4
+    model = nn.Sequential(*[PlainRes() for _ in range(depth)])
+    inject(model, 1 - theta_bar, schedule="huang", example_inputs=(example(),))
+    sched = DropPathScheduler(model, kind="progressive", gamma=gamma)
+    for t in range(1, 300):
+        sched.step()
+        theta = (1 - theta_bar) * math.exp(-gamma * t) + theta_bar
+        got = [m.drop_prob for m in model.modules() if isinstance(m, DropPath)]
+        want = [i / depth * (1 - theta) for i in range(1, depth + 1)]
+        assert got == pytest.approx(want)
+
+
+def test_scheduler_errors() -> None:
+    with pytest.raises(InvalidValueError, match="inject"):
+        DropPathScheduler(nn.Sequential(PlainRes()), warmup_steps=3)
+    model = nn.Sequential(PlainRes())
+    inject(model, 0.1, example_inputs=(example(),))
+    with pytest.raises(InvalidValueError, match="warmup_steps"):
+        DropPathScheduler(model, kind="linear", warmup_steps=0)
+    with pytest.raises(InvalidValueError, match="'cosine'"):
+        DropPathScheduler(model, kind="cosine")
+
+
+def test_deepcopy_of_patched_model_trains() -> None:
+    model = patched("resnet18", skip=True)
+    clone = copy.deepcopy(model).train()
+    clone(X).sum().backward()
+    assert all(p.grad is not None for p in clone.parameters())
+    assert all(p.grad is None for p in model.parameters())
