@@ -67,9 +67,9 @@ def _ddp_worker(rank: int, port: int, name: str, out_dir: str) -> None:
                 if isinstance(m, dpatch.DropPath):
                     real = m.keep_batch
 
-                    def logged(real=real) -> bool:  # type: ignore[no-untyped-def]
+                    def logged(real=real, log=decisions) -> bool:  # type: ignore[no-untyped-def]
                         keep = real()
-                        decisions.append(keep)
+                        log.append(keep)
                         return keep
 
                     m.keep_batch = logged  # type: ignore[method-assign]
@@ -144,7 +144,7 @@ def _read(out: Path) -> list[dict[str, Any]]:
 def test_ddp_two_processes(name: str, tmp_path: Path) -> None:
     mp.spawn(_ddp_worker, args=(_free_port(), name, str(tmp_path)), nprocs=WORLD)
     ranks = _read(tmp_path)
-    for label, _mode, skip, _unused in MODES:
+    for label, _mode, _skip, _unused in MODES:
         for r in ranks:
             assert all(math.isfinite(v) for v in r[label]["losses"]), label
             assert all(r[label]["grads_equal"]), label
