@@ -323,7 +323,7 @@ def _apply(
     skipped = list(_skipped(an))
     settings = {s.name: (site_rate[s.name], mode, scaling, seed + i) for i, s in enumerate(sites)}
     skip_inputs = _second_probe(model, an) if skip else None
-    class_cache: dict[tuple[type, str], type] = {}
+    class_cache: dict[Any, Any] = {}
     for b in an.blocks:
         skipped += _apply_block(b, settings, skip, skip_inputs, class_cache, an)
     for loose in an.loose:
@@ -433,7 +433,7 @@ def _apply_block(
     settings: dict[str, tuple[float, str, str, int]],
     skip: bool,
     skip_inputs: dict[int, Any] | None,
-    class_cache: dict[tuple[type, str], type],
+    class_cache: dict[Any, Any],
     an: Analysis,
 ) -> list[Skipped]:
     """Rewrite (or update) one block; fall back to slot replacement when it cannot be."""

@@ -98,10 +98,9 @@ def _compile_function(src: str, globals_: dict[str, Any], name: str) -> Callable
     return fn
 
 
-def _graph_function(graph: fx.Graph, name: str) -> tuple[str, Callable[..., Any]]:
+def _graph_source(graph: fx.Graph, name: str) -> tuple[str, dict[str, Any], str]:
     code = graph.python_code(root_module="self")
-    src = code.src.replace("def forward(", f"def {name}(", 1)
-    return src, _compile_function(src, code.globals, name)
+    return code.src.replace("def forward(", f"def {name}(", 1), code.globals, name
 
 
 _SITE_TEMPLATE = """
@@ -266,13 +265,21 @@ def build_patched_class(
     bs: BlockSites,
     skip: bool,
     env_alt: dict[fx.Node, Any] | None,
-    class_cache: dict[tuple[type, str], type],
-) -> tuple[type, list[bool], list[str]]:
+    class_cache: dict[Any, Any],
+) -> tuple[type, list[bool], list[str], bool]:
     """Generate the patched subclass for a traced block (internal).
 
-    Returns the class, and per site whether it can skip and, if not, why.
+    Returns the class, per site whether it can skip and, if not, why, and whether the
+    class is new (not shared with an identical block patched before).
     """
     assert bs.graph is not None
+    # Blocks that share a trace (same configuration) share the generated class.
+    plan_key = (id(bs.graph), skip, tuple(bs.slot_attrs))
+    if plan_key in class_cache:
+        hit = class_cache[plan_key]
+        if isinstance(hit, TraceError):
+            raise TraceError(f"the rewritten forward failed a trial run ({hit})")
+        return hit[0], list(hit[1]), list(hit[2]), False
     orig_cls = type(bs.module)
     graph = fx.Graph()
     val_map: dict[fx.Node, fx.Node] = {}
@@ -302,8 +309,7 @@ def build_patched_class(
             a.slot_node.replace_all_uses_with(slot_in)
             graph.erase_node(a.slot_node)
 
-    extra_methods: dict[str, Callable[..., Any]] = {}
-    sources: list[str] = []
+    pending: list[tuple[str, dict[str, Any], str]] = []  # (source, globals, name)
     skippable: list[bool] = []
     reasons: list[str] = []
     for j, (a, attr) in enumerate(zip(adds, bs.slot_attrs, strict=True)):
@@ -325,7 +331,7 @@ def build_patched_class(
         else:
             branch_fn = f"_dpatch_branch{j}"
             site_fn = f"_dpatch_site{j}"
-            bsrc, bfn = _graph_function(_branch_graph(plan, a.branch), branch_fn)
+            pending.append(_graph_source(_branch_graph(plan, a.branch), branch_fn))
             params = [e.name for e in plan.externals]
             gathered = [
                 f"{p}.index_select(0, index)" if _batched(e, env, alt) else p
@@ -339,9 +345,7 @@ def build_patched_class(
                 gathered=", ".join(gathered),
                 alpha=a.alpha,
             )
-            sfn = _compile_function(ssrc, {"torch": torch}, site_fn)
-            extra_methods[branch_fn], extra_methods[site_fn] = bfn, sfn
-            sources += [bsrc, ssrc]
+            pending.append((ssrc, {"torch": torch}, site_fn))
             with graph.inserting_before(a.node):
                 new = graph.call_module(site_fn, (a.shortcut, *plan.externals))
             skippable.append(True)
@@ -361,21 +365,25 @@ def build_patched_class(
                 if n in plan.moved and not n.users:
                     graph.erase_node(n)
 
-    fsrc, forward = _graph_function(graph, "forward")
-    key = (orig_cls, fsrc + "".join(sources))
-    cached = class_cache.get(key)
-    if cached is not None:
-        return cached, skippable, reasons
-    namespace: dict[str, Any] = {
-        "forward": forward,
-        "__module__": orig_cls.__module__,
-        "__qualname__": f"{orig_cls.__qualname__}_dpatch",
-        "__doc__": orig_cls.__doc__,
-        **extra_methods,
-    }
-    cls = type(orig_cls.__name__, (orig_cls,), namespace)
-    class_cache[key] = cls
-    return cls, skippable, reasons
+    pending.append(_graph_source(graph, "forward"))
+    key = (orig_cls, "".join(src for src, _, _ in pending))
+    cls = class_cache.get(key)
+    new_class = cls is None
+    if cls is None:
+        namespace: dict[str, Any] = {
+            name: _compile_function(src, globals_, name) for src, globals_, name in pending
+        }
+        namespace.update(
+            {
+                "__module__": orig_cls.__module__,
+                "__qualname__": f"{orig_cls.__qualname__}_dpatch",
+                "__doc__": orig_cls.__doc__,
+            }
+        )
+        cls = type(orig_cls.__name__, (orig_cls,), namespace)
+        class_cache[key] = cls
+    class_cache[plan_key] = (cls, tuple(skippable), tuple(reasons))
+    return cls, skippable, reasons, new_class
 
 
 def check_training_invariant(bs: BlockSites) -> None:
@@ -406,7 +414,7 @@ def rewrite_block(
     *,
     skip: bool,
     env_alt: dict[fx.Node, Any] | None,
-    class_cache: dict[tuple[type, str], type],
+    class_cache: dict[Any, Any],
     validate_inputs: tuple[tuple[Any, ...], dict[str, Any]] | None = None,
 ) -> PatchMeta:
     """Rewrite one traced block in place so its residual branches go through ``slots``.
@@ -424,15 +432,22 @@ def rewrite_block(
     """
     module = bs.module
     check_training_invariant(bs)
-    cls, skippable, reasons = build_patched_class(bs, skip, env_alt, class_cache)
-    if validate_inputs is not None and any(skippable):
+    cls, skippable, reasons, new_class = build_patched_class(bs, skip, env_alt, class_cache)
+    # A class shared with an identical block was tried already (and fallen back from).
+    if validate_inputs is not None and new_class and any(skippable):
         bad = _trial_run(module, cls, slots, validate_inputs, skip=True)
         if bad:
-            cls, skippable, reasons = build_patched_class(bs, False, env_alt, class_cache)
+            cls, skippable, reasons, _ = build_patched_class(bs, False, env_alt, class_cache)
             reasons = [f"skip failed a trial run ({bad})"] * len(reasons)
-    if validate_inputs is not None:
+            class_cache[(id(bs.graph), True, tuple(bs.slot_attrs))] = (
+                cls,
+                tuple(skippable),
+                tuple(reasons),
+            )
+    if validate_inputs is not None and new_class:
         bad = _trial_run(module, cls, slots, validate_inputs, skip=False)
         if bad:
+            class_cache[(id(bs.graph), skip, tuple(bs.slot_attrs))] = TraceError(bad)
             raise TraceError(f"the rewritten forward failed a trial run ({bad})")
 
     consts = tuple(getattr(bs.graph, "_dpatch_consts", {}))

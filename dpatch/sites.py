@@ -27,7 +27,7 @@ from __future__ import annotations
 import inspect
 import operator
 import sys
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Hashable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -272,6 +272,7 @@ class Probe:
     order: dict[int, int] = field(default_factory=dict)  # id(module) -> first-call index
     calls: dict[int, int] = field(default_factory=dict)  # id(module) -> number of calls
     inputs: dict[int, tuple[tuple[Any, ...], dict[str, Any]]] = field(default_factory=dict)
+    outputs: dict[int, Any] = field(default_factory=dict)  # id(module) -> first output
     error: str | None = None
 
 
@@ -301,25 +302,38 @@ def to_meta(value: Any) -> Any:
     return value
 
 
-# Shape-preserving functions whose meta kernels are slow Python decompositions (batch norm
-# costs ~4 ms per call on meta): on meta inputs the probe answers them with ``empty_like``.
+# Meta kernels of common layers are slow Python decompositions (batch norm ~4 ms, linear
+# ~1 ms, attention ~2.5 ms per call); on meta inputs the probe answers them from shapes.
+_F = torch.nn.functional
 _SHAPE_PRESERVING: frozenset[Any] = frozenset(
     {
-        torch.batch_norm,
-        torch.nn.functional.batch_norm,
-        torch.nn.functional.layer_norm,
-        torch.layer_norm,
-        torch.nn.functional.group_norm,
-        torch.group_norm,
-        torch.nn.functional.instance_norm,
-        torch.instance_norm,
+        torch.batch_norm, _F.batch_norm, _F.layer_norm, torch.layer_norm, _F.group_norm,
+        torch.group_norm, _F.instance_norm, torch.instance_norm, _F.rms_norm,
+        _F.gelu, _F.relu, _F.relu6, _F.silu, _F.mish, _F.hardswish, _F.hardsigmoid,
+        _F.leaky_relu, _F.elu, _F.selu, _F.celu, _F.softplus, _F.dropout, _F.dropout1d,
+        _F.dropout2d, _F.softmax, _F.log_softmax, torch.sigmoid, torch.tanh, torch.relu,
+        torch.softmax, torch.dropout,
     }
-)
+)  # fmt: skip
+
+
+def _fast_linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+    return x.new_empty((*x.shape[:-1], weight.shape[0]))
+
+
+def _fast_sdpa(q: Tensor, k: Tensor, v: Tensor, *args: Any, **kwargs: Any) -> Tensor:
+    return q.new_empty((*q.shape[:-1], v.shape[-1]))
+
+
+_SHAPE_RULES: dict[Any, Callable[..., Tensor]] = {
+    _F.linear: _fast_linear,
+    _F.scaled_dot_product_attention: _fast_sdpa,
+}
 
 
 class MetaMode(torch.overrides.TorchFunctionMode):
-    """Meta-device evaluation: factories default to meta; slow shape-preserving ops are
-    answered by shape alone."""
+    """Meta-device evaluation: factories default to meta; slow layers are answered by shape
+    alone (the values of meta tensors do not exist, only their shapes matter)."""
 
     def __torch_function__(
         self,
@@ -329,8 +343,12 @@ class MetaMode(torch.overrides.TorchFunctionMode):
         kwargs: dict[str, Any] | None = None,
     ) -> Any:
         kwargs = kwargs or {}
-        if func in _SHAPE_PRESERVING and args and isinstance(args[0], Tensor) and args[0].is_meta:
-            return torch.empty_like(args[0])
+        if args and isinstance(args[0], Tensor) and args[0].is_meta:
+            if func in _SHAPE_PRESERVING:
+                return torch.empty_like(args[0])
+            rule = _SHAPE_RULES.get(func)
+            if rule is not None:
+                return rule(*args, **kwargs)
         return func(*args, **kwargs)
 
 
@@ -424,7 +442,11 @@ def _probe_once(model: nn.Module, inputs: tuple[Any, ...], *, meta: bool) -> Pro
             result.order[key] = len(result.order)
             result.inputs[key] = (args, dict(kwargs))
 
+    def post_hook(mod: nn.Module, args: tuple[Any, ...], output: Any) -> None:
+        result.outputs.setdefault(id(mod), output)
+
     handles = [m.register_forward_pre_hook(pre_hook, with_kwargs=True) for m in model.modules()]
+    handles += [m.register_forward_hook(post_hook) for m in model.modules()]
     try:
         if meta:
             with torch.no_grad(), on_meta(model), torch.device("meta"), MetaMode():
@@ -443,14 +465,25 @@ def _probe_once(model: nn.Module, inputs: tuple[Any, ...], *, meta: bool) -> Pro
 class _ConstInterpreter(fx.Interpreter):
     """An Interpreter that also finds the tensor constants the tracer lifted (``trace_module``)."""
 
-    def __init__(self, module: nn.Module, graph: fx.Graph) -> None:
+    def __init__(
+        self, module: nn.Module, graph: fx.Graph, known: dict[int, Any] | None = None
+    ) -> None:
         super().__init__(module, garbage_collect_values=False, graph=graph)
         self.consts: dict[str, Any] = getattr(graph, "_dpatch_consts", {})
+        self.known = known or {}
 
     def fetch_attr(self, target: str) -> Any:
         if target in self.consts:
             return to_meta(self.consts[target])
         return super().fetch_attr(target)
+
+    def call_module(self, target: Any, args: Any, kwargs: dict[str, Any]) -> Any:
+        # A child the probe saw run exactly once gets the same inputs here: its recorded
+        # output stands in, so interpreting a stage does not run the network under it again.
+        known = self.known.get(id(self.fetch_attr(target)))
+        if known is not None:
+            return to_meta(known)
+        return super().call_module(target, args, kwargs)
 
 
 def _clone_buffer(t: Tensor) -> Tensor:
@@ -471,11 +504,19 @@ def bind_inputs(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
 
 
 def run_graph_meta(
-    block: nn.Module, graph: fx.Graph, args: tuple[Any, ...], kwargs: dict[str, Any]
+    block: nn.Module,
+    graph: fx.Graph,
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    known: dict[int, Any] | None = None,
 ) -> dict[fx.Node, Any]:
-    """Values of every node of ``graph`` on meta inputs, ``block``'s state swapped to meta."""
+    """Values of every node of ``graph`` on meta inputs, ``block``'s state swapped to meta.
+
+    ``known`` maps id(child) to the output it gave for these inputs (children the probe saw
+    run once); those are not run again.
+    """
     values = [to_meta(v) for v in bind_inputs(block, args, kwargs)]
-    interp = _ConstInterpreter(block, graph)
+    interp = _ConstInterpreter(block, graph, known)
     with torch.no_grad(), on_meta(block), torch.device("meta"), MetaMode():
         interp.run(*values)
     return interp.env
@@ -736,6 +777,11 @@ def analyze(model: nn.Module, example_inputs: Sequence[Any] | None = None) -> An
     traced_slots: set[str] = set()  # slots a traced forward calls (residual or not)
     none_loose: list[LooseSlot] = []  # ``None`` slots of blocks that cannot be traced
     idle_none_slots: set[str] = set()  # ``None`` slots of traced blocks, on no residual
+    # Blocks of one configuration (the 12 blocks of a ViT) share one trace and its analysis.
+    traces: dict[Hashable, tuple[fx.Graph, dict[fx.Node, Any]] | Exception] = {}
+    once = {k: v for k, v in pr.outputs.items() if pr.calls.get(k) == 1}
+    residuals: dict[tuple[int, str], list[ResidualAdd]] = {}
+    sources: dict[type, str | None] = {}
     for path, mod in _candidates(model, pr):
         patch_meta = mod.__dict__.get("_dpatch_meta")
         if patch_meta is not None:
@@ -743,16 +789,27 @@ def analyze(model: nn.Module, example_inputs: Sequence[Any] | None = None) -> An
             covered_slots.update(f"{path}.{a}" if path else a for a in blocks[-1].slot_attrs)
             continue
         args, kwargs = pr.inputs[id(mod)]
+        key = _config_key(mod, args, kwargs)
+        cached = traces.get(key) if key is not None else None
         try:
-            graph, env = _trace_and_run(mod, args, kwargs)
+            if cached is None:
+                try:
+                    cached = _trace_and_run(mod, args, kwargs, once)
+                except Exception as exc:
+                    cached = exc
+                if key is not None:
+                    traces[key] = cached
+            if isinstance(cached, Exception):
+                raise cached
+            graph, env = cached
         except Exception as exc:
-            if _has_own_add_source(mod):
+            if _has_own_add_source(mod, sources):
                 skipped.append((path, _one_line(exc)))
             # timm's ``drop_path = None`` slots still work unfused: the forward calls them
             # once they hold a module.
             none_loose += [
                 LooseSlot(_qualify(path, a), path, pr.order[id(mod)])
-                for a in _referenced_none_slots(mod)
+                for a in _referenced_none_slots(mod, sources)
             ]
             continue
         slot_nodes = [
@@ -762,10 +819,13 @@ def analyze(model: nn.Module, example_inputs: Sequence[Any] | None = None) -> An
             and is_slot_module(mod.get_submodule(str(n.target)), str(n.target).rsplit(".", 1)[-1])
         ]
         traced_slots.update(_qualify(path, str(n.target)) for n in slot_nodes)
-        adds = find_residual_adds(mod, graph, env, slot_nodes)
+        adds_key = (id(graph), "adds")
+        if adds_key not in residuals:
+            residuals[adds_key] = find_residual_adds(mod, graph, env, slot_nodes)
+        adds = residuals[adds_key]
         attrs, kinds, origins = _assign_slots(mod, adds)
         idle_none_slots.update(
-            _qualify(path, a) for a in _referenced_none_slots(mod) if a not in attrs
+            _qualify(path, a) for a in _referenced_none_slots(mod, sources) if a not in attrs
         )
         if not adds:
             continue
@@ -819,7 +879,10 @@ def analyze(model: nn.Module, example_inputs: Sequence[Any] | None = None) -> An
 
 
 def _trace_and_run(
-    mod: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
+    mod: nn.Module,
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    known: dict[int, Any] | None = None,
 ) -> tuple[fx.Graph, dict[fx.Node, Any]]:
     """Trace ``mod`` and run the graph on its recorded inputs; if either fails, try again
     with its None/constant arguments specialised (``if mask is not None:`` needs that).
@@ -832,7 +895,7 @@ def _trace_and_run(
         graph = trace_module(mod)
         if not any(add_operands(n) is not None for n in graph.nodes):
             return graph, {}
-        return graph, run_graph_meta(mod, graph, args, kwargs)
+        return graph, run_graph_meta(mod, graph, args, kwargs, known)
     except Exception as first:
         concrete = concrete_candidates(mod, args, kwargs)
         stage = "could not trace" if graph is None else "traced graph does not run"
@@ -842,7 +905,7 @@ def _trace_and_run(
             graph = trace_module(mod, concrete_args=concrete)
             if not any(add_operands(n) is not None for n in graph.nodes):
                 return graph, {}
-            return graph, run_graph_meta(mod, graph, args, kwargs)
+            return graph, run_graph_meta(mod, graph, args, kwargs, known)
         except Exception:
             raise TraceError(f"{stage}: {_one_line(first)}") from first
 
@@ -853,25 +916,95 @@ def _one_line(exc: BaseException) -> str:
     return (text[0] if text else type(exc).__name__)[:200]
 
 
-def _has_own_add_source(mod: nn.Module) -> bool:
+def _forward_source(mod: nn.Module, memo: dict[type, str | None]) -> str | None:
+    cls = type(mod)
+    if cls not in memo:
+        try:
+            memo[cls] = inspect.getsource(cls.forward)
+        except (OSError, TypeError):
+            memo[cls] = None
+    return memo[cls]
+
+
+def _has_own_add_source(mod: nn.Module, memo: dict[type, str | None]) -> bool:
     """Whether an untraceable module's forward source could hold an addition (for reports)."""
+    src = _forward_source(mod, memo)
+    return src is None or "+" in src or "add" in src
+
+
+_MODULE_INTERNALS = frozenset(
+    {
+        "_parameters",
+        "_buffers",
+        "_modules",
+        "_non_persistent_buffers_set",
+        "_backward_pre_hooks",
+        "_backward_hooks",
+        "_is_full_backward_hook",
+        "_forward_hooks",
+        "_forward_hooks_with_kwargs",
+        "_forward_hooks_always_called",
+        "_forward_pre_hooks",
+        "_forward_pre_hooks_with_kwargs",
+        "_state_dict_hooks",
+        "_state_dict_pre_hooks",
+        "_load_state_dict_pre_hooks",
+        "_load_state_dict_post_hooks",
+    }
+)
+_PLAIN = (bool, int, float, str, bytes, type(None), torch.dtype, torch.device, torch.Size)
+
+
+def _freeze(value: Any) -> Hashable:
+    """A hashable stand-in for a configuration value; raises TypeError for tensors and
+    other values a trace could capture (tensor constants)."""
+    if isinstance(value, _PLAIN):
+        return (type(value).__name__, value)
+    if isinstance(value, list | tuple):
+        return (type(value).__name__, tuple(_freeze(v) for v in value))
+    if isinstance(value, dict):
+        return ("dict", tuple((_freeze(k), _freeze(v)) for k, v in value.items()))
+    if isinstance(value, Tensor):
+        raise TypeError("tensor attribute")
+    if callable(value) or isinstance(value, type):
+        return ("id", id(value))
+    raise TypeError(type(value).__name__)
+
+
+def _config_key(mod: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Hashable | None:
+    """What a trace of ``mod`` depends on: its class, plain attributes, children's classes,
+    parameter and buffer names, and which recorded arguments are None or constants. None
+    when the module holds something a trace could capture by value (a tensor attribute)."""
     try:
-        src = inspect.getsource(type(mod).forward)
-    except (OSError, TypeError):
-        return True
-    return "+" in src or "add" in src
+        attrs = tuple(
+            (k, _freeze(v)) for k, v in mod.__dict__.items() if k not in _MODULE_INTERNALS
+        )
+        call = tuple(
+            (k, _freeze(v) if not isinstance(v, Tensor) else "tensor")
+            for k, v in zip(range(len(args)), args, strict=True)
+        ) + tuple(
+            (k, _freeze(v) if not isinstance(v, Tensor) else "tensor") for k, v in kwargs.items()
+        )
+    except TypeError:
+        return None
+    children = tuple((k, type(v)) for k, v in mod._modules.items())
+    return (
+        type(mod),
+        attrs,
+        children,
+        tuple(mod._parameters),
+        tuple(mod._buffers),
+        call,
+    )
 
 
-def _referenced_none_slots(mod: nn.Module) -> list[str]:
+def _referenced_none_slots(mod: nn.Module, memo: dict[type, str | None]) -> list[str]:
     """Slot attributes holding None that the module's forward source reads (timm ResNet)."""
     names = [a for a in SLOT_ATTRS if a in mod.__dict__ and mod.__dict__[a] is None]
     if not names:
         return []
-    try:
-        src = inspect.getsource(type(mod).forward)
-    except (OSError, TypeError):
-        return []
-    return [a for a in names if f"self.{a}" in src]
+    src = _forward_source(mod, memo)
+    return [a for a in names if src is not None and f"self.{a}" in src]
 
 
 def _owner_of(slot_path: str, blocks: Sequence[BlockSites], model: nn.Module) -> str:
