@@ -9,8 +9,10 @@ ResNet-50 at 112 px, smaller batches, fp32). Configurations, at linear 0.2 and u
 - ``dpatch mask``: dpatch.inject on the model without DropPath (fused residual add);
 - ``dpatch skip``: dpatch.inject(..., skip=True) (dropped rows not computed).
 
-Each configuration runs in its own process so its peak memory is its own (CUDA:
-max_memory_allocated; CPU: peak resident set size of the process).
+Step times are measured with all four configurations in one process, in interleaved
+rounds (the median per configuration), so load drifts hit them alike. Peak memory is
+measured with each configuration alone in its own process (CUDA: max_memory_allocated;
+CPU: peak resident set size).
 
     python benchmarks/train_step.py                    # CPU
     python benchmarks/train_step.py --device cuda      # GPU
@@ -18,8 +20,10 @@ max_memory_allocated; CPU: peak resident set size of the process).
 
 from __future__ import annotations
 
+import argparse
 import json
 import resource
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -28,7 +32,7 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import base_parser, environment, print_table, setup, time_ms, write_json
+from _common import base_parser, environment, print_table, setup, sync, time_ms, write_json
 
 CONFIGS = ["none", "timm", "dpatch mask", "dpatch skip"]
 SCHEDULES = [("linear", 0.2), ("uniform", 0.4)]
@@ -82,13 +86,12 @@ def _timm_uniform(model: torch.nn.Module, rate: float) -> None:
                 setattr(m, attr, DropPath(rate))
 
 
-def one(args: Any) -> dict[str, Any]:
-    """Measure one (model, config, schedule) in this process."""
-    device = setup(args)
+def make_step(args: Any, config: str, device: torch.device) -> tuple[Any, dict[str, Any]]:
+    """A closure running one training step of (model, config, schedule)."""
     gpu = device.type == "cuda"
     s = model_settings(args.model, gpu)
     torch.manual_seed(0)
-    model = build(s["arch"], s["kwargs"], args.config, args.schedule, args.rate).to(device)
+    model = build(s["arch"], s["kwargs"], config, args.schedule, args.rate).to(device)
     model.train()
     if args.model == "resnet50":
         model = model.to(memory_format=torch.channels_last)
@@ -108,75 +111,107 @@ def one(args: Any) -> dict[str, Any]:
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    if gpu:
+    return step, s
+
+
+def measure_memory(args: Any) -> dict[str, Any]:
+    """Peak memory of one configuration, alone in this process."""
+    device = setup(args)
+    step, s = make_step(args, args.config, device)
+    if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    ms = time_ms(step, device, warmup=args.warmup, repeat=args.repeat)
-    if gpu:
+    for _ in range(3):
+        step()
+    sync(device)
+    if device.type == "cuda":
         peak = torch.cuda.max_memory_allocated(device) / 2**30
     else:
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB
-    return {"ms": ms, "peak_gib": peak, "batch": s["batch"], "size": s["size"], "arch": s["arch"]}
+    return {"peak_gib": peak, "batch": s["batch"], "size": s["size"], "arch": s["arch"]}
+
+
+def measure_time(args: Any) -> dict[str, float]:
+    """Step time of every configuration, measured in interleaved rounds in this process so
+    that machine load drifts affect all of them alike; the median over rounds is kept."""
+    device = setup(args)
+    steps = {c: make_step(args, c, device)[0] for c in CONFIGS}
+    for step in steps.values():
+        for _ in range(args.warmup):
+            step()
+    times: dict[str, list[float]] = {c: [] for c in CONFIGS}
+    for _ in range(args.repeat):
+        for c, step in steps.items():
+            times[c].append(time_ms(step, device, warmup=0, repeat=1))
+    return {c: statistics.median(v) for c, v in times.items()}
+
+
+def run_child(
+    args: Any, mode: str, model: str, schedule: str, rate: float, config: str = ""
+) -> Any:
+    cmd = [
+        sys.executable, __file__, mode, "--device", args.device, "--model", model,
+        "--schedule", schedule, "--rate", str(rate), "--warmup", str(args.warmup),
+        "--repeat", str(args.repeat), "--config", config or "none",
+    ]  # fmt: skip
+    if args.threads:
+        cmd += ["--threads", str(args.threads)]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    if out.returncode != 0:
+        raise SystemExit(f"{model}/{schedule}/{config or 'timing'} failed:\n{out.stderr}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def main() -> None:
     p = base_parser(__doc__ or "")
     p.add_argument("--models", default="resnet50,vit", help="comma list: resnet50,vit")
     p.add_argument("--warmup", type=int, default=None)
-    p.add_argument("--repeat", type=int, default=None)
-    p.add_argument("--one", action="store_true", help=argparse_hidden())
-    p.add_argument("--model", default=None, help=argparse_hidden())
-    p.add_argument("--config", default=None, help=argparse_hidden())
-    p.add_argument("--schedule", default=None, help=argparse_hidden())
-    p.add_argument("--rate", type=float, default=None, help=argparse_hidden())
+    p.add_argument("--repeat", type=int, default=None, help="interleaved timing rounds")
+    hidden = argparse.SUPPRESS
+    p.add_argument("--memory-one", action="store_true", help=hidden)
+    p.add_argument("--time-all", action="store_true", help=hidden)
+    p.add_argument("--model", default=None, help=hidden)
+    p.add_argument("--config", default=None, help=hidden)
+    p.add_argument("--schedule", default=None, help=hidden)
+    p.add_argument("--rate", type=float, default=None, help=hidden)
     args = p.parse_args()
     gpu = args.device == "cuda"
     args.warmup = args.warmup if args.warmup is not None else (5 if gpu else 2)
-    args.repeat = args.repeat if args.repeat is not None else (20 if gpu else 5)
-    if args.one:
-        print(json.dumps(one(args)))
+    args.repeat = args.repeat if args.repeat is not None else (20 if gpu else 6)
+    if args.memory_one:
+        print(json.dumps(measure_memory(args)))
+        return
+    if args.time_all:
+        print(json.dumps(measure_time(args)))
         return
 
     device = setup(args)
     rows = []
     for model in args.models.split(","):
         for schedule, rate in SCHEDULES:
-            base_ms = None
-            base_mem = None
-            for config in CONFIGS:
-                if config == "none" and base_ms is not None:
-                    continue
-                cmd = [
-                    sys.executable, __file__, "--one", "--device", args.device,
-                    "--model", model, "--config", config, "--schedule", schedule,
-                    "--rate", str(rate), "--warmup", str(args.warmup), "--repeat", str(args.repeat),
-                ]  # fmt: skip
-                if args.threads:
-                    cmd += ["--threads", str(args.threads)]
-                out = subprocess.run(cmd, capture_output=True, text=True, check=False)
-                if out.returncode != 0:
-                    raise SystemExit(f"{model}/{config} failed:\n{out.stderr}")
-                r = json.loads(out.stdout.strip().splitlines()[-1])
-                if config == "none":
-                    base_ms, base_mem = r["ms"], r["peak_gib"]
+            ms = run_child(args, "--time-all", model, schedule, rate)
+            mem = {c: run_child(args, "--memory-one", model, schedule, rate, c) for c in CONFIGS}
+            for c in CONFIGS:
+                r = mem[c]
                 rows.append(
                     [
                         f"{r['arch']} b{r['batch']} {r['size']}px",
                         f"{schedule} {rate}",
-                        config,
-                        r["ms"],
-                        r["ms"] / base_ms,
+                        c,
+                        ms[c],
+                        ms[c] / ms["none"],
                         r["peak_gib"],
-                        r["peak_gib"] / base_mem,
+                        r["peak_gib"] / mem["none"]["peak_gib"],
                     ]
                 )
-                print(
-                    f"  {rows[-1][0]} {schedule} {rate} {config}: {r['ms']:.1f} ms", file=sys.stderr
-                )
+                print(f"  {rows[-1][0]} {schedule} {rate} {c}: {ms[c]:.1f} ms", file=sys.stderr)
     env = environment(device)
     prec = "bf16 autocast" if gpu else "fp32"
-    title = f"train step (forward+backward+optimizer, {prec}): {env['device']} (torch {env['torch']}, timm {env['timm']})"
-    mem = "peak GiB (CUDA alloc)" if gpu else "peak RSS GiB"
-    header = ["model", "schedule", "config", "ms/step", "vs none", mem, "mem vs none"]
+    title = (
+        f"train step (forward+backward+optimizer, {prec}, median of {args.repeat} interleaved "
+        f"rounds): {env['device']} (torch {env['torch']}, timm {env['timm']})"
+    )
+    mem_label = "peak GiB (CUDA alloc)" if gpu else "peak RSS GiB"
+    header = ["model", "schedule", "config", "ms/step", "vs none", mem_label, "mem vs none"]
     print_table(title, header, rows)
     write_json(
         args.json,
@@ -187,12 +222,6 @@ def main() -> None:
             "rows": [dict(zip(header, r, strict=False)) for r in rows],
         },
     )
-
-
-def argparse_hidden() -> str:
-    import argparse
-
-    return argparse.SUPPRESS
 
 
 if __name__ == "__main__":

@@ -31,7 +31,7 @@ import torch
 import torch.fx as fx
 from torch import Tensor, nn
 
-from dpatch.droppath import DropPath
+from dpatch.droppath import DropPath, gather_rows
 from dpatch.errors import TraceError
 from dpatch.sites import (
     INPLACE_ADDS,
@@ -334,7 +334,7 @@ def build_patched_class(
             pending.append(_graph_source(_branch_graph(plan, a.branch), branch_fn))
             params = [e.name for e in plan.externals]
             gathered = [
-                f"{p}.index_select(0, index)" if _batched(e, env, alt) else p
+                f"gather_rows({p}, index)" if _batched(e, env, alt) else p
                 for p, e in zip(params, plan.externals, strict=True)
             ]
             ssrc = _SITE_TEMPLATE.format(
@@ -345,7 +345,7 @@ def build_patched_class(
                 gathered=", ".join(gathered),
                 alpha=a.alpha,
             )
-            pending.append((ssrc, {"torch": torch}, site_fn))
+            pending.append((ssrc, {"torch": torch, "gather_rows": gather_rows}, site_fn))
             with graph.inserting_before(a.node):
                 new = graph.call_module(site_fn, (a.shortcut, *plan.externals))
             skippable.append(True)

@@ -278,3 +278,36 @@ def test_keep_count_and_subset_scatter() -> None:
     out = m.scatter_add(r, torch.ones(4, 2), idx)
     assert torch.equal(out[idx], torch.full((4, 2), 2.0))  # scale B/k = 8/4
     assert int((out.sum(dim=1) == 0).sum()) == 4
+
+
+@pytest.mark.parametrize("fmt", [torch.contiguous_format, torch.channels_last])
+def test_subset_gather_and_scatter_match_plain_indexing(fmt: torch.memory_format) -> None:
+    """The skip path's row gather/scatter: same values and gradients as plain indexing,
+    memory format kept (BatchNorm/conv backward are slow on mismatched layouts)."""
+    from dpatch.droppath import gather_rows
+
+    torch.manual_seed(0)
+    idx = torch.tensor([6, 0, 3, 5, 1])
+    x = torch.randn(8, 3, 4, 5).contiguous(memory_format=fmt)
+    b = torch.randn(5, 3, 4, 5).contiguous(memory_format=fmt)
+    w1, w2 = torch.randn(5, 3, 4, 5), torch.randn(8, 3, 4, 5)
+    m = DropPath(0.5, skip=True)
+
+    def run(ours: bool) -> tuple[torch.Tensor, ...]:
+        xx, bb = x.clone().requires_grad_(), b.clone().requires_grad_()
+        if ours:
+            g = gather_rows(xx, idx)
+            out = m.scatter_add(xx, bb, idx)
+        else:
+            g = xx[idx]
+            out = xx.clone()
+            out = out.index_put((idx,), out[idx] + bb * (8 / 5))
+        ((g * w1).sum() + (out * w2).sum()).backward()
+        assert xx.grad is not None and bb.grad is not None
+        return g.detach(), out.detach(), xx.grad, bb.grad
+
+    ours, ref = run(True), run(False)
+    for a, r in zip(ours, ref, strict=True):
+        assert torch.allclose(a, r, atol=1e-6)
+    if fmt == torch.channels_last:
+        assert all(t.is_contiguous(memory_format=fmt) for t in ours)
