@@ -258,7 +258,7 @@ class _ScatterAddRows(torch.autograd.Function):
 
 def gather_rows(x: Tensor, index: Tensor) -> Tensor:
     """The rows ``index`` of ``x`` (compute-skipping's subset), memory format kept."""
-    return _GatherRows.apply(x, index)  # type: ignore[no-any-return]
+    return _GatherRows.apply(x, index)
 
 
 def keep_count(batch: int, drop_prob: float) -> int:
