@@ -865,7 +865,16 @@ def analyze(model: nn.Module, example_inputs: Sequence[Any] | None = None) -> An
             b.origins = [b.origins[i] for i in keep_idx]
             kept.append(b)
         blocks = kept
-    skipped += [(s, "slot is not added to a residual branch; left alone") for s in not_residual]
+    skipped += [
+        (
+            s,
+            "slot is not added to a residual branch; left alone"
+            + (
+                " (empty, and this block's forward does not use it)" if s in idle_none_slots else ""
+            ),
+        )
+        for s in not_residual
+    ]
     return Analysis(
         model=model,
         blocks=blocks,
