@@ -403,96 +403,70 @@ def _patch(
 
 
 # --------------------------------------------------------------------------- commands
-@app.command("inject")
-def inject_cmd(
-    model: ModelArg,
-    max_rate: MaxRate = "0.1",
-    min_rate: MinRate = "0",
-    schedule: ScheduleOpt = "linear",
-    rates: RatesOpt = None,
-    mode: ModeOpt = "row",
-    scaling: ScalingOpt = "inverted",
-    per: PerOpt = "block",
-    skip: SkipOpt = False,
-    weights: WeightsOpt = None,
-    pretrained: PretrainedOpt = False,
-    output: OutOpt = None,
-    force: ForceOpt = False,
-    dry_run: DryRunOpt = False,
-    as_json: JsonOpt = False,
-    allow_empty: AllowEmptyOpt = False,
-    arch: ArchOpt = None,
-) -> None:
+def _register_patch_command(name: str, retuning: bool, doc: str) -> None:
+    """``inject`` and ``retune`` take the same options; only the operation differs."""
+
+    def command(
+        model: ModelArg,
+        max_rate: MaxRate = "0.1",
+        min_rate: MinRate = "0",
+        schedule: ScheduleOpt = "linear",
+        rates: RatesOpt = None,
+        mode: ModeOpt = "row",
+        scaling: ScalingOpt = "inverted",
+        per: PerOpt = "block",
+        skip: SkipOpt = False,
+        weights: WeightsOpt = None,
+        pretrained: PretrainedOpt = False,
+        output: OutOpt = None,
+        force: ForceOpt = False,
+        dry_run: DryRunOpt = False,
+        as_json: JsonOpt = False,
+        allow_empty: AllowEmptyOpt = False,
+        arch: ArchOpt = None,
+    ) -> None:
+        _patch(
+            model,
+            max_rate=max_rate,
+            min_rate=min_rate,
+            schedule=schedule,
+            rates=rates,
+            mode=mode,
+            scaling=scaling,
+            per=per,
+            skip=skip,
+            weights=weights,
+            pretrained=pretrained,
+            output=output,
+            force=force,
+            dry_run=dry_run,
+            as_json=as_json,
+            allow_empty=allow_empty,
+            arch=arch,
+            retuning=retuning,
+        )
+
+    command.__doc__ = doc
+    command.__name__ = f"{name}_cmd"
+    app.command(name)(command)
+
+
+_register_patch_command(
+    "inject",
+    False,
     """Put DropPath on every residual branch with a per-layer schedule, and save.
 
     Example: dpatch inject resnet50 --max-rate 0.2 -o resnet50-dp.safetensors
-    """
-    _patch(
-        model,
-        max_rate=max_rate,
-        min_rate=min_rate,
-        schedule=schedule,
-        rates=rates,
-        mode=mode,
-        scaling=scaling,
-        per=per,
-        skip=skip,
-        weights=weights,
-        pretrained=pretrained,
-        output=output,
-        force=force,
-        dry_run=dry_run,
-        as_json=as_json,
-        allow_empty=allow_empty,
-        arch=arch,
-        retuning=False,
-    )
-
-
-@app.command("retune")
-def retune_cmd(
-    model: ModelArg,
-    max_rate: MaxRate = "0.1",
-    min_rate: MinRate = "0",
-    schedule: ScheduleOpt = "linear",
-    rates: RatesOpt = None,
-    mode: ModeOpt = "row",
-    scaling: ScalingOpt = "inverted",
-    per: PerOpt = "block",
-    skip: SkipOpt = False,
-    weights: WeightsOpt = None,
-    pretrained: PretrainedOpt = False,
-    output: OutOpt = None,
-    force: ForceOpt = False,
-    dry_run: DryRunOpt = False,
-    as_json: JsonOpt = False,
-    allow_empty: AllowEmptyOpt = False,
-    arch: ArchOpt = None,
-) -> None:
+    """,
+)
+_register_patch_command(
+    "retune",
+    True,
     """Change the rates of an existing patch (a dpatch file) or of native slots, and save.
 
     Example: dpatch retune resnet50-dp.safetensors --max-rate 0.3 -o resnet50-dp3.safetensors
-    """
-    _patch(
-        model,
-        max_rate=max_rate,
-        min_rate=min_rate,
-        schedule=schedule,
-        rates=rates,
-        mode=mode,
-        scaling=scaling,
-        per=per,
-        skip=skip,
-        weights=weights,
-        pretrained=pretrained,
-        output=output,
-        force=force,
-        dry_run=dry_run,
-        as_json=as_json,
-        allow_empty=allow_empty,
-        arch=arch,
-        retuning=True,
-    )
+    """,
+)
 
 
 @app.command("inspect")
