@@ -243,14 +243,6 @@ def _replace_add(graph_add: fx.Node, new: fx.Node, mutated: fx.Node | None) -> N
 
 
 # --------------------------------------------------------------------------- rewriting
-@dataclass
-class RewriteResult:
-    """One rewritten block (internal)."""
-
-    meta: PatchMeta
-    new_slots: dict[str, DropPath]  # attribute -> the DropPath to register
-
-
 def _batched(node: fx.Node, env: dict[fx.Node, Any], env_alt: dict[fx.Node, Any] | None) -> bool:
     v = env.get(node)
     if not isinstance(v, Tensor) or v.dim() == 0:

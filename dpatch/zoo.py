@@ -16,8 +16,7 @@ import inspect
 import os
 import re
 import sys
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -282,16 +281,10 @@ class _LightBuild(torch.overrides.TorchFunctionMode):
         return func(*args, **kwargs)
 
 
-@contextmanager
-def _light_build() -> Iterator[None]:
-    with _LightBuild():
-        yield
-
-
 def build_light(fn: Callable[[], nn.Module]) -> nn.Module:
     """Call a model constructor cheaply (see ``_LightBuild``), falling back to a full build."""
     try:
-        with _light_build():
+        with _LightBuild():
             return fn()
     except TypeError:
         raise  # an unsupported argument: the caller reports it
