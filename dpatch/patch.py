@@ -7,6 +7,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
 import torch.fx as fx
 from torch import nn
 
@@ -19,6 +20,7 @@ from dpatch.sites import (
     BlockSites,
     Site,
     analyze,
+    default_example_input,
     probe,
     run_graph_meta,
 )
@@ -326,13 +328,9 @@ def _apply(
     class_cache: dict[Any, Any] = {}
     for b in an.blocks:
         skipped += _apply_block(b, settings, skip, skip_inputs, class_cache, an)
+    site_of_slot = {s.slot: s.name for s in sites}
     for loose in an.loose:
-        name = (
-            f"{loose.owner_path}.{loose.slot_path[len(loose.owner_path) + 1 :]}"
-            if loose.owner_path
-            else loose.slot_path
-        )
-        rate, m, sc, sd = settings[name]
+        rate, m, sc, sd = settings[site_of_slot[loose.slot_path]]
         _set_slot(model, loose.slot_path, rate, m, sc, sd, skip=False)
         if skip:
             skipped.append(Skipped(loose.slot_path, "skip needs a traced block; this slot masks"))
@@ -376,8 +374,6 @@ def _unpatch_without_skip(model: nn.Module) -> None:
 
 def _second_probe(model: nn.Module, an: Analysis) -> dict[int, Any]:
     """Block inputs at batch 3, to tell batched tensors from shared ones (skip planning)."""
-    from dpatch.sites import default_example_input
-
     if an.example_inputs:
         inputs = tuple(_grow_batch(v) for v in an.example_inputs)
     else:
@@ -386,8 +382,6 @@ def _second_probe(model: nn.Module, an: Analysis) -> dict[int, Any]:
 
 
 def _grow_batch(value: Any) -> Any:
-    import torch
-
     if isinstance(value, torch.Tensor) and value.dim() > 0:
         return torch.empty((value.shape[0] + 1, *value.shape[1:]), dtype=value.dtype, device="meta")
     return value
