@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -22,6 +23,7 @@ from dpatch.sites import (
     analyze,
     default_example_input,
     probe,
+    qualify,
     run_graph_meta,
 )
 
@@ -409,7 +411,7 @@ def _set_slot(
 ) -> None:
     """Give a slot module (replacing a timm/torchvision/Identity slot) these settings."""
     parent_path, _, attr = path.rpartition(".")
-    parent = model.get_submodule(parent_path) if parent_path else model
+    parent = model.get_submodule(parent_path)  # "" is the model itself
     current = getattr(parent, attr)
     if isinstance(current, DropPath):
         _configure(current, rate, mode, scaling, seed, skip)
@@ -432,7 +434,7 @@ def _apply_block(
 ) -> list[Skipped]:
     """Rewrite (or update) one block; fall back to slot replacement when it cannot be."""
     mod = b.module
-    names = [f"{b.path}.{a}" if b.path else a for a in b.slot_attrs]
+    names = [qualify(b.path, a) for a in b.slot_attrs]
     meta = block_meta(mod)
     notes: list[Skipped] = []
     if meta is not None:  # rewritten earlier: only settings change
@@ -505,14 +507,7 @@ def _fallback(
             notes.append(Skipped(name, f"not patched: {why}"))
             continue
         rate, m, sc, sd = settings[name]
-        if attr in mod.__dict__ and mod.__dict__[attr] is None:
-            del mod.__dict__[attr]
-            dp = _make_slot(rate, m, sc, sd, False)
-            dp.train(mod.training)
-            object.__setattr__(dp, "_dpatch_original", None)
-            setattr(mod, attr, dp)
-        else:
-            _set_slot(mod, attr, rate, m, sc, sd, skip=False)
+        _set_slot(mod, attr, rate, m, sc, sd, skip=False)  # also fills a ``None`` slot
         notes.append(Skipped(name, f"unfused (block could not be rewritten: {why})"))
     if skip:
         notes += [Skipped(n, "skip needs a rewritten block; this site masks") for n in names]
@@ -556,7 +551,7 @@ def apply_sites(
     """
     from dpatch.errors import ManifestError
 
-    wanted = {(f"{d['path']}.{d['branch']}" if d["path"] else d["branch"]): d for d in sites}
+    wanted = {qualify(d["path"], d["branch"]): d for d in sites}
     report = inject(
         model, 0.0, schedule="uniform", skip=skip, seed=seed, example_inputs=example_inputs
     )
@@ -569,6 +564,7 @@ def apply_sites(
             f"(e.g. {', '.join(missing[:3]) or '-'}), {len(extra)} present but unlisted "
             f"(e.g. {', '.join(extra[:3]) or '-'}); was it made for another model or dpatch?"
         )
+    updated = []
     for i, (name, site) in enumerate(have.items()):
         d = wanted[name]
         dp = model.get_submodule(site.slot)
@@ -581,7 +577,20 @@ def apply_sites(
                 seed + i,
                 dp.skip and bool(d.get("skip", False)),
             )
-    return inspect(model, example_inputs)
+            site = dataclasses.replace(
+                site, rate=dp.drop_prob, mode=dp.mode, scaling=dp.scaling, skip=dp.skip
+            )
+        updated.append(site)
+    steps = _block_rates(updated)
+    # The sites are known from the inject above: no second probe of the model.
+    return dataclasses.replace(
+        report,
+        sites=tuple(updated),
+        changed=(),
+        schedule="current",
+        rates=tuple(steps),
+        expected_depth=expected_depth(steps),
+    )
 
 
 def _rate_of(d: Mapping[str, Any], name: str) -> float:

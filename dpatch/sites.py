@@ -108,7 +108,7 @@ class Site:
     @property
     def name(self) -> str:
         """``path.branch``, the site's unique name in the model."""
-        return f"{self.path}.{self.branch}" if self.path else self.branch
+        return qualify(self.path, self.branch)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain-JSON form (used by manifests and ``--json`` output)."""
@@ -786,7 +786,7 @@ def analyze(model: nn.Module, example_inputs: Sequence[Any] | None = None) -> An
         patch_meta = mod.__dict__.get("_dpatch_meta")
         if patch_meta is not None:
             blocks.append(_patched_block(path, mod, pr.order[id(mod)], patch_meta))
-            covered_slots.update(f"{path}.{a}" if path else a for a in blocks[-1].slot_attrs)
+            covered_slots.update(qualify(path, a) for a in blocks[-1].slot_attrs)
             continue
         args, kwargs = pr.inputs[id(mod)]
         key = _config_key(mod, args, kwargs)
@@ -808,7 +808,7 @@ def analyze(model: nn.Module, example_inputs: Sequence[Any] | None = None) -> An
             # timm's ``drop_path = None`` slots still work unfused: the forward calls them
             # once they hold a module.
             none_loose += [
-                LooseSlot(_qualify(path, a), path, pr.order[id(mod)])
+                LooseSlot(qualify(path, a), path, pr.order[id(mod)])
                 for a in _referenced_none_slots(mod, sources)
             ]
             continue
@@ -818,14 +818,14 @@ def analyze(model: nn.Module, example_inputs: Sequence[Any] | None = None) -> An
             if n.op == "call_module"
             and is_slot_module(mod.get_submodule(str(n.target)), str(n.target).rsplit(".", 1)[-1])
         ]
-        traced_slots.update(_qualify(path, str(n.target)) for n in slot_nodes)
+        traced_slots.update(qualify(path, str(n.target)) for n in slot_nodes)
         adds_key = (id(graph), "adds")
         if adds_key not in residuals:
             residuals[adds_key] = find_residual_adds(mod, graph, env, slot_nodes)
         adds = residuals[adds_key]
         attrs, kinds, origins = _assign_slots(mod, adds)
         idle_none_slots.update(
-            _qualify(path, a) for a in _referenced_none_slots(mod, sources) if a not in attrs
+            qualify(path, a) for a in _referenced_none_slots(mod, sources) if a not in attrs
         )
         if not adds:
             continue
@@ -834,7 +834,7 @@ def analyze(model: nn.Module, example_inputs: Sequence[Any] | None = None) -> An
         for add in adds:
             if add.slot_node is not None:
                 q = str(add.slot_node.target)
-                covered_slots.add(f"{path}.{q}" if path else q)
+                covered_slots.add(qualify(path, q))
 
     # A slot seen in a traced forward but on no residual addition is not a site (timm's
     # RDNet drops features it concatenates); one never seen in a trace (inside a leaf
@@ -1099,11 +1099,11 @@ def _build_sites(an: Analysis) -> list[Site]:
                 (
                     b.path,
                     attr,
-                    _qualify(b.path, attr),
+                    qualify(b.path, attr),
                     kind,
                     b.order,
                     True,
-                    _qualify(b.path, origin) if origin else "",
+                    qualify(b.path, origin) if origin else "",
                 )
             )
     for s in an.loose:
@@ -1149,7 +1149,8 @@ def _build_sites(an: Analysis) -> list[Site]:
     return sorted(sites, key=lambda s: s.block)
 
 
-def _qualify(path: str, name: str) -> str:
+def qualify(path: str, name: str) -> str:
+    """``path.name``, or ``name`` for the root module (path "")."""
     return f"{path}.{name}" if path else name
 
 
