@@ -1,6 +1,8 @@
-"""dpatch: add or retune stochastic depth (DropPath) in existing PyTorch vision models."""
+"""dpatch: add or retune stochastic depth (DropPath) in existing PyTorch models."""
 
 from __future__ import annotations
+
+from typing import Any
 
 from dpatch._version import __version__
 from dpatch.droppath import DropPath, drop_add, drop_path
@@ -11,16 +13,19 @@ from dpatch.errors import (
     ManifestError,
     ModelNotFoundError,
     NoResidualSitesError,
+    NoSlotsError,
     OutputError,
     WeightsError,
 )
-from dpatch.io import load, save
-from dpatch.patch import PatchReport, Skipped, inject, inspect, retune, strip
+from dpatch.files import Target, load, load_target, load_weights, save
+from dpatch.patch import PER, inject, inspect, retune, strip
+from dpatch.results import PatchReport, Skipped
 from dpatch.schedule import SCHEDULES, expected_depth, schedule_rates
 from dpatch.scheduler import DropPathScheduler
 from dpatch.sites import Site, find_sites
 
 __all__ = [
+    "PER",
     "SCHEDULES",
     "DPatchError",
     "DownloadError",
@@ -30,10 +35,12 @@ __all__ = [
     "ManifestError",
     "ModelNotFoundError",
     "NoResidualSitesError",
+    "NoSlotsError",
     "OutputError",
     "PatchReport",
     "Site",
     "Skipped",
+    "Target",
     "WeightsError",
     "__version__",
     "drop_add",
@@ -43,8 +50,27 @@ __all__ = [
     "inject",
     "inspect",
     "load",
+    "load_target",
+    "load_weights",
     "retune",
     "save",
     "schedule_rates",
     "strip",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    # ``dpatch.io`` was renamed ``dpatch.files`` in 0.2 (it shadowed the standard module);
+    # the old name keeps working for one release.
+    if name == "io":
+        import warnings
+
+        from dpatch import files
+
+        warnings.warn(
+            "dpatch.io is now dpatch.files; the old name goes in dpatch 0.3",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        return files
+    raise AttributeError(f"module 'dpatch' has no attribute {name!r}")

@@ -43,5 +43,10 @@ class NoResidualSitesError(DPatchError):
     exit_code = 3
 
 
+class NoSlotsError(NoResidualSitesError):
+    """``retune`` was asked to change rates, but the model has no DropPath slot (``inject``
+    adds them)."""
+
+
 class TraceError(DPatchError):
     """A block's forward could not be traced or rewritten (reported as skipped, not raised)."""

@@ -2,231 +2,126 @@
 
 The block stays the same object with the same children, parameters, buffers and state_dict
 keys. Only its class changes, to a subclass of its original class whose ``forward`` is
-generated from the block's traced graph (:func:`dpatch.sites.trace_module`) with each
-residual addition ``x + b`` replaced:
+generated from the block's traced graph (:mod:`dpatch._trace`) with each residual addition
+``x + b`` replaced:
 
 - *masking* form: ``self.<slot>(b, x)``, i.e. ``DropPath.forward(branch, residual)``: the
   fused ``drop_add``; eval is exactly ``x + b``.
-- *skipping* form: the branch's own nodes move into a generated method
+- *skipping* form (:mod:`dpatch._skip`): the branch's own nodes move into a generated method
   ``_dpatch_branch<j>`` and the addition becomes ``self._dpatch_site<j>(x, inputs...)``,
   which in training runs the branch on a fixed-size random subset of rows (row mode) or not
   at all (batch mode) and otherwise falls back to the masking form.
 
-Generated source is registered with ``linecache`` (as torch.fx does for GraphModule), so
-tracebacks, ``inspect`` and TorchScript can read it. The subclass carries a
-:class:`PatchMeta` under ``dpatch.sites.PATCH_ATTR`` to find its sites again and to undo it.
+The block carries a :class:`PatchMeta` (:mod:`dpatch._marks`) to find its sites again, to
+undo the rewrite and to pickle (:mod:`dpatch._codegen`).
 """
 
 from __future__ import annotations
 
 import copy
-import hashlib
-import linecache
-import operator
-from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 import torch.fx as fx
-from torch import Tensor, nn
+from torch import nn
 
+from dpatch._codegen import GeneratedCode, generated_class
+from dpatch._marks import block_meta, clear_block_meta, set_block_meta
+from dpatch._meta import meta_execution, to_meta
+from dpatch._probe import Call
+from dpatch._skip import SITE_TEMPLATE, SkipPlan, branch_graph, is_batched, plan_skip, prune_dead
+from dpatch._trace import bind_inputs, trace_module
 from dpatch.droppath import DropPath, gather_rows
 from dpatch.errors import TraceError
-from dpatch.sites import (
-    INPLACE_ADDS,
-    PATCH_ATTR,
-    BlockSites,
-    MetaMode,
-    ResidualAdd,
-    bind_inputs,
-    on_meta,
-    to_meta,
-    trace_module,
-)
+from dpatch.residual import INPLACE_ADDS
+from dpatch.sites import BlockSites
 
-__all__ = ["PatchMeta", "rewrite_block", "unpatch_block"]
+__all__ = ["PatchMeta", "PatchedSite", "RewriteCache", "rewrite_block", "unpatch_block"]
+
+_NOT_REQUESTED = "skip not requested"
+
+
+@dataclass(frozen=True)
+class PatchedSite:
+    """One site of a rewritten block.
+
+    Attributes:
+        attr: the slot attribute holding its DropPath.
+        kind: ``"native"`` or ``"graph"``.
+        origin: the model's own slot attribute it came from ("" for graph sites).
+        skippable: the generated forward has the compute-skipping form for it.
+        skip_reason: why not, when it has not ("" otherwise).
+    """
+
+    attr: str
+    kind: str
+    origin: str
+    skippable: bool = False
+    skip_reason: str = ""
 
 
 @dataclass(frozen=True)
 class PatchMeta:
-    """What dpatch did to one block's class (stored on the generated subclass)."""
+    """What dpatch did to one block (kept on the instance, see :mod:`dpatch._marks`).
+
+    Attributes:
+        orig_cls: the block's class before the rewrite.
+        sites: its sites, in graph order.
+        added_attrs: DropPath children dpatch created (graph sites, second uses of a shared
+            slot).
+        replaced_slots: (attr, original value) of the native slots it replaced.
+        consts: tensor constants the tracer lifted onto the block.
+        code: the generated methods (pickling rebuilds the class from them).
+    """
 
     orig_cls: type
-    slot_attrs: tuple[str, ...]
-    kinds: tuple[str, ...]
-    origins: tuple[str, ...]
+    sites: tuple[PatchedSite, ...]
+    added_attrs: tuple[str, ...]
+    replaced_slots: tuple[tuple[str, Any], ...]
+    consts: tuple[str, ...]
+    code: GeneratedCode
+
+    @property
+    def rewritten_without_skip(self) -> bool:
+        """Rewritten by a masking-only patch (so a skipping patch must redo it)."""
+        return not any(s.skippable for s in self.sites) and any(
+            s.skip_reason == _NOT_REQUESTED for s in self.sites
+        )
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """A generated class for blocks of one trace, and per site whether it can skip."""
+
+    cls: type
+    code: GeneratedCode
     skippable: tuple[bool, ...]
-    skip_reasons: tuple[str, ...]
-    added_attrs: tuple[str, ...]  # DropPath children dpatch created (graph sites, shared slots)
-    replaced_slots: tuple[tuple[str, Any], ...]  # (attr, original value) of native slots
-    consts: tuple[str, ...]  # tensor constants the tracer lifted onto the block
-
-
-# Shape-only operations a branch may recompute on its gathered inputs.
-_SHAPE_METHODS = frozenset({"size", "dim", "numel"})
-_SHAPE_FUNCTIONS = frozenset(
-    {
-        operator.getitem,
-        getattr,
-        operator.add,
-        operator.sub,
-        operator.mul,
-        operator.floordiv,
-        operator.mod,
-        operator.neg,
-    }
-)
-
-
-def _is_shape_op(node: fx.Node) -> bool:
-    if node.op == "call_method":
-        return node.target in _SHAPE_METHODS
-    if node.op == "call_function":
-        return node.target in _SHAPE_FUNCTIONS
-    return False
-
-
-# --------------------------------------------------------------------------- compiling
-def _compile_function(src: str, globals_: dict[str, Any], name: str) -> Callable[..., Any]:
-    """Exec generated source; register it in linecache so inspect/TorchScript can read it."""
-    key = f"<dpatch-{hashlib.sha1(src.encode()).hexdigest()[:16]}>"
-    linecache.cache[key] = (len(src), None, src.splitlines(keepends=True), key)
-    namespace: dict[str, Any] = dict(globals_)
-    exec(compile(src, key, "exec"), namespace)
-    fn: Callable[..., Any] = namespace[name]
-    return fn
-
-
-def _graph_source(graph: fx.Graph, name: str) -> tuple[str, dict[str, Any], str]:
-    code = graph.python_code(root_module="self")
-    return code.src.replace("def forward(", f"def {name}(", 1), code.globals, name
-
-
-_SITE_TEMPLATE = """
-def {name}(self, residual, {params}):
-    slot = self.{slot}
-    if not torch.jit.is_scripting():
-        if slot.skips():
-            if slot.mode == "batch":
-                if not torch.compiler.is_compiling():
-                    if not slot.keep_batch():
-                        return residual.clone()
-                    return torch.add(residual, self.{branch}({params}), alpha=slot.batch_scale() * {alpha!r})
-            else:
-                index = slot.keep_indices(residual)
-                return slot.scatter_add(residual, self.{branch}({gathered}), index, {alpha!r})
-    return slot(self.{branch}({params}), residual, {alpha!r})
-"""
-
-
-# --------------------------------------------------------------------------- graph surgery
-def _ancestors(node: fx.Node) -> set[fx.Node]:
-    seen: set[fx.Node] = set()
-    stack = [node]
-    while stack:
-        n = stack.pop()
-        if n not in seen:
-            seen.add(n)
-            stack.extend(n.all_input_nodes)
-    return seen
-
-
-def _branch_nodes(add: fx.Node, shortcut: fx.Node, branch: fx.Node) -> set[fx.Node]:
-    """Nodes only the branch needs: movable into a separate function. Empty if none."""
-    cand = {
-        n
-        for n in _ancestors(branch) - _ancestors(shortcut)
-        if n.op not in ("placeholder", "get_attr", "output")
-    }
-    changed = True
-    while changed:  # drop nodes whose value is also needed outside the branch
-        changed = False
-        for n in list(cand):
-            if any(u not in cand and u is not add for u in n.users):
-                cand.discard(n)
-                changed = True
-    return cand if branch in cand else set()
-
-
-def _shape_chain(ext: fx.Node, env: dict[fx.Node, Any]) -> set[fx.Node] | None:
-    """Shape computations between a non-tensor input of a branch and tensor values."""
-    chain: set[fx.Node] = set()
-    stack = [ext]
-    while stack:
-        n = stack.pop()
-        if n in chain:
-            continue
-        if isinstance(env.get(n), Tensor):
-            continue  # a tensor root: the chain starts here
-        if n.op in ("placeholder", "get_attr") or not _is_shape_op(n):
-            return None
-        chain.add(n)
-        stack.extend(n.all_input_nodes)
-    return chain
+    reasons: tuple[str, ...]
 
 
 @dataclass
-class _SkipPlan:
-    nodes: list[fx.Node]  # branch nodes (incl. cloned shape chains), graph order
-    externals: list[fx.Node]  # inputs of the branch from the rest of the graph
-    moved: set[fx.Node]  # nodes that leave the main graph
+class RewriteCache:
+    """Per-patch memo: blocks that share a trace share one plan (and so one class)."""
+
+    plans: dict[tuple[int, bool, tuple[str, ...]], _Plan | TraceError] = field(default_factory=dict)
+    tried: set[type] = field(default_factory=set)  # classes whose trial run passed
 
 
-def _plan_skip(
-    add: fx.Node, shortcut: fx.Node, branch: fx.Node, env: dict[fx.Node, Any]
-) -> tuple[_SkipPlan | None, str]:
-    moved = _branch_nodes(add, shortcut, branch)
-    if not moved:
-        return None, "the branch output or its inputs are used elsewhere in the block"
-    nodes = set(moved)
-    for _ in range(8):  # pull shape chains of batch-sized ints into the branch
-        externals = {a for n in nodes for a in n.all_input_nodes if a not in nodes}
-        grew = False
-        for e in externals:
-            if e.op in ("placeholder", "get_attr") or isinstance(env.get(e), Tensor):
-                continue
-            chain = _shape_chain(e, env)
-            if chain is None:
-                return None, f"the branch uses {e.name!r}, computed outside it from the batch"
-            if not chain <= nodes:
-                nodes |= chain
-                grew = True
-        if not grew:
-            break
-    order = {n: i for i, n in enumerate(add.graph.nodes)}
-    externals_list = sorted(
-        {a for n in nodes for a in n.all_input_nodes if a not in nodes}, key=order.__getitem__
-    )
-    return _SkipPlan(sorted(nodes, key=order.__getitem__), externals_list, moved), ""
+@dataclass
+class _Edit:
+    """A residual addition being rewritten (its nodes move as the graph changes)."""
+
+    node: fx.Node
+    shortcut: fx.Node
+    branch: fx.Node
+    alpha: float
+    slot_node: fx.Node | None
 
 
-def _branch_graph(plan: _SkipPlan, branch: fx.Node) -> fx.Graph:
-    g = fx.Graph()
-    remap: dict[fx.Node, fx.Node] = {}
-    for e in plan.externals:
-        remap[e] = g.placeholder(e.name)
-    for n in plan.nodes:
-        remap[n] = g.node_copy(n, lambda a: remap[a])
-    g.output(remap[branch])
-    return g
-
-
-def _prune_dead(graph: fx.Graph) -> None:
-    """Erase unused projections (``out[1]`` of a tuple nobody reads): they would pin a
-    branch's values to the main graph."""
-    changed = True
-    while changed:
-        changed = False
-        for n in reversed(list(graph.nodes)):
-            if n.users:
-                continue
-            pure = (n.op == "call_function" and n.target in (operator.getitem, getattr)) or (
-                n.op == "call_method" and n.target in _SHAPE_METHODS
-            )
-            if pure:
-                graph.erase_node(n)
-                changed = True
+def _graph_source(graph: fx.Graph, name: str) -> tuple[str, str, dict[str, Any]]:
+    code = graph.python_code(root_module="self")
+    return name, code.src.replace("def forward(", f"def {name}(", 1), code.globals
 
 
 def _replace_add(graph_add: fx.Node, new: fx.Node, mutated: fx.Node | None) -> None:
@@ -242,140 +137,114 @@ def _replace_add(graph_add: fx.Node, new: fx.Node, mutated: fx.Node | None) -> N
                 n.replace_input_with(mutated, new)
 
 
-# --------------------------------------------------------------------------- rewriting
-def _batched(node: fx.Node, env: dict[fx.Node, Any], env_alt: dict[fx.Node, Any] | None) -> bool:
-    v = env.get(node)
-    if not isinstance(v, Tensor) or v.dim() == 0:
-        return False
-    if env_alt is None:
-        return False
-    w = env_alt.get(node)
-    return isinstance(w, Tensor) and w.dim() > 0 and w.shape[0] != v.shape[0]
+def _plan_key(bs: BlockSites, skip: bool) -> tuple[int, bool, tuple[str, ...]]:
+    assert bs.traced is not None
+    return (id(bs.traced.graph), skip, tuple(s.attr for s in bs.sites))
 
 
-def build_patched_class(
-    bs: BlockSites,
-    skip: bool,
-    env_alt: dict[fx.Node, Any] | None,
-    class_cache: dict[Any, Any],
-) -> tuple[type, list[bool], list[str], bool]:
-    """Generate the patched subclass for a traced block (internal).
-
-    Returns the class, per site whether it can skip and, if not, why, and whether the
-    class is new (not shared with an identical block patched before).
-    """
-    assert bs.graph is not None
-    # Blocks that share a trace (same configuration) share the generated class.
-    plan_key = (id(bs.graph), skip, tuple(bs.slot_attrs))
-    if plan_key in class_cache:
-        hit = class_cache[plan_key]
-        if isinstance(hit, TraceError):
-            raise TraceError(f"the rewritten forward failed a trial run ({hit})")
-        return hit[0], list(hit[1]), list(hit[2]), False
-    orig_cls = type(bs.module)
+def _generate(bs: BlockSites, skip: bool, env_alt: dict[fx.Node, Any] | None) -> _Plan:
+    """Generate the patched methods for a traced block."""
+    assert bs.traced is not None
     graph = fx.Graph()
     val_map: dict[fx.Node, fx.Node] = {}
-    out = graph.graph_copy(bs.graph, val_map)
-    graph.output(out)
-    env = {val_map[k]: v for k, v in bs.env.items() if k in val_map}
+    graph.output(graph.graph_copy(bs.traced.graph, val_map))
+    env = {val_map[k]: v for k, v in bs.traced.env.items() if k in val_map}
     alt = {val_map[k]: v for k, v in env_alt.items() if k in val_map} if env_alt else None
 
-    _prune_dead(graph)
-    adds: list[ResidualAdd] = [
-        ResidualAdd(
-            val_map[a.node],
-            val_map[a.shortcut],
-            val_map[a.branch],
-            a.alpha,
-            val_map[a.slot_node] if a.slot_node is not None else None,
+    prune_dead(graph)
+    edits: list[_Edit] = []
+    for s in bs.sites:
+        assert s.add is not None
+        a = s.add
+        slot_node = val_map[a.slot_node] if a.slot_node is not None else None
+        edits.append(
+            _Edit(val_map[a.node], val_map[a.shortcut], val_map[a.branch], a.alpha, slot_node)
         )
-        for a in bs.adds
-    ]
     # Native slots leave the graph: the slot module is re-entered at the addition.
-    for a in adds:
-        if a.slot_node is not None:
-            slot_in = a.slot_node.args[0]
+    for e in edits:
+        if e.slot_node is not None:
+            slot_in = e.slot_node.args[0]
             assert isinstance(slot_in, fx.Node)
-            if a.branch is a.slot_node:
-                a.branch = slot_in
-            a.slot_node.replace_all_uses_with(slot_in)
-            graph.erase_node(a.slot_node)
+            if e.branch is e.slot_node:
+                e.branch = slot_in
+            e.slot_node.replace_all_uses_with(slot_in)
+            graph.erase_node(e.slot_node)
 
-    pending: list[tuple[str, dict[str, Any], str]] = []  # (source, globals, name)
+    functions: dict[str, str] = {}
+    globals_: dict[str, Any] = {"torch": torch, "gather_rows": gather_rows}
     skippable: list[bool] = []
     reasons: list[str] = []
-    for j, (a, attr) in enumerate(zip(adds, bs.slot_attrs, strict=True)):
-        mutated = a.node.args[0] if a.node.target in INPLACE_ADDS else None
+    for j, (e, site) in enumerate(zip(edits, bs.sites, strict=True)):
+        mutated = e.node.args[0] if e.node.target in INPLACE_ADDS else None
         mutated = mutated if isinstance(mutated, fx.Node) else None
-        plan, why = (
-            (None, "skip not requested")
-            if not skip
-            else _plan_skip(a.node, a.shortcut, a.branch, env)
+        plan: SkipPlan | str = (
+            plan_skip(e.node, e.shortcut, e.branch, env) if skip else _NOT_REQUESTED
         )
-        if plan is None:
-            with graph.inserting_before(a.node):
-                args: tuple[Any, ...] = (a.branch, a.shortcut)
-                if a.alpha != 1.0:
-                    args = (*args, a.alpha)
-                new = graph.call_module(attr, args)
+        if isinstance(plan, str):
+            with graph.inserting_before(e.node):
+                args: tuple[Any, ...] = (e.branch, e.shortcut)
+                if e.alpha != 1.0:
+                    args = (*args, e.alpha)
+                new = graph.call_module(site.attr, args)
             skippable.append(False)
-            reasons.append(why)
+            reasons.append(plan)
         else:
-            branch_fn = f"_dpatch_branch{j}"
-            site_fn = f"_dpatch_site{j}"
-            pending.append(_graph_source(_branch_graph(plan, a.branch), branch_fn))
-            params = [e.name for e in plan.externals]
+            branch_fn, site_fn = f"_dpatch_branch{j}", f"_dpatch_site{j}"
+            name, src, g = _graph_source(branch_graph(plan, e.branch), branch_fn)
+            functions[name] = src
+            globals_.update(g)
+            params = [x.name for x in plan.externals]
             gathered = [
-                f"gather_rows({p}, index)" if _batched(e, env, alt) else p
-                for p, e in zip(params, plan.externals, strict=True)
+                f"gather_rows({p}, index)" if is_batched(x, env, alt) else p
+                for p, x in zip(params, plan.externals, strict=True)
             ]
-            ssrc = _SITE_TEMPLATE.format(
+            functions[site_fn] = SITE_TEMPLATE.format(
                 name=site_fn,
-                slot=attr,
+                slot=site.attr,
                 branch=branch_fn,
                 params=", ".join(params),
                 gathered=", ".join(gathered),
-                alpha=a.alpha,
+                alpha=e.alpha,
             )
-            pending.append((ssrc, {"torch": torch, "gather_rows": gather_rows}, site_fn))
-            with graph.inserting_before(a.node):
-                new = graph.call_module(site_fn, (a.shortcut, *plan.externals))
+            with graph.inserting_before(e.node):
+                new = graph.call_module(site_fn, (e.shortcut, *plan.externals))
             skippable.append(True)
             reasons.append("")
-        env[new] = env.get(a.node)
+        env[new] = env.get(e.node)
         if alt is not None:
-            alt[new] = alt.get(a.node)
-        _replace_add(a.node, new, mutated)
-        for later in adds[j + 1 :]:  # a later site may add onto this one's result
-            if later.shortcut is a.node:
+            alt[new] = alt.get(e.node)
+        _replace_add(e.node, new, mutated)
+        for later in edits[j + 1 :]:  # a later site may add onto this one's result
+            if later.shortcut is e.node:
                 later.shortcut = new
-            if later.branch is a.node:
+            if later.branch is e.node:
                 later.branch = new
-        graph.erase_node(a.node)
-        if plan is not None:
+        graph.erase_node(e.node)
+        if not isinstance(plan, str):
             for n in reversed(plan.nodes):
                 if n in plan.moved and not n.users:
                     graph.erase_node(n)
 
-    pending.append(_graph_source(graph, "forward"))
-    key = (orig_cls, "".join(src for src, _, _ in pending))
-    cls = class_cache.get(key)
-    new_class = cls is None
-    if cls is None:
-        namespace: dict[str, Any] = {
-            name: _compile_function(src, globals_, name) for src, globals_, name in pending
-        }
-        namespace.update(
-            {
-                "__module__": orig_cls.__module__,
-                "__qualname__": f"{orig_cls.__qualname__}_dpatch",
-                "__doc__": orig_cls.__doc__,
-            }
-        )
-        cls = type(orig_cls.__name__, (orig_cls,), namespace)
-        class_cache[key] = cls
-    class_cache[plan_key] = (cls, tuple(skippable), tuple(reasons))
-    return cls, skippable, reasons, new_class
+    graph.lint()
+    name, src, g = _graph_source(graph, "forward")
+    functions[name] = src
+    globals_.update(g)
+    code = GeneratedCode.of(functions, globals_)
+    cls = generated_class(type(bs.module), code)
+    return _Plan(cls, code, tuple(skippable), tuple(reasons))
+
+
+def _plan(
+    bs: BlockSites, skip: bool, env_alt: dict[fx.Node, Any] | None, cache: RewriteCache
+) -> _Plan:
+    """The (shared) plan of a block's class; a failure remembered for its trace is raised."""
+    key = _plan_key(bs, skip)
+    hit = cache.plans.get(key)
+    if hit is None:
+        hit = cache.plans[key] = _generate(bs, skip, env_alt)
+    if isinstance(hit, TraceError):
+        raise TraceError(f"the rewritten forward failed a trial run ({hit})")
+    return hit
 
 
 def check_training_invariant(bs: BlockSites) -> None:
@@ -384,15 +253,13 @@ def check_training_invariant(bs: BlockSites) -> None:
     A traced graph fixes Python-level decisions; one that depends on the mode would
     silently keep one mode's behaviour in the other.
     """
-    assert bs.graph is not None
-    if not getattr(bs.graph, "_dpatch_reads_training", True):
+    assert bs.traced is not None
+    if not bs.traced.reads_training:
         return
     other = trace_module(
-        bs.module,
-        training=not bs.module.training,
-        concrete_args=getattr(bs.graph, "_dpatch_concrete", None) or None,
+        bs.module, training=not bs.module.training, concrete_args=bs.traced.concrete or None
     )
-    if _code_of(other) != _code_of(bs.graph):
+    if _code_of(other.graph) != _code_of(bs.traced.graph):
         raise TraceError("its forward branches on self.training")
 
 
@@ -406,85 +273,74 @@ def rewrite_block(
     *,
     skip: bool,
     env_alt: dict[fx.Node, Any] | None,
-    class_cache: dict[Any, Any],
-    validate_inputs: tuple[tuple[Any, ...], dict[str, Any]] | None = None,
+    cache: RewriteCache,
+    validate_inputs: Call | None = None,
 ) -> PatchMeta:
     """Rewrite one traced block in place so its residual branches go through ``slots``.
 
     Args:
-        bs: the block's analysis (graph, residual adds, slot attribute names).
+        bs: the block's analysis (trace, residual adds, slot attribute names).
         slots: the DropPath for each slot attribute (new or reused).
         skip: generate the compute-skipping form where the branch allows it.
         env_alt: node values at a second batch size (tells batched inputs apart).
-        class_cache: generated classes by (original class, source), shared across blocks.
-        validate_inputs: recorded (args, kwargs) to run the new forward once on meta.
+        cache: plans shared by blocks of one trace, within one patch.
+        validate_inputs: a recorded call to run the new forward once on meta.
 
     Raises:
         TraceError: the block cannot be rewritten faithfully (it is left unchanged).
     """
+    assert bs.traced is not None
     module = bs.module
     check_training_invariant(bs)
-    cls, skippable, reasons, new_class = build_patched_class(bs, skip, env_alt, class_cache)
-    # A class shared with an identical block was tried already (and fallen back from).
-    if validate_inputs is not None and new_class and any(skippable):
-        bad = _trial_run(module, cls, slots, validate_inputs, skip=True)
+    plan = _plan(bs, skip, env_alt, cache)
+    # A class tried once (for an identical block) need not be tried again.
+    if validate_inputs is not None and plan.cls not in cache.tried and any(plan.skippable):
+        bad = _trial_run(module, plan.cls, slots, validate_inputs, skip=True)
         if bad:
-            cls, skippable, reasons, _ = build_patched_class(bs, False, env_alt, class_cache)
-            reasons = [f"skip failed a trial run ({bad})"] * len(reasons)
-            class_cache[(id(bs.graph), True, tuple(bs.slot_attrs))] = (
-                cls,
-                tuple(skippable),
-                tuple(reasons),
-            )
-    if validate_inputs is not None and new_class:
-        bad = _trial_run(module, cls, slots, validate_inputs, skip=False)
+            masked = _plan(bs, False, env_alt, cache)
+            reason = f"skip failed a trial run ({bad})"
+            plan = _Plan(masked.cls, masked.code, masked.skippable, (reason,) * len(bs.sites))
+            cache.plans[_plan_key(bs, True)] = plan
+    if validate_inputs is not None and plan.cls not in cache.tried:
+        bad = _trial_run(module, plan.cls, slots, validate_inputs, skip=False)
         if bad:
-            class_cache[(id(bs.graph), skip, tuple(bs.slot_attrs))] = TraceError(bad)
+            cache.plans[_plan_key(bs, skip)] = TraceError(bad)
             raise TraceError(f"the rewritten forward failed a trial run ({bad})")
+        cache.tried.add(plan.cls)
 
-    consts = tuple(getattr(bs.graph, "_dpatch_consts", {}))
     replaced: list[tuple[str, Any]] = []
     added: list[str] = []
-    for attr in bs.slot_attrs:
-        if attr in module._modules:
-            replaced.append((attr, module._modules[attr]))
-        elif attr in module.__dict__:
-            replaced.append((attr, module.__dict__[attr]))
+    for s in bs.sites:
+        if s.attr in module._modules:
+            replaced.append((s.attr, module._modules[s.attr]))
+        elif s.attr in module.__dict__:
+            replaced.append((s.attr, module.__dict__[s.attr]))
         else:
-            added.append(attr)
+            added.append(s.attr)
     meta = PatchMeta(
         orig_cls=type(module),
-        slot_attrs=tuple(bs.slot_attrs),
-        kinds=tuple(bs.kinds),
-        origins=tuple(bs.origins),
-        skippable=tuple(skippable),
-        skip_reasons=tuple(reasons),
+        sites=tuple(
+            PatchedSite(s.attr, s.kind, s.origin, can, why)
+            for s, can, why in zip(bs.sites, plan.skippable, plan.reasons, strict=True)
+        ),
         added_attrs=tuple(added),
         replaced_slots=tuple(replaced),
-        consts=consts,
+        consts=tuple(bs.traced.consts),
+        code=plan.code,
     )
-    # The class is per (original class, generated code); the meta is per instance, so a
-    # thin per-instance subclass would defeat the cache. Keep meta on the instance's dict
-    # under a name TorchScript ignores, and the marker on the class.
-    for name, value in getattr(bs.graph, "_dpatch_consts", {}).items():
+    for name, value in bs.traced.consts.items():
         object.__setattr__(module, name, value)
-    for attr in bs.slot_attrs:
-        if attr in module.__dict__ and module.__dict__[attr] is None:
-            del module.__dict__[attr]  # a None slot (timm ResNet) becomes a module
-        setattr(module, attr, slots[attr])
-    setattr(cls, PATCH_ATTR, True)
-    module.__class__ = cls
-    object.__setattr__(module, "_dpatch_meta", meta)
+    for s in bs.sites:
+        if s.attr in module.__dict__ and module.__dict__[s.attr] is None:
+            del module.__dict__[s.attr]  # a None slot (timm ResNet) becomes a module
+        setattr(module, s.attr, slots[s.attr])
+    module.__class__ = plan.cls
+    set_block_meta(module, meta)
     return meta
 
 
 def _trial_run(
-    module: nn.Module,
-    cls: type,
-    slots: dict[str, DropPath],
-    inputs: tuple[tuple[Any, ...], dict[str, Any]],
-    *,
-    skip: bool,
+    module: nn.Module, cls: type, slots: dict[str, DropPath], call: Call, *, skip: bool
 ) -> str:
     """Run a generated forward once on meta tensors, training with rate 0.5 (so a skipping
     branch really runs on a subset); return an error line or ''."""
@@ -496,20 +352,14 @@ def _trial_run(
             del trial.__dict__[attr]
         trial._modules[attr] = DropPath(0.5, mode="row", skip=skip).train()
     object.__setattr__(trial, "__class__", cls)
-    args, kwargs = inputs
+    args, kwargs = call
     try:
         values = [to_meta(v) for v in bind_inputs(module, args, kwargs)]
-        with torch.no_grad(), on_meta(trial), torch.device("meta"), MetaMode():
+        with meta_execution(trial):
             trial(*values)
     except Exception as exc:
         return f"{type(exc).__name__}: {exc}".splitlines()[0][:160]
     return ""
-
-
-def block_meta(module: nn.Module) -> PatchMeta | None:
-    """The PatchMeta of a rewritten block, or None."""
-    meta = module.__dict__.get("_dpatch_meta")
-    return meta if isinstance(meta, PatchMeta) else None
 
 
 def unpatch_block(module: nn.Module) -> None:
@@ -527,5 +377,5 @@ def unpatch_block(module: nn.Module) -> None:
             setattr(module, attr, value)
     for name in meta.consts:
         module.__dict__.pop(name, None)
-    del module.__dict__["_dpatch_meta"]
+    clear_block_meta(module)
     module.__class__ = meta.orig_cls

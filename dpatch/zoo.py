@@ -23,11 +23,22 @@ from typing import Any
 import torch
 from torch import nn
 
+from dpatch._marks import block_meta, model_spec, set_model_spec
 from dpatch.errors import DownloadError, InvalidValueError, ModelNotFoundError
 
-__all__ = ["ModelEntry", "ModelSpec", "create_model", "list_models", "native_rates", "parse_spec"]
+__all__ = [
+    "SOURCES",
+    "ModelEntry",
+    "ModelSpec",
+    "create_model",
+    "list_models",
+    "native_rates",
+    "parse_spec",
+    "spec_of",
+]
 
-SPEC_ATTR = "_dpatch_spec"  # set on models built here, so save/native know where they came from
+#: Libraries ``list_models`` can list (``tv`` is short for torchvision).
+SOURCES: tuple[str, ...] = ("timm", "tv", "torchvision")
 _SCHEMES = {"timm": "timm", "tv": "torchvision", "torchvision": "torchvision", "hf-hub": "hf-hub"}
 
 
@@ -50,9 +61,6 @@ class ModelSpec:
         """Canonical spec string, e.g. ``timm:resnet50``."""
         prefix = {"timm": "timm", "torchvision": "tv", "hf-hub": "hf-hub"}.get(self.source)
         return f"{prefix}:{self.name}" if prefix else self.name
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"spec": self.text, "kwargs": dict(self.kwargs)}
 
 
 # --------------------------------------------------------------------------- names
@@ -136,7 +144,7 @@ def create_model(spec: str | ModelSpec, *, pretrained: bool = False, **kwargs: A
         raise ModelNotFoundError(
             f"{spec.text} returned {type(model).__name__}, not a torch.nn.Module"
         )
-    object.__setattr__(model, SPEC_ATTR, spec)
+    set_model_spec(model, spec)  # so save and schedule="native" know where it came from
     return model
 
 
@@ -198,8 +206,8 @@ def _import_factory(text: str) -> Callable[..., Any]:
 def spec_of(model: nn.Module) -> ModelSpec | None:
     """The spec a model was built from: recorded by :func:`create_model`, or timm's
     ``pretrained_cfg['architecture']`` (without constructor kwargs)."""
-    spec = model.__dict__.get(SPEC_ATTR)
-    if isinstance(spec, ModelSpec):
+    spec = model_spec(model)
+    if spec is not None:
         return spec
     cfg = getattr(model, "pretrained_cfg", None)
     if isinstance(cfg, dict) and cfg.get("architecture"):
@@ -236,12 +244,12 @@ def list_models(pattern: str | None = None, source: str | None = None) -> list[M
     out: list[ModelEntry] = []
     memo: dict[str, bool] = {}
     if source in (None, "timm"):
-        from timm.models import _registry
+        from timm.models import model_entrypoint
 
         for name in _timm_names():
             if fnmatch.fnmatch(name, pat) or fnmatch.fnmatch(f"timm:{name}", pat):
-                mod = _registry._model_to_module.get(name, "")
-                native = _module_mentions(f"timm.models.{mod}", "drop_path_rate", memo)
+                module = model_entrypoint(name).__module__
+                native = _module_mentions(module, "drop_path_rate", memo)
                 out.append(ModelEntry(f"timm:{name}", native))
     if source in (None, "torchvision", "tv"):
         import torchvision
@@ -282,19 +290,20 @@ class _LightBuild(torch.overrides.TorchFunctionMode):
 
 
 def build_light(fn: Callable[[], nn.Module]) -> nn.Module:
-    """Call a model constructor cheaply (see ``_LightBuild``), falling back to a full build."""
+    """Call a model constructor cheaply (see ``_LightBuild``), falling back to a full build
+    when the constructor needs the values of a tensor that went to the meta device (timm's
+    Swin-V2 copies into a buffer: ``NotImplementedError``; ``.item()``: ``RuntimeError``).
+    Anything else (a bad argument, a failed download) is the caller's to report."""
     try:
         with _LightBuild():
             return fn()
-    except TypeError:
-        raise  # an unsupported argument: the caller reports it
-    except Exception:
+    except (NotImplementedError, RuntimeError):
         return fn()
 
 
 def _library(model: nn.Module) -> str:
-    cls = model.__dict__.get("_dpatch_meta")
-    mod = (cls.orig_cls if cls is not None else type(model)).__module__
+    meta = block_meta(model)
+    mod = (meta.orig_cls if meta is not None else type(model)).__module__
     if mod.startswith("timm."):
         return "timm"
     if mod.startswith("torchvision."):
@@ -325,7 +334,7 @@ def _slot_rates(ref: nn.Module) -> dict[str, float]:
     from dpatch.sites import is_slot_module, slot_settings
 
     return {
-        name: slot_settings(mod)[0]
+        name: slot_settings(mod).rate
         for name, mod in ref.named_modules()
         if name and is_slot_module(mod, name.rsplit(".", 1)[-1])
     }

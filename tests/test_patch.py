@@ -7,7 +7,7 @@ import math
 
 import pytest
 import torch
-from conftest import PlainRes, TimmSlots, check_invariants, example, run, snapshot
+from helpers import PlainRes, TimmSlots, check_invariants, example, run, snapshot
 from torch import nn
 
 import dpatch

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import torch
-from conftest import TimmSlots, example, snapshot
+from helpers import TimmSlots, example, snapshot
 from torch import nn
 
 from dpatch import DropPath, Site, find_sites
@@ -54,7 +54,7 @@ class Reordered(nn.Module):
 
     def __init__(self) -> None:
         super().__init__()
-        from conftest import PlainRes
+        from helpers import PlainRes
 
         self.b = PlainRes()
         self.a = PlainRes()
@@ -112,7 +112,7 @@ class DataDependent(nn.Module):
 
 
 def test_untraceable_block_is_reported_and_the_rest_still_found() -> None:
-    from conftest import PlainRes
+    from helpers import PlainRes
 
     model = nn.Sequential(PlainRes(), DataDependent(), PlainRes())
     report = inspect(model, (example(),))

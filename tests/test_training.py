@@ -11,12 +11,12 @@ import pytest
 import timm
 import torch
 import torchvision
-from conftest import PlainRes, example
+from helpers import PlainRes, example
 from torch import nn
 
 import dpatch
 from dpatch import DropPath, DropPathScheduler, inject, zoo
-from dpatch import io as dio
+from dpatch import files as dfiles
 from dpatch.errors import InvalidValueError
 
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -126,6 +126,27 @@ def test_torchscript_scripting(skip: bool) -> None:
     assert torch.equal(scripted(X), plain(X))
 
 
+def test_torchscript_training_mode_drops_rows() -> None:
+    """The scripted training branch: each row is either the shortcut alone (dropped) or the
+    shortcut plus the branch scaled by 1/(1-p) (kept), and both occur."""
+    torch.manual_seed(0)
+    block = PlainRes()
+    ref = copy.deepcopy(block)
+    x = torch.randn(64, 4, 8)
+    inject(block, 0.5, schedule="uniform", example_inputs=(x[:2],))
+    scripted = torch.jit.script(block).train()
+    torch.manual_seed(1)
+    with torch.no_grad():
+        out = scripted(x)
+        branch = ref.f(ref.norm(x))
+    dropped = torch.isclose(out, x, atol=1e-6).flatten(1).all(1)
+    kept = torch.isclose(out, x + branch / 0.5, atol=1e-5).flatten(1).all(1)
+    assert bool((dropped ^ kept).all())
+    # 64 draws at p = 0.5: a 4-sigma binomial band around 32
+    assert abs(int(dropped.sum()) - 32) <= 16
+    assert not torch.equal(out, scripted.eval()(x))
+
+
 # --------------------------------------------------------------------------- checkpoints
 def test_ddp_and_ema_state_dicts_load_back(tmp_path: Path) -> None:
     from timm.utils import ModelEmaV3
@@ -137,13 +158,13 @@ def test_ddp_and_ema_state_dicts_load_back(tmp_path: Path) -> None:
     torch.save({"state_dict_ema": ema.state_dict(), "epoch": 3}, tmp_path / "ema.pth")
     for name in ("ddp.pt", "ema.pth"):
         fresh = resnet18()
-        dio.load_weights(fresh, tmp_path / name)
+        dfiles.load_weights(fresh, tmp_path / name)
         assert all(torch.equal(fresh.state_dict()[k], v) for k, v in model.state_dict().items())
     # and a dpatch file rebuilt from the loaded weights keeps the sites
     fresh = zoo.create_model("tv:resnet18", num_classes=10)
-    dio.load_weights(fresh, tmp_path / "ddp.pt")
+    dfiles.load_weights(fresh, tmp_path / "ddp.pt")
     inject(fresh, 0.5, schedule="uniform")
-    out = dio.save(fresh, tmp_path / "r.safetensors")
+    out = dfiles.save(fresh, tmp_path / "r.safetensors")
     assert [s.rate for s in dpatch.find_sites(dpatch.load(out))] == [0.5] * 8
 
 

@@ -14,11 +14,12 @@ from typing import Any
 import pytest
 import timm
 import torch
-from conftest import check_invariants
+from helpers import check_invariants
 
 from dpatch import find_sites, inject
+from dpatch._marks import set_model_spec
 from dpatch.sites import is_slot_module, probe, slot_settings
-from dpatch.zoo import SPEC_ATTR, ModelSpec, build_light
+from dpatch.zoo import ModelSpec, build_light
 
 FAMILIES: list[dict[str, Any]] = json.loads(
     (Path(__file__).parent / "timm_families.json").read_text()
@@ -47,7 +48,7 @@ def meta_input(fam: dict[str, Any]) -> torch.Tensor:
 def light_model(fam: dict[str, Any], **extra: Any) -> torch.nn.Module:
     kwargs = {**fam["kwargs"], **extra}
     model = build_light(lambda: timm.create_model(fam["model"], **kwargs))
-    object.__setattr__(model, SPEC_ATTR, ModelSpec("timm", fam["model"], dict(fam["kwargs"])))
+    set_model_spec(model, ModelSpec("timm", fam["model"], dict(fam["kwargs"])))
     return model
 
 
@@ -55,7 +56,7 @@ def called_slot_rates(model: torch.nn.Module, x: torch.Tensor) -> dict[str, floa
     """Rates of the slots a forward actually calls (hooks on a meta-device pass)."""
     seen = probe(model, (x,)).order
     return {
-        name: slot_settings(m)[0]
+        name: slot_settings(m).rate
         for name, m in model.named_modules()
         if id(m) in seen and is_slot_module(m, name.rsplit(".", 1)[-1])
     }

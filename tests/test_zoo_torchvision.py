@@ -11,7 +11,7 @@ import pytest
 import torch
 import torchvision
 import tv_oracle
-from conftest import check_invariants
+from helpers import check_invariants
 
 from dpatch import find_sites, inject
 from dpatch.zoo import build_light

@@ -14,7 +14,8 @@ import torchvision
 from safetensors.torch import load_file, save_file
 
 import dpatch
-from dpatch import io as dio
+from dpatch import files as dfiles
+from dpatch import manifest as dmanifest
 from dpatch import zoo
 from dpatch.errors import ManifestError, OutputError, WeightsError
 
@@ -24,7 +25,7 @@ def patched(tmp_path: Path) -> tuple[torch.nn.Module, dpatch.PatchReport, Path]:
     torch.manual_seed(0)
     model = zoo.create_model("timm:resnet18")
     report = dpatch.inject(model, 0.2, schedule="cosine")
-    out = dio.save(model, tmp_path / "r18.safetensors", report)
+    out = dfiles.save(model, tmp_path / "r18.safetensors", report)
     return model, report, out
 
 
@@ -41,14 +42,14 @@ def test_file_loads_into_plain_timm_model_strictly(patched) -> None:
 def test_file_loads_into_plain_torchvision_model_strictly(tmp_path: Path) -> None:
     model = zoo.create_model("tv:resnet18")
     dpatch.inject(model, 0.1)
-    out = dio.save(model, tmp_path / "tv.safetensors")
+    out = dfiles.save(model, tmp_path / "tv.safetensors")
     torchvision.models.resnet18().load_state_dict(load_file(str(out)), strict=True)
 
 
 def test_manifest_contents(patched) -> None:
     _, report, out = patched
-    m = dio.read_manifest(out)
-    assert m is not None and m["format"] == dio.FORMAT
+    m = dfiles.read_manifest(out)
+    assert m is not None and m["format"] == dmanifest.FORMAT
     assert m["model"] == {"spec": "timm:resnet18", "kwargs": {}}
     assert set(m["versions"]) == {"dpatch", "torch", "timm", "torchvision"}
     assert m["schedule"]["schedule"] == "cosine" and m["schedule"]["max_rate"] == 0.2
@@ -58,7 +59,7 @@ def test_manifest_contents(patched) -> None:
 
 def test_round_trip_inject_save_load_inspect(patched) -> None:
     model, report, out = patched
-    loaded = dio.load(out)
+    loaded = dfiles.load(out)
     again = dpatch.inspect(loaded)
     assert [(s.name, s.rate, s.mode, s.scaling) for s in again.sites] == [
         (s.name, s.rate, s.mode, s.scaling) for s in report.sites
@@ -71,8 +72,8 @@ def test_round_trip_inject_save_load_inspect(patched) -> None:
 def test_round_trip_keeps_constructor_kwargs(tmp_path: Path) -> None:
     model = zoo.create_model("timm:vit_tiny_patch16_224", img_size=32)
     dpatch.inject(model, 0.1, skip=True)
-    out = dio.save(model, tmp_path / "vit.safetensors")
-    loaded = dio.load(out)
+    out = dfiles.save(model, tmp_path / "vit.safetensors")
+    loaded = dfiles.load(out)
     assert loaded.patch_embed.img_size == (32, 32)
     assert all(s.skip for s in dpatch.find_sites(loaded))
 
@@ -80,17 +81,17 @@ def test_round_trip_keeps_constructor_kwargs(tmp_path: Path) -> None:
 def test_never_overwrites_without_force(patched) -> None:
     model, report, out = patched
     with pytest.raises(OutputError, match="--force"):
-        dio.save(model, out, report)
-    dio.save(model, out, report, force=True)
+        dfiles.save(model, out, report)
+    dfiles.save(model, out, report, force=True)
 
 
 def test_output_folder_checks(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     model = torch.nn.Linear(2, 2)
     with pytest.raises(OutputError, match="does not exist"):
-        dio.save(model, tmp_path / "nope" / "x.safetensors")
+        dfiles.save(model, tmp_path / "nope" / "x.safetensors")
     monkeypatch.setattr(os, "access", lambda p, mode: False)  # tests may run as root
     with pytest.raises(OutputError, match="not writable"):
-        dio.save(model, tmp_path / "x.safetensors")
+        dfiles.save(model, tmp_path / "x.safetensors")
 
 
 def test_interrupted_save_leaves_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -106,7 +107,7 @@ def test_interrupted_save_leaves_nothing(tmp_path: Path, monkeypatch: pytest.Mon
 
     monkeypatch.setattr(st, "save_file", half_then_interrupt)
     with pytest.raises(KeyboardInterrupt):
-        dio.save(torch.nn.Linear(3, 3), tmp_path / "x.safetensors")
+        dfiles.save(torch.nn.Linear(3, 3), tmp_path / "x.safetensors")
     assert list(tmp_path.iterdir()) == []
 
 
@@ -135,7 +136,7 @@ def test_weights_only_checkpoints_load(tmp_path: Path, wrap) -> None:  # type: i
     path = tmp_path / "w.pt"
     torch.save(wrap(state), path)
     model = torchvision.models.resnet18()
-    dio.load_weights(model, path)
+    dfiles.load_weights(model, path)
     assert all(torch.equal(model.state_dict()[k], v) for k, v in state.items())
 
 
@@ -143,7 +144,7 @@ def test_pickle_that_is_not_weights_only_is_refused(tmp_path: Path) -> None:
     path = tmp_path / "evil.pt"
     torch.save({"state_dict": sd(), "obj": _Opaque()}, path)
     with pytest.raises(WeightsError, match="weights-only"):
-        dio.load_state_dict_file(path)
+        dfiles.load_state_dict_file(path)
 
 
 class _Opaque:
@@ -160,61 +161,61 @@ def test_truncated_files(tmp_path: Path, suffix: str) -> None:
     data = path.read_bytes()
     path.write_bytes(data[: len(data) // 2])
     with pytest.raises(WeightsError, match=r"corrupt or truncated|not a readable"):
-        dio.load_state_dict_file(path)
+        dfiles.load_state_dict_file(path)
 
 
 def test_garbage_empty_and_missing_files(tmp_path: Path) -> None:
     junk = tmp_path / "junk.pth"
     junk.write_bytes(b"not a checkpoint at all")
     with pytest.raises(WeightsError, match=r"junk\.pth"):
-        dio.load_state_dict_file(junk)
+        dfiles.load_state_dict_file(junk)
     empty = tmp_path / "empty.safetensors"
     empty.write_bytes(b"")
     with pytest.raises(WeightsError, match="empty"):
-        dio.load_state_dict_file(empty)
+        dfiles.load_state_dict_file(empty)
     with pytest.raises(WeightsError, match="does not exist"):
-        dio.load_state_dict_file(tmp_path / "missing.pt")
+        dfiles.load_state_dict_file(tmp_path / "missing.pt")
     with pytest.raises(WeightsError, match="folder"):
-        dio.load_state_dict_file(tmp_path)
+        dfiles.load_state_dict_file(tmp_path)
 
 
 def test_weights_of_another_architecture_list_keys(tmp_path: Path) -> None:
     path = tmp_path / "r34.safetensors"
     save_file(torchvision.models.resnet34().state_dict(), str(path))
     with pytest.raises(WeightsError, match=r"unexpected keys \(e\.g\. layer1\.2"):
-        dio.load_weights(torchvision.models.resnet18(), path)
+        dfiles.load_weights(torchvision.models.resnet18(), path)
     path2 = tmp_path / "r18_10.safetensors"
     save_file(torchvision.models.resnet18(num_classes=10).state_dict(), str(path2))
     with pytest.raises(
         WeightsError, match=r"shape mismatches \(e\.g\. fc\.weight: file \(10, 512\)"
     ):
-        dio.load_weights(torchvision.models.resnet18(), path2)
+        dfiles.load_weights(torchvision.models.resnet18(), path2)
 
 
 def test_load_without_manifest_or_spec(tmp_path: Path) -> None:
     plain = tmp_path / "plain.safetensors"
     save_file({"w": torch.zeros(2)}, str(plain))
-    assert dio.read_manifest(plain) is None
+    assert dfiles.read_manifest(plain) is None
     with pytest.raises(ManifestError, match="no dpatch manifest"):
-        dio.load(plain)
+        dfiles.load(plain)
     model = torch.nn.Sequential(torch.nn.Linear(2, 2))
-    out = dio.save(model, tmp_path / "nospec.safetensors")
+    out = dfiles.save(model, tmp_path / "nospec.safetensors")
     with pytest.raises(ManifestError, match=r"model=\.\.\."):
-        dio.load(out)
+        dfiles.load(out)
     assert isinstance(
-        dio.load(out, model=torch.nn.Sequential(torch.nn.Linear(2, 2))), torch.nn.Module
+        dfiles.load(out, model=torch.nn.Sequential(torch.nn.Linear(2, 2))), torch.nn.Module
     )
 
 
 def test_manifest_of_unknown_format(tmp_path: Path) -> None:
     path = tmp_path / "future.safetensors"
-    meta = {dio.MANIFEST_KEY: json.dumps({"format": "dpatch/99", "sites": []})}
+    meta = {dmanifest.MANIFEST_KEY: json.dumps({"format": "dpatch/99", "sites": []})}
     save_file({"w": torch.zeros(1)}, str(path), metadata=meta)
     with pytest.raises(ManifestError, match="dpatch/99"):
-        dio.read_manifest(path)
+        dfiles.read_manifest(path)
 
 
 def test_manifest_of_another_model_is_refused(tmp_path: Path, patched) -> None:
     _, _, out = patched
     with pytest.raises((ManifestError, WeightsError)):
-        dio.load(out, model=timm.create_model("resnet34"))
+        dfiles.load(out, model=timm.create_model("resnet34"))

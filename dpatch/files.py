@@ -1,10 +1,9 @@
-"""Files: safetensors with the patch manifest in its metadata, weight loading, atomic writes.
+"""Files: saving and loading dpatch files, loading weights, atomic writes.
 
 A dpatch file is an ordinary safetensors file whose tensor names are exactly the unpatched
 model's ``state_dict`` keys, so ``safetensors.torch.load_file`` plus
-``model.load_state_dict(strict=True)`` works without dpatch. The metadata key
-``dpatch.manifest`` holds JSON: format version, library versions, the model spec, the
-schedule arguments and every site with its rate, mode and scaling.
+``model.load_state_dict(strict=True)`` works without dpatch. Its metadata holds the patch
+manifest (:mod:`dpatch.manifest`).
 
 Pickles are never trusted: ``.pt``/``.pth`` files load with ``torch.load(weights_only=True)``.
 """
@@ -17,28 +16,32 @@ import pickle
 import tempfile
 import zipfile
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from dpatch._version import __version__
 from dpatch.errors import ManifestError, OutputError, WeightsError
+from dpatch.manifest import MANIFEST_KEY, build_manifest, parse_manifest
+from dpatch.patch import apply_sites
+from dpatch.patch import inspect as inspect_model
+from dpatch.results import PatchReport
+from dpatch.zoo import ModelSpec, create_model, parse_spec, spec_of
 
 __all__ = [
-    "FORMAT",
-    "MANIFEST_KEY",
+    "Target",
     "atomic_write",
+    "check_output",
     "load",
     "load_state_dict_file",
+    "load_target",
     "load_weights",
     "read_manifest",
     "save",
 ]
 
-FORMAT = "dpatch/1"
-MANIFEST_KEY = "dpatch.manifest"
 _NESTED_KEYS = ("state_dict", "model_state_dict", "model", "module", "net", "network")
 _EMA_KEYS = ("state_dict_ema", "model_ema", "ema", "ema_state_dict", "ema_model")
 _PREFIXES = ("module.", "_orig_mod.", "model.", "ema.")
@@ -83,39 +86,6 @@ def atomic_write(
     return out
 
 
-def _versions() -> dict[str, str]:
-    out = {"dpatch": __version__, "torch": torch.__version__}
-    for lib in ("timm", "torchvision"):
-        try:
-            out[lib] = __import__(lib).__version__
-        except ImportError:  # pragma: no cover - both are dependencies
-            out[lib] = "absent"
-    return out
-
-
-def build_manifest(
-    report: Any, spec: Any | None, model_kwargs: Mapping[str, Any] | None = None
-) -> dict[str, Any]:
-    """The manifest dict for a :class:`~dpatch.patch.PatchReport` and model spec."""
-    model_entry = None
-    if spec is not None:
-        model_entry = {"spec": spec.text, "kwargs": dict(spec.kwargs)}
-        if model_kwargs:
-            model_entry["kwargs"].update(model_kwargs)
-    body = report.to_dict() if report is not None else {"sites": []}
-    return {
-        "format": FORMAT,
-        "versions": _versions(),
-        "model": model_entry,
-        "schedule": {
-            k: body.get(k)
-            for k in ("schedule", "per", "max_rate", "min_rate", "mode", "scaling", "skip", "rates")
-        },
-        "summary": body.get("summary", {}),
-        "sites": body["sites"],
-    }
-
-
 def _plain_tensors(model: nn.Module) -> dict[str, Tensor]:
     """state_dict tensors, contiguous and with no shared storage (safetensors needs both)."""
     out: dict[str, Tensor] = {}
@@ -136,9 +106,9 @@ def _plain_tensors(model: nn.Module) -> dict[str, Tensor]:
 def save(
     model: nn.Module,
     path: str | os.PathLike[str],
-    report: Any | None = None,
+    report: PatchReport | None = None,
     *,
-    spec: Any | None = None,
+    spec: ModelSpec | None = None,
     force: bool = False,
 ) -> Path:
     """Write ``model``'s weights and its patch manifest to a safetensors file, atomically.
@@ -153,15 +123,10 @@ def save(
     """
     from safetensors.torch import save_file
 
-    from dpatch.patch import inspect as inspect_model
-    from dpatch.zoo import spec_of
-
     out = check_output(path, force)
     if spec is None:
         spec = spec_of(model)
-    if report is None:
-        report = inspect_model(model)
-    manifest = build_manifest(report, spec)
+    manifest = build_manifest(report if report is not None else inspect_model(model), spec)
     tensors = _plain_tensors(model)
     metadata = {MANIFEST_KEY: json.dumps(manifest, sort_keys=True), "format": "pt"}
     return atomic_write(out, lambda tmp: save_file(tensors, tmp, metadata=metadata), force=force)
@@ -207,19 +172,7 @@ def read_manifest(path: str | os.PathLike[str]) -> dict[str, Any] | None:
             f"{str(p)!r} is not a valid safetensors file ({_first_line(exc)})"
         ) from exc
     raw = meta.get(MANIFEST_KEY)
-    if raw is None:
-        return None
-    try:
-        manifest = json.loads(raw)
-    except json.JSONDecodeError as exc:
-        raise ManifestError(f"the dpatch manifest in {str(p)!r} is not valid JSON ({exc})") from exc
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-        got = manifest.get("format") if isinstance(manifest, dict) else type(manifest).__name__
-        raise ManifestError(
-            f"{str(p)!r} has manifest format {got!r}; this dpatch reads {FORMAT!r} "
-            "(upgrade dpatch?)"
-        )
-    return manifest
+    return None if raw is None else parse_manifest(raw, str(p))
 
 
 def _first_line(exc: BaseException) -> str:
@@ -362,14 +315,11 @@ def load(path: str | os.PathLike[str], model: nn.Module | None = None) -> nn.Mod
         ManifestError: the file has no manifest, or its sites do not fit the model.
         WeightsError: see :func:`load_weights`.
     """
-    from dpatch.patch import apply_sites
-    from dpatch.zoo import create_model
-
     manifest = read_manifest(path)
     if manifest is None:
         raise ManifestError(
             f"{str(path)!r} has no dpatch manifest; build the model yourself and use "
-            "--weights / dpatch.io.load_weights"
+            "--weights / dpatch.load_weights"
         )
     if model is None:
         entry = manifest.get("model")
@@ -382,3 +332,63 @@ def load(path: str | os.PathLike[str], model: nn.Module | None = None) -> nn.Mod
     load_weights(model, path)
     apply_sites(model, manifest["sites"], skip=bool(manifest.get("schedule", {}).get("skip")))
     return model
+
+
+@dataclass(frozen=True)
+class Target:
+    """A model built from what a user named (see :func:`load_target`).
+
+    Attributes:
+        model: the model (patched when it was rebuilt from a dpatch file).
+        spec: the spec it was built from, when known.
+        notes: what a user may want to know (a bare name resolved to a library).
+    """
+
+    model: nn.Module
+    spec: ModelSpec | None
+    notes: tuple[str, ...] = ()
+
+
+_CHECKPOINT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin")
+
+
+def load_target(
+    target: str,
+    *,
+    weights: str | os.PathLike[str] | None = None,
+    model: str | None = None,
+    pretrained: bool = False,
+) -> Target:
+    """Build the model ``target`` names: a model spec (``timm:NAME``, ``tv:NAME``, a bare
+    name, ``module:factory``), a dpatch file (rebuilt with its patch), or a plain checkpoint
+    whose architecture ``model`` names. What ``dpatch inject TARGET`` does first.
+
+    Args:
+        target: a spec or a file path.
+        weights: a state dict file to load into the built model.
+        model: the architecture (a spec) of a plain checkpoint given as ``target``.
+        pretrained: download the library's pretrained weights.
+
+    Raises:
+        WeightsError: a missing file, or a checkpoint without a manifest and no ``model``.
+        ModelNotFoundError, DownloadError: see :func:`dpatch.zoo.create_model`.
+    """
+    path = Path(target)
+    if path.suffix in _CHECKPOINT_SUFFIXES or path.is_file():
+        if not path.exists():
+            raise WeightsError(f"file {target!r} does not exist")
+        manifest = read_manifest(path) if path.suffix != ".pt" else None
+        if manifest is not None and model is None:
+            loaded = load(path)
+            return Target(loaded, spec_of(loaded))
+        if model is None:
+            raise WeightsError(
+                f"{target!r} is a checkpoint without a dpatch manifest; say which "
+                "architecture it holds (--model NAME, or model= in Python)"
+            )
+        weights, target = path, model
+    spec, note = parse_spec(target)
+    built = create_model(spec, pretrained=pretrained)
+    if weights is not None:
+        load_weights(built, weights, what=spec.text)
+    return Target(built, spec, (note,) if note else ())

@@ -1,0 +1,195 @@
+"""Applying settings to one block or slot: rewrite it, update it, or fall back.
+
+:func:`dpatch.patch.inject` decides what every site gets (a :class:`SlotSettings`); this
+module makes one block or loose slot carry it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+import torch.fx as fx
+from torch import nn
+
+from dpatch._marks import block_meta, has_original_slot, set_original_slot
+from dpatch._probe import Call, default_example_input, probe
+from dpatch._slots import SlotSettings
+from dpatch._trace import run_graph_meta
+from dpatch.droppath import DropPath
+from dpatch.errors import TraceError
+from dpatch.results import Skipped
+from dpatch.rewrite import RewriteCache, rewrite_block, unpatch_block
+from dpatch.sites import Analysis, BlockSites
+
+__all__ = [
+    "apply_block",
+    "configure_slot",
+    "second_probe",
+    "set_slot",
+    "unpatch_without_skip",
+]
+
+
+def configure_slot(dp: DropPath, s: SlotSettings) -> None:
+    """Give a dpatch DropPath these settings (its host generator restarts on a new seed)."""
+    dp.drop_prob = s.rate
+    dp.mode = s.mode
+    dp.scaling = s.scaling
+    dp.skip = s.skip
+    seed = s.seed if s.mode == "batch" else None
+    if seed != dp.seed:
+        dp.seed = seed
+        dp._generator = None
+
+
+def _make_slot(s: SlotSettings) -> DropPath:
+    dp = DropPath()
+    configure_slot(dp, s)
+    return dp
+
+
+def set_slot(model: nn.Module, path: str, s: SlotSettings) -> None:
+    """Give the slot at ``path`` these settings, replacing a timm/torchvision/Identity/None
+    slot by a dpatch DropPath that remembers it (for :func:`dpatch.strip`)."""
+    parent_path, _, attr = path.rpartition(".")
+    parent = model.get_submodule(parent_path)  # "" is the model itself
+    current = getattr(parent, attr)
+    if isinstance(current, DropPath):
+        configure_slot(current, s)
+        return
+    dp = _make_slot(s)
+    dp.train(parent.training if current is None else current.training)
+    set_original_slot(dp, current)
+    if current is None:
+        del parent.__dict__[attr]  # timm's ``drop_path = None``
+    setattr(parent, attr, dp)
+
+
+def unpatch_without_skip(model: nn.Module) -> None:
+    """Blocks rewritten without the skipping form are restored so they can be redone."""
+    for mod in model.modules():
+        meta = block_meta(mod)
+        if meta is not None and meta.rewritten_without_skip:
+            unpatch_block(mod)
+
+
+def second_probe(model: nn.Module, an: Analysis) -> dict[int, Call]:
+    """Block inputs at batch 3, to tell batched tensors from shared ones (skip planning)."""
+    if an.example_inputs:
+        inputs = tuple(_grow_batch(v) for v in an.example_inputs)
+    else:
+        inputs = (default_example_input(model, batch=3),)
+    return probe(model, inputs).inputs
+
+
+def _grow_batch(value: Any) -> Any:
+    if isinstance(value, torch.Tensor) and value.dim() > 0:
+        return torch.empty((value.shape[0] + 1, *value.shape[1:]), dtype=value.dtype, device="meta")
+    return value
+
+
+def apply_block(
+    b: BlockSites,
+    settings: Mapping[str, SlotSettings],
+    skip: bool,
+    skip_inputs: dict[int, Call] | None,
+    cache: RewriteCache,
+    an: Analysis,
+) -> list[Skipped]:
+    """Rewrite (or update) one block; fall back to slot replacement when it cannot be.
+
+    ``settings`` maps each site's name to what it gets (``skip`` where the block allows).
+    Returns what could not be applied.
+    """
+    mod = b.module
+    meta = block_meta(mod)
+    notes: list[Skipped] = []
+    if meta is not None:  # rewritten earlier: only settings change
+        for ps in meta.sites:
+            name = b.slot_name(ps.attr)
+            configure_slot(getattr(mod, ps.attr), _with_skip(settings[name], skip and ps.skippable))
+            if skip and not ps.skippable:
+                notes.append(Skipped(name, f"skip unavailable: {ps.skip_reason}"))
+        return notes
+
+    slots: dict[str, DropPath] = {}
+    for s in b.sites:
+        wanted = _with_skip(settings[b.slot_name(s.attr)], False)
+        existing = mod._modules.get(s.attr)
+        dp = existing if isinstance(existing, DropPath) else _make_slot(wanted)
+        configure_slot(dp, wanted)
+        dp.train(mod.training)
+        slots[s.attr] = dp
+    env_alt = None
+    if skip and skip_inputs is not None and id(mod) in skip_inputs and b.traced is not None:
+        try:
+            env_alt = run_graph_meta(mod, b.traced, skip_inputs[id(mod)])
+        except Exception:  # only a hint for skip planning; without it nothing is gathered
+            env_alt = None
+    try:
+        new_meta = rewrite_block(
+            b,
+            slots,
+            skip=skip,
+            env_alt=env_alt,
+            cache=cache,
+            validate_inputs=an.inputs.get(id(mod)),
+        )
+    except (TraceError, fx.proxy.TraceError, RuntimeError, TypeError, ValueError) as exc:
+        return _fallback(b, settings, str(exc), skip)
+    for ps in new_meta.sites:
+        slots[ps.attr].skip = skip and ps.skippable
+        if skip and not ps.skippable:
+            notes.append(Skipped(b.slot_name(ps.attr), f"skip unavailable: {ps.skip_reason}"))
+    return notes
+
+
+def _with_skip(s: SlotSettings, skip: bool) -> SlotSettings:
+    return SlotSettings(s.rate, s.mode, s.scaling, s.seed, skip)
+
+
+def _fallback(
+    b: BlockSites, settings: Mapping[str, SlotSettings], why: str, skip: bool
+) -> list[Skipped]:
+    """A block that cannot be rewritten keeps its forward: native slots are swapped in place
+    (unfused), graph sites are reported as skipped."""
+    notes: list[Skipped] = []
+    mod = b.module
+    for s in b.sites:
+        name = b.slot_name(s.attr)
+        if s.kind == "native" and s.attr != s.origin:  # second use of a shared slot
+            notes.append(Skipped(name, f"shares {s.origin} (block could not be rewritten: {why})"))
+            continue
+        is_none_slot = s.attr not in mod._modules and mod.__dict__.get(s.attr, 0) is None
+        if s.kind != "native" or (s.attr not in mod._modules and not is_none_slot):
+            notes.append(Skipped(name, f"not patched: {why}"))
+            continue
+        set_slot(mod, s.attr, _with_skip(settings[name], False))  # also fills a None slot
+        notes.append(Skipped(name, f"unfused (block could not be rewritten: {why})"))
+    if skip:
+        notes += [
+            Skipped(b.slot_name(s.attr), "skip needs a rewritten block; this site masks")
+            for s in b.sites
+        ]
+    return notes
+
+
+def restore_slots(model: nn.Module) -> int:
+    """Put every model slot a dpatch DropPath replaced back; returns how many."""
+    from dpatch._marks import clear_original_slot, original_slot
+
+    restored = 0
+    for parent in list(model.modules()):
+        for attr, child in list(parent._modules.items()):
+            if isinstance(child, DropPath) and has_original_slot(child):
+                original = original_slot(child)
+                clear_original_slot(child)
+                del parent._modules[attr]
+                if original is None:
+                    object.__setattr__(parent, attr, None)
+                else:
+                    setattr(parent, attr, original)
+                restored += 1
+    return restored

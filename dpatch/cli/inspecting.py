@@ -1,0 +1,69 @@
+"""``dpatch inspect``: the sites of a model, a dpatch file (read from its manifest alone) or
+a plain checkpoint."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from dpatch._version import __version__
+from dpatch.cli._app import about, app, emit, load, out, step
+from dpatch.cli._options import AllowEmptyOpt, ArchOpt, JsonOpt, ModelArg, PretrainedOpt, WeightsOpt
+from dpatch.errors import NoResidualSitesError
+from dpatch.files import load_state_dict_file, read_manifest
+from dpatch.manifest import report_from_manifest
+from dpatch.patch import inspect
+from dpatch.report import render_file_summary
+
+__all__: list[str] = []
+
+
+@app.command("inspect")
+def inspect_cmd(
+    model: ModelArg,
+    as_json: JsonOpt = False,
+    show_all: Annotated[
+        bool, typer.Option("--all", help="List every note (skipped blocks and why).")
+    ] = False,
+    weights: WeightsOpt = None,
+    pretrained: PretrainedOpt = False,
+    arch: ArchOpt = None,
+    allow_empty: AllowEmptyOpt = False,
+) -> None:
+    """List every residual site with its rate (model, dpatch file or plain checkpoint).
+
+    Example: dpatch inspect out.safetensors --json | jq '.sites[] | .rate'
+    """
+    path = Path(model)
+    if path.is_file() and arch is None:
+        manifest = read_manifest(path)
+        if manifest is None:
+            _plain_file(path, as_json)
+            return
+        report = report_from_manifest(manifest)
+        extra: dict[str, Any] = {
+            "file": str(path),
+            "model": (manifest.get("model") or {}).get("spec"),
+        }
+        if not report.sites and not allow_empty:
+            raise NoResidualSitesError(f"{model}: the file's manifest lists no residual branch")
+    else:
+        loaded = load(model, weights=weights, pretrained=pretrained, arch=arch, quiet=as_json)
+        extra = {"model": loaded.spec.text if loaded.spec else model}
+        with step("Tracing residual branches", as_json), about(extra["model"]):
+            report = inspect(loaded.model, allow_empty=allow_empty)
+    emit(report, as_json, extra, show_all=show_all)
+
+
+def _plain_file(path: Path, as_json: bool) -> None:
+    """A checkpoint without a manifest: its size, and how to see its sites."""
+    state = load_state_dict_file(path)
+    info = {"tensors": len(state), "parameters": sum(t.numel() for t in state.values())}
+    if as_json:
+        doc = {"dpatch": __version__, "file": str(path), "manifest": None, **info, "sites": None}
+        typer.echo(json.dumps(doc, indent=2))
+    else:
+        render_file_summary(out(), str(path), info)

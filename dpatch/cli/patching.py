@@ -1,0 +1,158 @@
+"""``dpatch inject`` and ``dpatch retune``: one set of options, two library calls."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+from dpatch.cli._app import about, app, emit, err, load, step
+from dpatch.cli._options import (
+    AllowEmptyOpt,
+    ArchOpt,
+    DryRunOpt,
+    ForceOpt,
+    JsonOpt,
+    MaxRate,
+    MinRate,
+    ModelArg,
+    ModeOpt,
+    OutOpt,
+    PerOpt,
+    PretrainedOpt,
+    RatesOpt,
+    ScalingOpt,
+    ScheduleOpt,
+    SkipOpt,
+    WeightsOpt,
+    parse_rate,
+    parse_rates,
+)
+from dpatch.errors import InvalidValueError
+from dpatch.files import check_output, save
+from dpatch.patch import check_arguments, inject, retune
+from dpatch.results import PatchReport
+
+__all__: list[str] = []
+
+
+def _patch(
+    action: Callable[..., PatchReport],
+    target: str,
+    *,
+    max_rate: str,
+    min_rate: str,
+    schedule: str,
+    rates: str | None,
+    mode: str,
+    scaling: str,
+    per: str,
+    skip: bool,
+    weights: Path | None,
+    pretrained: bool,
+    output: Path | None,
+    force: bool,
+    dry_run: bool,
+    as_json: bool,
+    allow_empty: bool,
+    arch: str | None,
+) -> None:
+    hi = parse_rate(max_rate, "--max-rate")
+    lo = parse_rate(min_rate, "--min-rate")
+    rate_list = parse_rates(rates)
+    check_arguments(hi, schedule, lo, mode, scaling, per)
+    if rate_list is not None and schedule != "custom":
+        raise InvalidValueError("--rates needs --schedule custom")
+    if output is not None and not dry_run:
+        check_output(output, force)  # fail before the slow part
+    loaded = load(target, weights=weights, pretrained=pretrained, arch=arch, quiet=as_json)
+    name = loaded.spec.text if loaded.spec else target
+    with step("Tracing residual branches", as_json), about(name):
+        report = action(
+            loaded.model,
+            max_rate=hi,
+            schedule=schedule,
+            min_rate=lo,
+            rates=rate_list,
+            mode=mode,
+            scaling=scaling,
+            per=per,
+            skip=skip,
+            allow_empty=allow_empty,
+        )
+    written = None
+    if output is not None and not dry_run:
+        with step(f"Saving {output}", as_json):
+            save(loaded.model, output, report, spec=loaded.spec, force=force)
+        written = str(output)
+    emit(report, as_json, {"model": name, "output": written, "dry_run": dry_run}, show_all=False)
+    if not as_json:
+        if written:
+            err().print(f"wrote {written}", markup=False)
+        elif dry_run and output is not None:
+            err().print(f"dry run: would write {output}", markup=False)
+
+
+def _register(name: str, action: Callable[..., PatchReport], doc: str) -> None:
+    """``inject`` and ``retune`` take the same options; only the library call differs."""
+
+    def command(
+        model: ModelArg,
+        max_rate: MaxRate = "0.1",
+        min_rate: MinRate = "0",
+        schedule: ScheduleOpt = "linear",
+        rates: RatesOpt = None,
+        mode: ModeOpt = "row",
+        scaling: ScalingOpt = "inverted",
+        per: PerOpt = "block",
+        skip: SkipOpt = False,
+        weights: WeightsOpt = None,
+        pretrained: PretrainedOpt = False,
+        output: OutOpt = None,
+        force: ForceOpt = False,
+        dry_run: DryRunOpt = False,
+        as_json: JsonOpt = False,
+        allow_empty: AllowEmptyOpt = False,
+        arch: ArchOpt = None,
+    ) -> None:
+        _patch(
+            action,
+            model,
+            max_rate=max_rate,
+            min_rate=min_rate,
+            schedule=schedule,
+            rates=rates,
+            mode=mode,
+            scaling=scaling,
+            per=per,
+            skip=skip,
+            weights=weights,
+            pretrained=pretrained,
+            output=output,
+            force=force,
+            dry_run=dry_run,
+            as_json=as_json,
+            allow_empty=allow_empty,
+            arch=arch,
+        )
+
+    command.__doc__ = doc
+    command.__name__ = f"{name}_cmd"
+    app.command(name)(command)
+
+
+_register(
+    "inject",
+    inject,
+    """Put DropPath on every residual branch with a per-layer schedule, and save.
+
+    Example: dpatch inject resnet50 --max-rate 0.2 -o resnet50-dp.safetensors
+    """,
+)
+_register(
+    "retune",
+    retune,
+    """Change the rates of an existing patch (a dpatch file) or of native slots, and save.
+
+    Example: dpatch retune resnet50-dp.safetensors --max-rate 0.3 -o resnet50-dp3.safetensors
+    """,
+)
