@@ -5,8 +5,10 @@ from __future__ import annotations
 from typing import Any
 
 from dpatch._version import __version__
+from dpatch.data import Data, load_data
 from dpatch.droppath import DropPath, drop_add, drop_path
 from dpatch.errors import (
+    DataError,
     DownloadError,
     DPatchError,
     InvalidValueError,
@@ -15,22 +17,31 @@ from dpatch.errors import (
     NoResidualSitesError,
     NoSlotsError,
     OutputError,
+    UnsupportedSiteError,
     WeightsError,
 )
 from dpatch.files import Target, load, load_target, load_weights, save
+from dpatch.fold import FoldedSite, FoldReport, fold
+from dpatch.measure import PruneStats, measure_pruning
 from dpatch.patch import PER, inject, inspect, retune, strip
+from dpatch.prune import prune, prune_order
 from dpatch.results import PatchReport, Skipped
 from dpatch.schedule import SCHEDULES, expected_depth, schedule_rates
 from dpatch.scheduler import DropPathScheduler
+from dpatch.sensitivity import SensitivityReport, SiteSensitivity, sensitivity, suggest_rates
 from dpatch.sites import Site, find_sites
 
 __all__ = [
     "PER",
     "SCHEDULES",
     "DPatchError",
+    "Data",
+    "DataError",
     "DownloadError",
     "DropPath",
     "DropPathScheduler",
+    "FoldReport",
+    "FoldedSite",
     "InvalidValueError",
     "ManifestError",
     "ModelNotFoundError",
@@ -38,24 +49,35 @@ __all__ = [
     "NoSlotsError",
     "OutputError",
     "PatchReport",
+    "PruneStats",
+    "SensitivityReport",
     "Site",
+    "SiteSensitivity",
     "Skipped",
     "Target",
+    "UnsupportedSiteError",
     "WeightsError",
     "__version__",
     "drop_add",
     "drop_path",
     "expected_depth",
     "find_sites",
+    "fold",
     "inject",
     "inspect",
     "load",
+    "load_data",
     "load_target",
     "load_weights",
+    "measure_pruning",
+    "prune",
+    "prune_order",
     "retune",
     "save",
     "schedule_rates",
+    "sensitivity",
     "strip",
+    "suggest_rates",
 ]
 
 

@@ -50,3 +50,12 @@ class NoSlotsError(NoResidualSitesError):
 
 class TraceError(DPatchError):
     """A block's forward could not be traced or rewritten (reported as skipped, not raised)."""
+
+
+class DataError(DPatchError):
+    """Data for a measurement is missing, empty or malformed (a folder without images, a
+    tensor file without ``inputs``)."""
+
+
+class UnsupportedSiteError(DPatchError):
+    """A site cannot be pruned or folded; the message names the site and why."""

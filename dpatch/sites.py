@@ -77,6 +77,8 @@ class Site:
         skip: compute-skipping is on for this site.
         origin: for native sites, the model's own slot this site came from (a slot one
             module shared by two branches is the origin of both); "" for graph sites.
+        pruned: the branch was removed (:func:`dpatch.prune`): the block returns its
+            shortcut and never computes the branch.
     """
 
     path: str
@@ -90,6 +92,7 @@ class Site:
     fused: bool = False
     skip: bool = False
     origin: str = ""
+    pruned: bool = False
 
     @property
     def name(self) -> str:
@@ -110,6 +113,7 @@ class Site:
             "fused": self.fused,
             "skip": self.skip,
             "origin": self.origin,
+            "pruned": self.pruned,
         }
 
 
@@ -352,6 +356,12 @@ def _is_rewritten(model: nn.Module, path: str) -> bool:
     return mod is not None and block_meta(mod) is not None
 
 
+def _is_pruned(model: nn.Module, path: str, attr: str) -> bool:
+    mod = _get_or_none(model, path)
+    meta = block_meta(mod) if mod is not None else None
+    return meta is not None and any(s.attr == attr and s.pruned for s in meta.sites)
+
+
 def _build_sites(an: Analysis) -> list[Site]:
     found = [
         _Found(
@@ -414,6 +424,7 @@ def _build_sites(an: Analysis) -> list[Site]:
                 fused=fused,
                 skip=isinstance(module, DropPath) and module.skip and f.in_block,
                 origin=f.origin,
+                pruned=f.in_block and rewritten and _is_pruned(model, f.owner, f.branch),
             )
         )
     # Stable: by block, then by the order the entries were found (graph order in a block).

@@ -29,6 +29,7 @@ __all__ = [
     "OutOpt",
     "PerOpt",
     "PretrainedOpt",
+    "RatesFromOpt",
     "RatesOpt",
     "ScalingOpt",
     "ScheduleOpt",
@@ -65,6 +66,15 @@ ScheduleOpt = Annotated[
 RatesOpt = Annotated[
     str | None,
     typer.Option("--rates", metavar="R,R,...", help="Per-step rates for --schedule custom."),
+]
+RatesFromOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--rates-from",
+        metavar="FILE",
+        help="Per-step rates for --schedule custom from a JSON list, or the file "
+        "dpatch sensitivity --suggest writes (with --per branch).",
+    ),
 ]
 ModeOpt = Annotated[
     str, typer.Option("--mode", metavar=_bar(MODES), help="Drop per sample or whole batch.")

@@ -19,6 +19,7 @@ from dpatch.cli._options import (
     OutOpt,
     PerOpt,
     PretrainedOpt,
+    RatesFromOpt,
     RatesOpt,
     ScalingOpt,
     ScheduleOpt,
@@ -31,6 +32,7 @@ from dpatch.errors import InvalidValueError
 from dpatch.files import check_output, save
 from dpatch.patch import check_arguments, inject, retune
 from dpatch.results import PatchReport
+from dpatch.sensitivity import read_rates
 
 __all__: list[str] = []
 
@@ -55,13 +57,16 @@ def _patch(
     as_json: bool,
     allow_empty: bool,
     arch: str | None,
+    rates_from: Path | None = None,
 ) -> None:
     hi = parse_rate(max_rate, "--max-rate")
     lo = parse_rate(min_rate, "--min-rate")
-    rate_list = parse_rates(rates)
+    if rates is not None and rates_from is not None:
+        raise InvalidValueError("give --rates or --rates-from, not both")
+    rate_list = parse_rates(rates) if rates_from is None else read_rates(rates_from)
     check_arguments(hi, schedule, lo, mode, scaling, per)
     if rate_list is not None and schedule != "custom":
-        raise InvalidValueError("--rates needs --schedule custom")
+        raise InvalidValueError("--rates and --rates-from need --schedule custom")
     if output is not None and not dry_run:
         check_output(output, force)  # fail before the slow part
     loaded = load(target, weights=weights, pretrained=pretrained, arch=arch, quiet=as_json)
@@ -113,6 +118,7 @@ def _register(name: str, action: Callable[..., PatchReport], doc: str) -> None:
         as_json: JsonOpt = False,
         allow_empty: AllowEmptyOpt = False,
         arch: ArchOpt = None,
+        rates_from: RatesFromOpt = None,
     ) -> None:
         _patch(
             action,
@@ -133,6 +139,7 @@ def _register(name: str, action: Callable[..., PatchReport], doc: str) -> None:
             as_json=as_json,
             allow_empty=allow_empty,
             arch=arch,
+            rates_from=rates_from,
         )
 
     command.__doc__ = doc
