@@ -79,7 +79,11 @@ def _writes_in_place(user: fx.Node, value: fx.Node, block: nn.Module) -> bool:
     if user.op == "call_function":
         return user.target in _INPLACE_FUNCTIONS
     if user.op == "call_module":
-        return getattr(block.get_submodule(str(user.target)), "inplace", False) is True
+        try:
+            mod = block.get_submodule(str(user.target))
+        except AttributeError:  # a generated site method: it never writes its residual
+            return False
+        return getattr(mod, "inplace", False) is True
     return False
 
 

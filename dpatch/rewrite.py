@@ -217,6 +217,9 @@ def _generate(
         if site.attr in pruned:
             new = prune_addition(e.node, e.shortcut)
             copies.append(new)
+            env[new] = env.get(e.shortcut)  # later branches may read it (skip planning)
+            if alt is not None:
+                alt[new] = alt.get(e.shortcut)
             _replace_add(e.node, new, mutated)
             _retarget(edits[j + 1 :], e.node, new)
             graph.erase_node(e.node)

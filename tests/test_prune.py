@@ -389,3 +389,17 @@ def test_missing_keys_are_accepted_only_where_the_manifest_says(tmp_path: Path) 
     )
     with pytest.raises(ManifestError, match=r"fc\.weight"):
         dpatch.load(used)
+
+
+def test_the_other_branch_of_a_pruned_block_keeps_skipping() -> None:
+    torch.manual_seed(0)
+    model = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, num_classes=5)
+    dpatch.inject(model, max_rate=0.4, schedule="uniform", skip=True)
+    report = dpatch.prune(model, ["blocks.3.drop_path1"])
+    sites = {s.name: s for s in report.sites}
+    assert sites["blocks.3.drop_path1"].pruned and not sites["blocks.3.drop_path1"].skip
+    assert sites["blocks.3.drop_path2"].skip and not sites["blocks.3.drop_path2"].pruned
+    model.train()
+    model(torch.randn(8, 3, 32, 32)).sum().backward()
+    assert model.blocks[3].attn.qkv.weight.grad is None
+    assert model.blocks[3].mlp.fc1.weight.grad is not None
