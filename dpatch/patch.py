@@ -50,8 +50,8 @@ def _check_choice(value: object, name: str, choices: Sequence[str]) -> str:
 
 def _empty_error(an: Analysis, what: str) -> NoResidualSitesError:
     return NoResidualSitesError(
-        f"{what} has no residual branch to put stochastic depth on"
-        + (f" (probe: {an.probe_error})" if an.probe_error else "")
+        f"{what} has no residual branch to put stochastic depth on (it ran on "
+        f"{an.example.describe()} [{an.example.source}])"
     )
 
 
@@ -67,7 +67,7 @@ def inspect(
     sites = an.sites()
     if not sites and not allow_empty:
         raise _empty_error(an, "the model")
-    return PatchReport.current(sites, _skipped(an), model=model)
+    return PatchReport.current(sites, _skipped(an), model=model, example=an.example)
 
 
 def _skipped(an: Analysis) -> tuple[Skipped, ...]:
@@ -295,6 +295,7 @@ def _patch(
         rates=tuple(steps),
         expected_depth=expected_depth(steps),
         model=model,
+        example=an.example,
     )
 
 

@@ -79,6 +79,12 @@ def render_report(
         f"{report.expected_depth:.2f} of {report.depth}"
     )
     console.print(summary, highlight=False)
+    if report.example is not None:
+        console.print(
+            f"input: {report.example.describe()} ({report.example.source})",
+            highlight=False,
+            markup=False,
+        )
     notes = report.skipped if show_all else report.skipped[:5]
     for note in notes:
         console.print(

@@ -26,6 +26,7 @@ from typing import Any
 
 from torch import nn
 
+from dpatch._inputs import ExampleInputs
 from dpatch._marks import block_meta
 from dpatch._probe import Call, Probe, probe
 from dpatch._slots import (
@@ -164,8 +165,7 @@ class Analysis:
         skipped: (path, reason) of what could not be analysed or is not a site.
         ignored_graph_sites: residual additions left alone because the model has native
             slots.
-        probe_error: why the probe's forward failed, if it did.
-        example_inputs: the inputs the probe was given (None: the default image).
+        example: the input the probe ran the model on, and where it came from.
         inputs: each module's recorded call, by ``id(module)``.
     """
 
@@ -174,8 +174,7 @@ class Analysis:
     loose: list[LooseSlot]
     skipped: list[tuple[str, str]]
     ignored_graph_sites: int
-    probe_error: str | None
-    example_inputs: tuple[Any, ...] | None
+    example: ExampleInputs
     inputs: dict[int, Call]
 
     def sites(self) -> list[Site]:
@@ -221,17 +220,19 @@ def _rewritten_block(path: str, mod: nn.Module, order: int) -> BlockSites:
     return BlockSites(path, mod, order, [BlockSite(s.attr, s.kind, s.origin) for s in meta.sites])
 
 
-def analyze(model: nn.Module, example_inputs: Sequence[Any] | None = None) -> Analysis:
+def analyze(
+    model: nn.Module, example_inputs: Sequence[Any] | ExampleInputs | None = None
+) -> Analysis:
     """Probe, trace and classify ``model`` (:func:`find_sites` is the public form).
 
     Raises:
         InvalidValueError: the model has lazy modules that were never run.
+        ProbeError: the model runs on no input (given, or inferred).
     """
     _check_materialised(model)
     pr = probe(model, example_inputs)
+    assert pr.example is not None
     skipped: list[tuple[str, str]] = []
-    if pr.error is not None:
-        skipped.append(("", f"forward on the meta device failed ({pr.error})"))
     slot_paths_called = {
         n
         for n, m in model.named_modules()
@@ -299,7 +300,7 @@ def analyze(model: nn.Module, example_inputs: Sequence[Any] | None = None) -> An
     ignored = 0
     if native is not None:
         # Trace failures cannot hide sites here: native slots are found by the probe.
-        skipped = [(p, r) for p, r in skipped if p == "" and r.startswith("forward on the meta")]
+        skipped = []
         ignored = sum(len(b.sites) for b in blocks) - sum(len(k) for k in native)
         for b, kept in zip(blocks, native, strict=True):
             b.sites = kept
@@ -320,8 +321,7 @@ def analyze(model: nn.Module, example_inputs: Sequence[Any] | None = None) -> An
         loose=loose,
         skipped=skipped,
         ignored_graph_sites=ignored,
-        probe_error=pr.error,
-        example_inputs=tuple(example_inputs) if example_inputs else None,
+        example=pr.example,
         inputs=pr.inputs,
     )
 
@@ -425,7 +425,11 @@ def find_sites(model: nn.Module, example_inputs: Sequence[Any] | None = None) ->
 
     Args:
         model: any ``nn.Module``.
-        example_inputs: positional inputs for one forward pass (shapes only matter: they
-            run on the meta device). Default: one image batch of the model's input size.
+        example_inputs: positional inputs for one forward pass (shapes and dtypes only
+            matter: they run on the meta device). Default: inferred from the model (its
+            library's metadata, else its first layer; see the README).
+
+    Raises:
+        ProbeError: the model runs on no input; pass ``example_inputs``.
     """
     return analyze(model, example_inputs).sites()

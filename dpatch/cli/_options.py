@@ -9,8 +9,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated
 
+import torch
 import typer
+from torch import Tensor
 
+from dpatch._inputs import parse_shape
 from dpatch.droppath import MODES, SCALINGS
 from dpatch.errors import InvalidValueError
 from dpatch.patch import PER
@@ -21,6 +24,8 @@ __all__ = [
     "ArchOpt",
     "DryRunOpt",
     "ForceOpt",
+    "InputDtypeOpt",
+    "InputShapeOpt",
     "JsonOpt",
     "MaxRate",
     "MinRate",
@@ -34,6 +39,7 @@ __all__ = [
     "ScheduleOpt",
     "SkipOpt",
     "WeightsOpt",
+    "parse_inputs",
     "parse_rate",
     "parse_rates",
 ]
@@ -113,6 +119,64 @@ ArchOpt = Annotated[
         "--model", metavar="NAME", help="Architecture of a plain checkpoint given as MODEL."
     ),
 ]
+
+
+InputShapeOpt = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--input-shape",
+        metavar="B,C,...",
+        help="Shape of the model's input, batch first (repeat for several inputs); "
+        "default: inferred from the model.",
+    ),
+]
+InputDtypeOpt = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--input-dtype",
+        metavar="DTYPE",
+        help="dtype of --input-shape (float32, long, ...): once for all inputs, or once each.",
+    ),
+]
+
+_DTYPES = {
+    "float32": torch.float32,
+    "float": torch.float32,
+    "float16": torch.float16,
+    "half": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "float64": torch.float64,
+    "int64": torch.long,
+    "long": torch.long,
+    "int32": torch.int32,
+    "int": torch.int32,
+    "bool": torch.bool,
+}
+
+
+def parse_inputs(shapes: list[str] | None, dtypes: list[str] | None) -> tuple[Tensor, ...] | None:
+    """``--input-shape``/``--input-dtype`` as example inputs (meta tensors), or None."""
+    if not shapes:
+        if dtypes:
+            raise InvalidValueError("--input-dtype needs --input-shape")
+        return None
+    names = list(dtypes or ["float32"])
+    if len(names) == 1:
+        names *= len(shapes)
+    if len(names) != len(shapes):
+        raise InvalidValueError(
+            f"--input-dtype given {len(names)} times for {len(shapes)} --input-shape; give it "
+            "once for all inputs or once per input"
+        )
+    for name in names:
+        if name not in _DTYPES:
+            raise InvalidValueError(
+                f"--input-dtype {name!r} is unknown; choose one of: {', '.join(_DTYPES)}"
+            )
+    return tuple(
+        torch.empty(parse_shape(s), dtype=_DTYPES[d], device="meta")
+        for s, d in zip(shapes, names, strict=True)
+    )
 
 
 def parse_rate(text: str, flag: str) -> float:

@@ -11,6 +11,8 @@ from dpatch.cli._options import (
     ArchOpt,
     DryRunOpt,
     ForceOpt,
+    InputDtypeOpt,
+    InputShapeOpt,
     JsonOpt,
     MaxRate,
     MinRate,
@@ -24,6 +26,7 @@ from dpatch.cli._options import (
     ScheduleOpt,
     SkipOpt,
     WeightsOpt,
+    parse_inputs,
     parse_rate,
     parse_rates,
 )
@@ -55,10 +58,13 @@ def _patch(
     as_json: bool,
     allow_empty: bool,
     arch: str | None,
+    input_shape: list[str] | None,
+    input_dtype: list[str] | None,
 ) -> None:
     hi = parse_rate(max_rate, "--max-rate")
     lo = parse_rate(min_rate, "--min-rate")
     rate_list = parse_rates(rates)
+    example_inputs = parse_inputs(input_shape, input_dtype)
     check_arguments(hi, schedule, lo, mode, scaling, per)
     if rate_list is not None and schedule != "custom":
         raise InvalidValueError("--rates needs --schedule custom")
@@ -78,6 +84,7 @@ def _patch(
             per=per,
             skip=skip,
             allow_empty=allow_empty,
+            example_inputs=example_inputs,
         )
     written = None
     if output is not None and not dry_run:
@@ -113,6 +120,8 @@ def _register(name: str, action: Callable[..., PatchReport], doc: str) -> None:
         as_json: JsonOpt = False,
         allow_empty: AllowEmptyOpt = False,
         arch: ArchOpt = None,
+        input_shape: InputShapeOpt = None,
+        input_dtype: InputDtypeOpt = None,
     ) -> None:
         _patch(
             action,
@@ -133,6 +142,8 @@ def _register(name: str, action: Callable[..., PatchReport], doc: str) -> None:
             as_json=as_json,
             allow_empty=allow_empty,
             arch=arch,
+            input_shape=input_shape,
+            input_dtype=input_dtype,
         )
 
     command.__doc__ = doc
