@@ -46,7 +46,14 @@ from torch import nn
 from dpatch.droppath import DropPath
 from dpatch.errors import InvalidValueError
 
-__all__ = ["EARLY_SHAPES", "KINDS", "DropPathScheduler"]
+__all__ = [
+    "EARLY_SHAPES",
+    "KINDS",
+    "DropPathScheduler",
+    "FactorFn",
+    "SchedulerConfig",
+    "check_config",
+]
 
 KINDS: tuple[str, ...] = ("warmup", "progressive", "constant", "early", "late", "step")
 EARLY_SHAPES: tuple[str, ...] = ("constant", "linear")
@@ -63,8 +70,9 @@ def _is_number(value: object) -> bool:
 
 
 @dataclass(frozen=True)
-class _Config:
-    """The time schedule, validated: everything ``factor`` reads besides the function."""
+class SchedulerConfig:
+    """A validated time schedule (``check_config``'s result): everything a factor depends
+    on besides a factor function. ``cutoff`` is in steps (a ``cutoff_fraction`` resolved)."""
 
     kind: str
     warmup_steps: int = 0
@@ -110,7 +118,7 @@ def check_config(
     milestones: Sequence[tuple[int, float]] | None = None,
     total_steps: int | None = None,
     steps_per_epoch: int | None = None,
-) -> _Config:
+) -> SchedulerConfig:
     """Validate scheduler arguments without a model (the callbacks check them up front).
 
     ``kind`` is a name here (callables are checked by the scheduler). Arguments that mean
@@ -148,7 +156,7 @@ def _check(
     milestones: Sequence[tuple[int, float]] | None = None,
     total_steps: int | None = None,
     steps_per_epoch: int | None = None,
-) -> _Config:
+) -> SchedulerConfig:
     """``check_config`` for a known kind name, ``"callable"`` included."""
     total = _optional_count(total_steps, "total_steps")
     per_epoch = _optional_count(steps_per_epoch, "steps_per_epoch")
@@ -157,7 +165,7 @@ def _check(
         if value != default:
             raise InvalidValueError(f"{name}={value!r} has no meaning for scheduler kind {kind!r}")
 
-    cfg = _Config(kind=kind, total_steps=total, steps_per_epoch=per_epoch)
+    cfg = SchedulerConfig(kind=kind, total_steps=total, steps_per_epoch=per_epoch)
     if kind == "warmup":
         cfg = replace(cfg, warmup_steps=_count(warmup_steps, "warmup_steps", minimum=1))
     else:
@@ -248,7 +256,7 @@ def _milestones(value: object, total: int | None) -> tuple[tuple[int, float], ..
     return tuple(out)
 
 
-def _factor(cfg: _Config, t: int) -> float:
+def _factor(cfg: SchedulerConfig, t: int) -> float:
     kind = cfg.kind
     if kind == "warmup":
         return min(1.0, t / cfg.warmup_steps)
