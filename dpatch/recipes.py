@@ -225,13 +225,19 @@ class Recipe:
                 f"recipe {self.name!r} depends on the model size; pass size= (CLI --size), "
                 f"one of: {self.size_names}"
             )
-        return self._size(size).max_rate
+        return self.size_rate(size).max_rate
 
     @property
     def size_names(self) -> str:
+        """The sizes, comma-separated (for messages and listings)."""
         return ", ".join(s.size for s in self.sizes)
 
-    def _size(self, size: str) -> SizeRate:
+    def size_rate(self, size: str) -> SizeRate:
+        """The entry of ``size`` (case-insensitive; ``base``, ``ViT-B``, ``ResNet-50`` work).
+
+        Raises:
+            InvalidValueError: an unknown size (the message lists the recipe's sizes).
+        """
         key = _size_key(size)
         for s in self.sizes:
             if _size_key(s.size) == key:
@@ -583,7 +589,7 @@ def resolve_recipe(
             )
         return ResolvedRecipe(recipe, None, "", recipe.rate_for(None))
     if size is not None:
-        chosen = recipe._size(size)
+        chosen = recipe.size_rate(size)
         return ResolvedRecipe(recipe, chosen.size, "argument", chosen.max_rate)
     if model is None:
         raise InvalidValueError(

@@ -39,7 +39,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, TypeGuard
 
 from torch import nn
 
@@ -65,7 +65,7 @@ _STATE_VERSION = 2
 FactorFn = Callable[[int], float]
 
 
-def _is_number(value: object) -> bool:
+def _is_number(value: object) -> TypeGuard[int | float]:
     return isinstance(value, int | float) and not isinstance(value, bool)
 
 
@@ -205,9 +205,7 @@ def _cutoff(cutoff: object, fraction: object, total: int | None) -> int:
             f"cutoff_fraction={fraction!r}"
         )
     if fraction is not None:
-        if not isinstance(fraction, int | float) or isinstance(fraction, bool):
-            raise InvalidValueError(f"cutoff_fraction must be in (0, 1], but got {fraction!r}")
-        if not 0.0 < fraction <= 1.0:
+        if not _is_number(fraction) or not 0.0 < fraction <= 1.0:
             raise InvalidValueError(f"cutoff_fraction must be in (0, 1], but got {fraction!r}")
         if total is None:
             raise InvalidValueError(
@@ -237,11 +235,7 @@ def _milestones(value: object, total: int | None) -> tuple[tuple[int, float], ..
             raise InvalidValueError(f"a milestone must be a (step, factor) pair, but got {item!r}")
         step = _count(item[0], "a milestone step", minimum=0)
         factor = item[1]
-        if not isinstance(factor, int | float) or isinstance(factor, bool):
-            raise InvalidValueError(
-                f"milestone factor at step {step} must be a number >= 0, but got {factor!r}"
-            )
-        if not math.isfinite(factor) or factor < 0:
+        if not _is_number(factor) or not 0.0 <= factor < math.inf:
             raise InvalidValueError(
                 f"milestone factor at step {step} must be a number >= 0, but got {factor!r}"
             )
@@ -558,7 +552,7 @@ def _config_args(state: Mapping[str, Any], kind: str) -> dict[str, Any]:
 
 
 def _check_target(value: object, name: str) -> float:
-    if isinstance(value, int | float) and not isinstance(value, bool) and 0.0 <= value < 1.0:
+    if _is_number(value) and 0.0 <= value < 1.0:
         return float(value)
     raise InvalidValueError(f"saved target rate of {name} must be in [0, 1), but got {value!r}")
 
@@ -566,7 +560,7 @@ def _check_target(value: object, name: str) -> float:
 def _check_factor(value: object, max_target: float, where: str) -> float:
     """A factor must keep every rate in [0, 1): ``0 <= f < 1 / max_target``."""
     limit = math.inf if max_target == 0.0 else 1.0 / max_target
-    if isinstance(value, int | float) and not isinstance(value, bool) and 0.0 <= value < limit:
+    if _is_number(value) and 0.0 <= value < limit:
         return float(value)
     raise InvalidValueError(
         f"{where}: factor {value!r} is outside [0, {limit:.6g}); with the largest target "

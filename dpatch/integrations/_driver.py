@@ -64,7 +64,7 @@ class DropPathDriver:
         if size is not None and recipe is None:
             raise InvalidValueError(f"size={size!r} needs recipe= (the size picks its rate)")
         if recipe is not None and size is not None:
-            recipe._size(size)  # an unknown size fails now, not when training starts
+            recipe.size_rate(size)  # an unknown size fails now, not when training starts
         self.recipe = recipe
         self.size = size
         self.action = action
