@@ -23,7 +23,7 @@ from dpatch.droppath import MODES, SCALINGS, DropPath
 from dpatch.errors import InvalidValueError, ManifestError, NoResidualSitesError, NoSlotsError
 from dpatch.results import PatchReport, Skipped, block_rates
 from dpatch.rewrite import RewriteCache, unpatch_block
-from dpatch.schedule import SCHEDULES, check_rate, expected_depth, schedule_rates
+from dpatch.schedule import PER, SCHEDULES, check_rate, expected_depth, schedule_rates
 from dpatch.sites import Analysis, Site, analyze, qualify
 
 __all__ = [
@@ -37,9 +37,6 @@ __all__ = [
     "retune",
     "strip",
 ]
-
-#: What one schedule step covers.
-PER: tuple[str, ...] = ("block", "branch")
 
 
 def _check_choice(value: object, name: str, choices: Sequence[str]) -> str:

@@ -16,8 +16,7 @@ from torch import Tensor
 from dpatch._inputs import parse_shape
 from dpatch.droppath import MODES, SCALINGS
 from dpatch.errors import InvalidValueError
-from dpatch.patch import PER
-from dpatch.schedule import SCHEDULES, check_rate
+from dpatch.schedule import PER, SCHEDULES, check_rate
 
 __all__ = [
     "AllowEmptyOpt",
