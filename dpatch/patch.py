@@ -80,50 +80,92 @@ def _skipped(an: Analysis) -> tuple[Skipped, ...]:
     return tuple(out)
 
 
+#: What ``inject``/``retune`` use for an argument neither given nor set by a recipe.
+DEFAULTS: dict[str, Any] = {
+    "max_rate": 0.1,
+    "schedule": "linear",
+    "min_rate": 0.0,
+    "rates": None,
+    "mode": "row",
+    "scaling": "inverted",
+    "per": "block",
+    "skip": False,
+    "seed": 0,
+}
+
+
 def inject(
     model: nn.Module,
-    max_rate: float = 0.1,
-    schedule: str = "linear",
-    min_rate: float = 0.0,
+    max_rate: float | None = None,
+    schedule: str | None = None,
+    min_rate: float | None = None,
     rates: Sequence[float] | None = None,
-    mode: str = "row",
-    scaling: str = "inverted",
-    per: str = "block",
+    mode: str | None = None,
+    scaling: str | None = None,
+    per: str | None = None,
     inplace: bool = True,
     *,
-    skip: bool = False,
-    seed: int = 0,
+    skip: bool | None = None,
+    seed: int | None = None,
     example_inputs: Sequence[Any] | None = None,
     allow_empty: bool = True,
+    recipe: str | None = None,
+    size: str | None = None,
 ) -> PatchReport:
     """Put stochastic depth on every residual branch of ``model`` with a per-layer schedule.
 
-    Idempotent: injecting into an injected model equals injecting once.
+    Idempotent: injecting into an injected model equals injecting once. An argument left at
+    None takes the recipe's value, else its default (``dpatch.patch.DEFAULTS``).
 
     Args:
-        model: any ``nn.Module`` (timm, torchvision, or your own).
-        max_rate: rate of the deepest block (every block for ``uniform``).
-        schedule: ``linear``, ``uniform``, ``huang``, ``efficientnet``, ``cosine``,
-            ``custom`` (with ``rates``) or ``native`` (the model library's own rule).
-        min_rate: rate of the first block for ``linear``/``cosine``.
+        model: any ``nn.Module`` (timm, torchvision, transformers, or your own).
+        max_rate: rate of the deepest block (every block for ``uniform``); default 0.1.
+        schedule: ``linear`` (default), ``uniform``, ``huang``, ``efficientnet``,
+            ``cosine``, ``custom`` (with ``rates``) or ``native`` (the model library's own
+            rule).
+        min_rate: rate of the first block for ``linear``/``cosine``; default 0.
         rates: per-step rates for ``custom``.
-        mode: ``row`` (per sample) or ``batch`` (whole batch).
-        scaling: ``inverted``, ``expected`` or ``none``.
-        per: ``block`` (branches of a block share a step, timm's rule) or ``branch``.
+        mode: ``row`` (per sample, default) or ``batch`` (whole batch).
+        scaling: ``inverted`` (default), ``expected`` or ``none``.
+        per: ``block`` (default: branches of a block share a step, timm's rule) or
+            ``branch``.
         inplace: patch ``model`` itself; else a deep copy (``report.model``).
         skip: compute dropped branches only where kept (training speed-up; see README).
         seed: base seed of the host generators batch mode draws from (one per site), so
-            all DDP ranks drop the same blocks.
-        example_inputs: inputs for the meta-device probe (default: an image batch).
-        allow_empty: return an empty report instead of raising when there is no site.
+            all DDP ranks drop the same blocks; default 0.
+        example_inputs: inputs for the meta-device probe (default: inferred).
+        allow_empty: return an empty report instead of raising when the model ran and has
+            no residual branch.
+        recipe: a published recipe (``dpatch.recipes``) that sets the arguments left at
+            None; its time schedule is reported for ``DropPathScheduler``.
+        size: the model size for a recipe whose rate depends on it (default: read from
+            the model).
 
     Raises:
-        InvalidValueError: a bad rate, schedule, mode, scaling or ``per``.
+        InvalidValueError: a bad rate, schedule, mode, scaling, ``per`` or recipe.
+        ProbeError: the model runs on no input; pass ``example_inputs``.
         NoResidualSitesError: no residual branch and ``allow_empty`` is False.
     """
+    req = _Request.of(
+        model,
+        {
+            "max_rate": max_rate,
+            "schedule": schedule,
+            "min_rate": min_rate,
+            "rates": rates,
+            "mode": mode,
+            "scaling": scaling,
+            "per": per,
+            "skip": skip,
+            "seed": seed,
+        },
+        recipe,
+        size,
+        example_inputs,
+    )
     return _patch(
         model,
-        _Request(max_rate, schedule, min_rate, rates, mode, scaling, per, skip, seed),
+        req,
         inplace=inplace,
         example_inputs=example_inputs,
         allow_empty=allow_empty,
@@ -133,31 +175,50 @@ def inject(
 
 def retune(
     model: nn.Module,
-    max_rate: float = 0.1,
-    schedule: str = "linear",
-    min_rate: float = 0.0,
+    max_rate: float | None = None,
+    schedule: str | None = None,
+    min_rate: float | None = None,
     rates: Sequence[float] | None = None,
-    mode: str = "row",
-    scaling: str = "inverted",
-    per: str = "block",
+    mode: str | None = None,
+    scaling: str | None = None,
+    per: str | None = None,
     inplace: bool = True,
     *,
-    skip: bool = False,
-    seed: int = 0,
+    skip: bool | None = None,
+    seed: int | None = None,
     example_inputs: Sequence[Any] | None = None,
     allow_empty: bool = False,
+    recipe: str | None = None,
+    size: str | None = None,
 ) -> PatchReport:
     """Change the rates of a model that already has slots (native or from ``inject``).
 
     Same arguments as :func:`inject`.
 
     Raises:
-        NoResidualSitesError: the model has no slot at all (use ``inject`` to add them);
-            with ``allow_empty``, a model without any residual branch gets an empty report.
+        NoSlotsError: the model has no slot at all (use ``inject`` to add them).
+        NoResidualSitesError: no residual branch at all, unless ``allow_empty``.
     """
+    req = _Request.of(
+        model,
+        {
+            "max_rate": max_rate,
+            "schedule": schedule,
+            "min_rate": min_rate,
+            "rates": rates,
+            "mode": mode,
+            "scaling": scaling,
+            "per": per,
+            "skip": skip,
+            "seed": seed,
+        },
+        recipe,
+        size,
+        example_inputs,
+    )
     return _patch(
         model,
-        _Request(max_rate, schedule, min_rate, rates, mode, scaling, per, skip, seed),
+        req,
         inplace=inplace,
         example_inputs=example_inputs,
         allow_empty=allow_empty,
@@ -167,7 +228,7 @@ def retune(
 
 @dataclasses.dataclass(frozen=True)
 class _Request:
-    """What a patch asks for (the arguments of ``inject``/``retune``)."""
+    """What a patch asks for (the arguments of ``inject``/``retune``, after the recipe)."""
 
     max_rate: float
     schedule: str
@@ -178,6 +239,31 @@ class _Request:
     per: str
     skip: bool
     seed: int
+    recipe: dict[str, Any] | None = None  # the resolved recipe (``ResolvedRecipe.to_dict``)
+
+    @classmethod
+    def of(
+        cls,
+        model: nn.Module,
+        given: dict[str, Any],
+        recipe: str | None,
+        size: str | None,
+        example_inputs: Sequence[Any] | None,
+    ) -> _Request:
+        """Defaults, then the recipe, then what the caller gave (not None); validated."""
+        args = dict(DEFAULTS)
+        resolved = None
+        if recipe is not None:
+            from dpatch.recipes import resolve_recipe
+
+            resolved = resolve_recipe(recipe, model, size, example_inputs=example_inputs)
+            args.update(resolved.inject_kwargs)
+        elif size is not None:
+            raise InvalidValueError(f"size={size!r} needs recipe= (a recipe's model size)")
+        args.update({k: v for k, v in given.items() if v is not None})
+        req = cls(**args, recipe=resolved.to_dict() if resolved is not None else None)
+        req.validate()
+        return req
 
     def validate(self) -> None:
         """Check every argument before any work is done (custom rates: once the depth is
@@ -198,16 +284,24 @@ class _Request:
 
 
 def check_arguments(
-    max_rate: float = 0.1,
-    schedule: str = "linear",
-    min_rate: float = 0.0,
-    mode: str = "row",
-    scaling: str = "inverted",
-    per: str = "block",
+    max_rate: float | None = None,
+    schedule: str | None = None,
+    min_rate: float | None = None,
+    mode: str | None = None,
+    scaling: str | None = None,
+    per: str | None = None,
 ) -> None:
     """Raise :class:`InvalidValueError` for an argument ``inject``/``retune`` would reject,
-    without a model (so a caller can fail before slow work)."""
-    _Request(max_rate, schedule, min_rate, None, mode, scaling, per, False, 0).validate()
+    without a model (so a caller can fail before slow work); None means "not given"."""
+    given = {
+        "max_rate": max_rate,
+        "schedule": schedule,
+        "min_rate": min_rate,
+        "mode": mode,
+        "scaling": scaling,
+        "per": per,
+    }
+    _Request(**{**DEFAULTS, **{k: v for k, v in given.items() if v is not None}}).validate()
 
 
 def _site_rates(
@@ -242,7 +336,6 @@ def _patch(
     allow_empty: bool,
     slots_only: bool,
 ) -> PatchReport:
-    req.validate()
     if not inplace:
         model = copy.deepcopy(model)
     if req.skip:
@@ -293,6 +386,7 @@ def _patch(
         expected_depth=expected_depth(steps),
         model=model,
         example=an.example,
+        recipe=req.recipe,
     )
 
 

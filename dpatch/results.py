@@ -37,6 +37,8 @@ class PatchReport:
         expected_depth: ``sum(1 - p)`` over the steps (Huang et al. 2016).
         model: the patched model (a copy when ``inplace=False``).
         example: the input the model was probed with, and where it came from.
+        recipe: the published recipe the arguments came from (``ResolvedRecipe.to_dict``),
+            with its time schedule for ``DropPathScheduler``.
     """
 
     sites: tuple[Site, ...]
@@ -53,6 +55,7 @@ class PatchReport:
     expected_depth: float = 0.0
     model: nn.Module | None = field(default=None, compare=False, repr=False)
     example: ExampleInputs | None = field(default=None, compare=False, repr=False)
+    recipe: dict[str, Any] | None = field(default=None, compare=False)
 
     @classmethod
     def current(
@@ -121,6 +124,7 @@ class PatchReport:
             "skipped": [{"path": s.path, "reason": s.reason} for s in self.skipped],
             "changed": list(self.changed),
             "inputs": self.example.to_dict() if self.example is not None else None,
+            "recipe": self.recipe,
         }
 
 

@@ -240,3 +240,53 @@ def test_huang_recipe_sets_batch_mode_and_expected_scaling() -> None:
                     example_inputs=(example(),))  # fmt: skip
     assert {(s.mode, s.scaling) for s in report.sites} == {("batch", "expected")}
     assert report.rates == pytest.approx((0.125, 0.25, 0.375, 0.5))
+
+
+# --------------------------------------------------------------------------- inject/CLI wiring
+def test_inject_with_a_recipe_reads_the_size_and_explicit_arguments_win() -> None:
+    import timm
+
+    from dpatch import inject
+
+    model = timm.create_model("vit_small_patch16_224")
+    report = inject(model, recipe="deit3-in1k")
+    assert {s.rate for s in report.sites} == {0.05} and report.schedule == "uniform"
+    assert report.recipe is not None and report.recipe["size"] == "S"
+    assert report.recipe["size_from"] == "model"
+    report = inject(model, recipe="deit3-in1k", size="B", schedule="linear")
+    assert report.schedule == "linear" and max(s.rate for s in report.sites) == 0.2
+    assert report.to_dict()["recipe"]["recipe"] == "deit3-in1k"
+
+
+def test_size_without_recipe_and_unknown_recipe_are_errors() -> None:
+    from dpatch import inject
+
+    model = nn.Sequential(PlainRes(), PlainRes())
+    with pytest.raises(InvalidValueError, match="size='B' needs recipe="):
+        inject(model, size="B", example_inputs=(example(),))
+    with pytest.raises(InvalidValueError, match="unknown recipe 'nope'"):
+        inject(model, recipe="nope", example_inputs=(example(),))
+    assert not any(isinstance(m, DropPath) for m in model.modules())
+
+
+def test_cli_recipes_listing_and_recipe_option(tmp_path: object) -> None:
+    import json
+
+    from helpers import cli, one_line_error
+
+    code, out, _ = cli("recipes", "--json")
+    assert code == 0
+    doc = {r["name"]: r for r in json.loads(out)}
+    assert doc["deit3-in1k"]["source"]["url"].startswith("https://github.com/facebookresearch/")
+    assert all(r["source"]["paper"] and r["source"]["url"] for r in doc.values())
+    out_file = f"{tmp_path}/vit.safetensors"
+    code, out, err = cli(
+        "inject", "timm:vit_small_patch16_224", "--recipe", "deit3-in1k", "-o", out_file, "--json"
+    )
+    assert code == 0, err
+    assert json.loads(out)["recipe"]["size"] == "S"
+    code, out, _ = cli("inspect", out_file, "--json")
+    assert json.loads(out)["recipe"]["recipe"] == "deit3-in1k"  # the manifest keeps it
+    code, _, err = cli("inject", "tv:resnet18", "--recipe", "swin")
+    assert code == 1
+    one_line_error(err, "recipe 'swin'", "--size")

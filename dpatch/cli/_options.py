@@ -34,8 +34,10 @@ __all__ = [
     "PerOpt",
     "PretrainedOpt",
     "RatesOpt",
+    "RecipeOpt",
     "ScalingOpt",
     "ScheduleOpt",
+    "SizeOpt",
     "SkipOpt",
     "WeightsOpt",
     "parse_inputs",
@@ -57,37 +59,64 @@ ModelArg = Annotated[
     ),
 ]
 MaxRate = Annotated[
-    str, typer.Option("--max-rate", metavar="R", help="Rate of the deepest block, in [0, 1).")
+    str | None,
+    typer.Option(
+        "--max-rate", metavar="R", help="Rate of the deepest block, in [0, 1) (default 0.1)."
+    ),
 ]
 MinRate = Annotated[
-    str,
-    typer.Option("--min-rate", metavar="R", help="Rate of the first block (linear, cosine)."),
+    str | None,
+    typer.Option(
+        "--min-rate", metavar="R", help="Rate of the first block (linear, cosine; default 0)."
+    ),
 ]
 ScheduleOpt = Annotated[
-    str,
-    typer.Option("--schedule", metavar="KIND", help=" | ".join((*SCHEDULES, "native")) + "."),
+    str | None,
+    typer.Option(
+        "--schedule",
+        metavar="KIND",
+        help=" | ".join((*SCHEDULES, "native")) + " (default linear).",
+    ),
 ]
 RatesOpt = Annotated[
     str | None,
     typer.Option("--rates", metavar="R,R,...", help="Per-step rates for --schedule custom."),
 ]
 ModeOpt = Annotated[
-    str, typer.Option("--mode", metavar=_bar(MODES), help="Drop per sample or whole batch.")
+    str | None,
+    typer.Option("--mode", metavar=_bar(MODES), help="Drop per sample (default) or whole batch."),
 ]
 ScalingOpt = Annotated[
-    str,
+    str | None,
     typer.Option(
         "--scaling",
         metavar=_bar(SCALINGS),
-        help="inverted: kept/(1-p) in training (timm); expected: x(1-p) in eval (Huang).",
+        help="inverted (default): kept/(1-p) in training (timm); expected: x(1-p) in eval (Huang).",
     ),
 ]
 PerOpt = Annotated[
-    str, typer.Option("--per", metavar=_bar(PER), help="What one schedule step covers.")
+    str | None,
+    typer.Option("--per", metavar=_bar(PER), help="What one schedule step covers (block)."),
 ]
 SkipOpt = Annotated[
-    bool,
-    typer.Option("--skip", help="Compute dropped branches only where kept (training speed-up)."),
+    bool | None,
+    typer.Option(
+        "--skip/--no-skip",
+        help="Compute dropped branches only where kept (training speed-up).",
+        show_default=False,
+    ),
+]
+RecipeOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--recipe",
+        metavar="NAME",
+        help="A published recipe (dpatch recipes); options given explicitly win over it.",
+    ),
+]
+SizeOpt = Annotated[
+    str | None,
+    typer.Option("--size", metavar="S", help="Model size for --recipe (default: read off)."),
 ]
 WeightsOpt = Annotated[
     Path | None,
@@ -178,8 +207,11 @@ def parse_inputs(shapes: list[str] | None, dtypes: list[str] | None) -> tuple[Te
     )
 
 
-def parse_rate(text: str, flag: str) -> float:
-    """A rate option's text as a float in [0, 1), or an error naming the flag and value."""
+def parse_rate(text: str | None, flag: str) -> float | None:
+    """A rate option's text as a float in [0, 1) (None when not given), or an error naming
+    the flag and value."""
+    if text is None:
+        return None
     try:
         value = float(text)
     except (TypeError, ValueError):
@@ -195,5 +227,7 @@ def parse_rates(text: str | None) -> list[float] | None:
     for i, tok in enumerate(t.strip() for t in text.split(",")):
         if not tok:
             raise InvalidValueError(f"--rates has an empty entry at position {i}: {text!r}")
-        out.append(parse_rate(tok, f"--rates entry {i}"))
+        rate = parse_rate(tok, f"--rates entry {i}")
+        assert rate is not None
+        out.append(rate)
     return out
