@@ -27,7 +27,7 @@ __all__ = [
     "configure_slot",
     "second_probe",
     "set_slot",
-    "unpatch_without_skip",
+    "unpatch_to_redo",
 ]
 
 
@@ -66,11 +66,14 @@ def set_slot(model: nn.Module, path: str, s: SlotSettings) -> None:
     setattr(parent, attr, dp)
 
 
-def unpatch_without_skip(model: nn.Module) -> None:
-    """Blocks rewritten without the skipping form are restored so they can be redone."""
+def unpatch_to_redo(model: nn.Module, *, skip: bool, coverage: str) -> None:
+    """Restore the blocks a patch must rewrite anew: rewritten without the skipping form
+    when skipping is asked for, or under another coverage (other sites)."""
     for mod in model.modules():
         meta = block_meta(mod)
-        if meta is not None and meta.rewritten_without_skip:
+        if meta is None:
+            continue
+        if (skip and meta.rewritten_without_skip) or meta.coverage != coverage:
             unpatch_block(mod)
 
 

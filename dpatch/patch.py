@@ -15,7 +15,7 @@ from dpatch._apply import (
     restore_slots,
     second_probe,
     set_slot,
-    unpatch_without_skip,
+    unpatch_to_redo,
 )
 from dpatch._marks import block_meta
 from dpatch._slots import SlotSettings
@@ -53,14 +53,19 @@ def _empty_error(an: Analysis, what: str) -> NoResidualSitesError:
 
 
 def inspect(
-    model: nn.Module, example_inputs: Sequence[Any] | None = None, *, allow_empty: bool = True
+    model: nn.Module,
+    example_inputs: Sequence[Any] | None = None,
+    *,
+    allow_empty: bool = True,
+    coverage: str = "slots",
 ) -> PatchReport:
     """List every residual site of ``model`` with its current rate. Read-only.
 
     Raises:
+        ProbeError: the model runs on no input; pass ``example_inputs``.
         NoResidualSitesError: no residual branch and ``allow_empty`` is False.
     """
-    an = analyze(model, example_inputs)
+    an = analyze(model, example_inputs, coverage)
     sites = an.sites()
     if not sites and not allow_empty:
         raise _empty_error(an, "the model")
@@ -69,14 +74,14 @@ def inspect(
 
 def _skipped(an: Analysis) -> tuple[Skipped, ...]:
     out = [Skipped(p, r) for p, r in an.skipped]
-    if an.ignored_graph_sites:
-        out.append(
-            Skipped(
-                "",
-                f"{an.ignored_graph_sites} residual addition(s) without a slot left alone: "
-                "the model has native DropPath slots, which define its sites",
-            )
+    out += [
+        Skipped(
+            path,
+            "residual addition without a slot left alone: the model's own DropPath slots "
+            f"define its sites (coverage='all', --coverage all, adds it as {attr})",
         )
+        for path, attr in an.unslotted
+    ]
     return tuple(out)
 
 
@@ -111,6 +116,7 @@ def inject(
     allow_empty: bool = True,
     recipe: str | None = None,
     size: str | None = None,
+    coverage: str = "slots",
 ) -> PatchReport:
     """Put stochastic depth on every residual branch of ``model`` with a per-layer schedule.
 
@@ -140,6 +146,8 @@ def inject(
             None; its time schedule is reported for ``DropPathScheduler``.
         size: the model size for a recipe whose rate depends on it (default: read from
             the model).
+        coverage: ``"slots"`` (default: when the model has native slots, they alone are
+            its sites) or ``"all"`` (those plus every residual addition without a slot).
 
     Raises:
         InvalidValueError: a bad rate, schedule, mode, scaling, ``per`` or recipe.
@@ -170,6 +178,7 @@ def inject(
         example_inputs=example_inputs,
         allow_empty=allow_empty,
         slots_only=False,
+        coverage=coverage,
     )
 
 
@@ -190,6 +199,7 @@ def retune(
     allow_empty: bool = False,
     recipe: str | None = None,
     size: str | None = None,
+    coverage: str = "slots",
 ) -> PatchReport:
     """Change the rates of a model that already has slots (native or from ``inject``).
 
@@ -223,6 +233,7 @@ def retune(
         example_inputs=example_inputs,
         allow_empty=allow_empty,
         slots_only=True,
+        coverage=coverage,
     )
 
 
@@ -320,7 +331,13 @@ def _site_rates(
     from dpatch.zoo import native_rates
 
     by_slot = native_rates(model, req.max_rate)
-    rate = {s.name: by_slot.get(s.origin or s.slot, 0.0) for s in sites}
+    rate = {s.name: by_slot[s.origin or s.slot] for s in sites if (s.origin or s.slot) in by_slot}
+    # A residual addition without a slot (coverage="all") takes its block's rate.
+    block_rate: dict[int, float] = {}
+    for s in sites:
+        if s.name in rate:
+            block_rate[s.block] = max(block_rate.get(s.block, 0.0), rate[s.name])
+    rate.update({s.name: block_rate.get(s.block, 0.0) for s in sites if s.name not in rate})
     steps = [0.0] * depth
     for s in sites:
         steps[step_of[s.name]] = max(steps[step_of[s.name]], rate[s.name])
@@ -335,13 +352,13 @@ def _patch(
     example_inputs: Sequence[Any] | None,
     allow_empty: bool,
     slots_only: bool,
+    coverage: str,
 ) -> PatchReport:
     if not inplace:
         model = copy.deepcopy(model)
-    if req.skip:
-        unpatch_without_skip(model)
+    unpatch_to_redo(model, skip=req.skip, coverage=coverage)
 
-    an = analyze(model, example_inputs)
+    an = analyze(model, example_inputs, coverage)
     before = {s.name: s for s in an.sites()}
     if not before and not allow_empty:
         raise _empty_error(an, "the model")
@@ -365,7 +382,12 @@ def _patch(
     for loose in an.loose:
         set_slot(model, loose.slot_path, settings[site_of_slot[loose.slot_path]])
         if req.skip:
-            skipped.append(Skipped(loose.slot_path, "skip needs a traced block; this slot masks"))
+            why = (
+                "skip needs a traced block; this slot masks"
+                if loose.residual
+                else "not on a residual addition (it drops the whole value it is given); masks"
+            )
+            skipped.append(Skipped(loose.slot_path, why))
 
     after = tuple(an.sites())
     changed = tuple(

@@ -265,15 +265,20 @@ def check_invariants(model: nn.Module, x: Any, patch: Callable[[nn.Module], Any]
 
 
 def zero_native_rates(model: nn.Module) -> None:
-    """Set every timm/torchvision drop-path rate to 0 (a model's own slots, before patching)."""
+    """Set every stochastic-depth rate to 0: timm, torchvision and other libraries' classes
+    (a model's own slots, before patching)."""
     from timm.layers import DropPath as TimmDropPath
     from torchvision.ops import StochasticDepth
+
+    from dpatch._slots import _foreign_rate_attr
 
     for m in model.modules():
         if isinstance(m, TimmDropPath):
             m.drop_prob = 0.0
         elif isinstance(m, StochasticDepth):
             m.p = 0.0
+        elif (attr := _foreign_rate_attr(m)) is not None:
+            setattr(m, attr, 0.0)
 
 
 def clone_model(model: nn.Module) -> nn.Module:

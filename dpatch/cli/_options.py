@@ -17,10 +17,12 @@ from dpatch._inputs import parse_shape
 from dpatch.droppath import MODES, SCALINGS
 from dpatch.errors import InvalidValueError
 from dpatch.schedule import PER, SCHEDULES, check_rate
+from dpatch.sites import COVERAGES
 
 __all__ = [
     "AllowEmptyOpt",
     "ArchOpt",
+    "CoverageOpt",
     "DryRunOpt",
     "ForceOpt",
     "InputDtypeOpt",
@@ -104,6 +106,15 @@ SkipOpt = Annotated[
         "--skip/--no-skip",
         help="Compute dropped branches only where kept (training speed-up).",
         show_default=False,
+    ),
+]
+CoverageOpt = Annotated[
+    str,
+    typer.Option(
+        "--coverage",
+        metavar=_bar(COVERAGES),
+        help="slots: a model's own DropPath slots alone when it has any; all: plus every "
+        "residual addition without one.",
     ),
 ]
 RecipeOpt = Annotated[

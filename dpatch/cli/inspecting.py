@@ -14,6 +14,7 @@ from dpatch.cli._app import about, app, emit, load, out, step
 from dpatch.cli._options import (
     AllowEmptyOpt,
     ArchOpt,
+    CoverageOpt,
     InputDtypeOpt,
     InputShapeOpt,
     JsonOpt,
@@ -44,6 +45,7 @@ def inspect_cmd(
     allow_empty: AllowEmptyOpt = False,
     input_shape: InputShapeOpt = None,
     input_dtype: InputDtypeOpt = None,
+    coverage: CoverageOpt = "slots",
 ) -> None:
     """List every residual site with its rate (model, dpatch file or plain checkpoint).
 
@@ -67,7 +69,9 @@ def inspect_cmd(
         loaded = load(model, weights=weights, pretrained=pretrained, arch=arch, quiet=as_json)
         extra = {"model": loaded.spec.text if loaded.spec else model}
         with step("Tracing residual branches", as_json), about(extra["model"]):
-            report = inspect(loaded.model, example_inputs, allow_empty=allow_empty)
+            report = inspect(
+                loaded.model, example_inputs, allow_empty=allow_empty, coverage=coverage
+            )
     emit(report, as_json, extra, show_all=show_all)
 
 

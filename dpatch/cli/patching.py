@@ -9,6 +9,7 @@ from dpatch.cli._app import about, app, emit, err, load, step
 from dpatch.cli._options import (
     AllowEmptyOpt,
     ArchOpt,
+    CoverageOpt,
     DryRunOpt,
     ForceOpt,
     InputDtypeOpt,
@@ -54,6 +55,7 @@ def _patch(
     skip: bool | None,
     recipe: str | None,
     size: str | None,
+    coverage: str,
     weights: Path | None,
     pretrained: bool,
     output: Path | None,
@@ -91,6 +93,7 @@ def _patch(
             example_inputs=example_inputs,
             recipe=recipe,
             size=size,
+            coverage=coverage,
         )
     written = None
     if output is not None and not dry_run:
@@ -120,6 +123,7 @@ def _register(name: str, action: Callable[..., PatchReport], doc: str) -> None:
         skip: SkipOpt = None,
         recipe: RecipeOpt = None,
         size: SizeOpt = None,
+        coverage: CoverageOpt = "slots",
         weights: WeightsOpt = None,
         pretrained: PretrainedOpt = False,
         output: OutOpt = None,
@@ -144,6 +148,7 @@ def _register(name: str, action: Callable[..., PatchReport], doc: str) -> None:
             skip=skip,
             recipe=recipe,
             size=size,
+            coverage=coverage,
             weights=weights,
             pretrained=pretrained,
             output=output,
