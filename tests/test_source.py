@@ -25,7 +25,7 @@ class Windowed(nn.Module):
         self.drop_path = nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        B, N, C = x.shape
+        _, N, _ = x.shape  # unpacking a shape: plain torch.fx cannot trace this
         shortcut = x
         if N % self.window:
             pad = self.window - N % self.window
