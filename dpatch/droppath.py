@@ -12,10 +12,22 @@ Conventions (Huang et al. 2016; timm ``timm.layers.drop_path``; torchvision
 No function here reads a random value back to the host: masks stay tensors and scales are
 Python floats, so nothing forces a device synchronisation. This module knows nothing of
 models.
+
+On CUDA, training-mode ``drop_add`` runs dpatch's Triton kernel (:mod:`dpatch.kernels`)
+when Triton is importable and both operands share a layout the kernel reads in place;
+everything else, and all code being compiled by ``torch.compile``/``torch.export`` (the
+compiler fuses the mask into its own kernel, together with the branch's last op), takes
+``torch.addcmul``. The environment variable ``DPATCH_KERNELS`` selects:
+
+- unset, ``""`` or ``"1"``: the kernel for CUDA tensors;
+- ``"0"``: never the kernel;
+- ``"interpret"``: also CPU tensors go through the kernel, run by Triton's interpreter
+  (slow and exact: how the kernel is tested without a GPU).
 """
 
 from __future__ import annotations
 
+import os
 from typing import Any, ClassVar, Optional
 
 import torch
@@ -112,7 +124,9 @@ def drop_add(
 
     Training uses ``torch.addcmul(x, branch, mask, value=scale)``: a single kernel with the
     (B, 1, ..., 1) mask broadcast and the scale as a host float (computed in the op's
-    accumulation type, so bf16 branches are not rounded twice). Eval is ``x + branch`` (or
+    accumulation type, so bf16 branches are not rounded twice). On CUDA it uses dpatch's
+    Triton kernel instead (see the module docstring): one float32 scale per sample, built
+    on the device from the same Bernoulli draw. Eval is ``x + branch`` (or
     ``x + (1 - p) * branch`` for ``"expected"`` scaling), bit for bit the plain residual.
 
     Args:
@@ -123,6 +137,9 @@ def drop_add(
         mode: ``"row"`` or ``"batch"``.
         scaling: ``"inverted"``, ``"expected"`` or ``"none"``.
         alpha: a constant factor on the branch, for blocks written ``torch.add(x, b, alpha=)``.
+
+    Raises:
+        ValueError: a bad rate, mode or scaling, or a bad ``DPATCH_KERNELS`` value.
     """
     p = _check_prob(drop_prob)
     _check_mode(mode)
@@ -132,8 +149,42 @@ def drop_add(
             return torch.add(x, branch, alpha=alpha * (1.0 - p))
         return x + branch if alpha == 1.0 else torch.add(x, branch, alpha=alpha)
     keep = 1.0 - p
+    value = alpha / keep if how == "inverted" else alpha
+    if _use_kernels(x, branch):
+        return _kernel_drop_add(x, branch, keep, mode, value)
     mask = _keep_mask(branch, keep, mode)
-    return torch.addcmul(x, branch, mask, value=alpha / keep if how == "inverted" else alpha)
+    return torch.addcmul(x, branch, mask, value=value)
+
+
+_KERNEL_SETTINGS: tuple[str, ...] = ("", "0", "1", "interpret")
+
+
+def _use_kernels(x: Tensor, branch: Tensor) -> bool:
+    """Whether training-mode ``drop_add`` runs the Triton kernel (see ``DPATCH_KERNELS``)."""
+    setting = os.environ.get("DPATCH_KERNELS", "")
+    if setting not in _KERNEL_SETTINGS:
+        raise ValueError(f"DPATCH_KERNELS has to be one of {_KERNEL_SETTINGS}, but got {setting!r}")
+    if setting == "0" or torch.compiler.is_compiling():
+        return False
+    device = x.device.type
+    if device != "cuda" and not (device == "cpu" and setting == "interpret"):
+        return False
+    from dpatch import kernels  # imports Triton: only when a kernel could run
+
+    return kernels.available() and kernels.supports(x, branch)
+
+
+def _kernel_drop_add(x: Tensor, branch: Tensor, keep: float, mode: str, value: float) -> Tensor:
+    from dpatch import kernels
+
+    rows = branch.shape[0]
+    # One draw per sample (or one for the batch), as in _keep_mask: the same random
+    # numbers, so a seed gives the same mask on either path.
+    lead = rows if mode == "row" else 1
+    scale = torch.empty(lead, dtype=torch.float32, device=branch.device).bernoulli_(keep)
+    if value != 1.0:
+        scale.mul_(value)
+    return kernels.fused_drop_add(x, branch, scale.expand(rows))
 
 
 def _scripted_drop(
