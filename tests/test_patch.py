@@ -241,7 +241,7 @@ def test_a_site_rate_of_one_drops_always_and_skipping_computes_nothing() -> None
         report = inject(block, schedule="custom", rates=[1.0], skip=skip, example_inputs=(x[:2],))
         assert report.sites[0].rate == 1.0 and report.sites[0].skip == skip
         rows: list[int] = []
-        block.f.register_forward_hook(lambda _m, args, _o: rows.append(args[0].shape[0]))
+        block.f.register_forward_hook(lambda _m, args, _o, rows=rows: rows.append(args[0].shape[0]))
         block.train()
         assert torch.equal(block(x), x)
         assert rows == ([0] if skip else [8])  # masking computes the branch, then drops it
