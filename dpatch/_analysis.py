@@ -7,6 +7,7 @@ turns into public :class:`~dpatch.sites.Site` records and :mod:`dpatch.patch` ap
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -23,7 +24,7 @@ from dpatch._slots import (
     owner_of,
     referenced_none_slots,
 )
-from dpatch._trace import TraceCache, TracedBlock, one_line
+from dpatch._trace import TraceCache, TracedBlock, one_line, trace_module
 from dpatch.errors import InvalidValueError, TraceError
 from dpatch.residual import BlockSite, find_residual_adds, native_slots_win
 
@@ -145,6 +146,25 @@ def _rewritten_block(path: str, mod: nn.Module, order: int) -> BlockSites:
     return BlockSites(path, mod, order, sites, None, meta.coverage, list(meta.unslotted))
 
 
+def _called_when_filled(
+    mod: nn.Module, call: Call, attrs: list[str], known: dict[int, Any]
+) -> list[str]:
+    """Which empty (``None``) slots ``mod``'s forward calls once they hold a module: a trace
+    of a shallow copy whose slots hold ``nn.Identity``."""
+    shadow = copy.copy(mod)
+    shadow.__dict__ = dict(mod.__dict__)
+    shadow._modules = dict(mod._modules)
+    for attr in attrs:
+        del shadow.__dict__[attr]
+        shadow._modules[attr] = nn.Identity()
+    try:
+        graph = trace_module(shadow).graph
+    except Exception:  # the filled copy does not trace: the slots stay empty, as reported
+        return []
+    called = {str(n.target) for n in graph.nodes if n.op == "call_module"}
+    return [a for a in attrs if a in called]
+
+
 def analyze(
     model: nn.Module,
     example_inputs: Sequence[Any] | ExampleInputs | None = None,
@@ -210,9 +230,14 @@ def analyze(
             adds_of[key] = find_residual_adds(mod, traced.graph, traced.env, slot_nodes)
         sites = assign_slots(mod, adds_of[key])
         attrs = {s.attr for s in sites}
-        idle_none_slots.update(
-            qualify(path, a) for a in referenced_none_slots(mod, sources) if a not in attrs
-        )
+        idle = [a for a in referenced_none_slots(mod, sources) if a not in attrs]
+        if idle and not sites:
+            # timm's VoVNet keeps ``drop_path = None`` at rate 0 and calls it, on the block
+            # output, once it holds a module: such a slot is a site that drops that output.
+            filled = _called_when_filled(mod, pr.inputs[id(mod)], idle, pr.ran_once())
+            none_loose += [LooseSlot(qualify(path, a), path, order, residual=False) for a in filled]
+            idle = [a for a in idle if a not in filled]
+        idle_none_slots.update(qualify(path, a) for a in idle)
         if sites:
             blocks.append(BlockSites(path, mod, order, sites, traced, coverage))
 
