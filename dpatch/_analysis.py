@@ -8,7 +8,7 @@ turns into public :class:`~dpatch.sites.Site` records and :mod:`dpatch.patch` ap
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterator, Sequence
+from collections.abc import Hashable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -16,6 +16,7 @@ from torch import nn
 
 from dpatch._inputs import ExampleInputs
 from dpatch._marks import block_meta
+from dpatch._metatrace import meta_trace
 from dpatch._probe import Call, Probe, probe
 from dpatch._slots import (
     assign_slots,
@@ -24,7 +25,7 @@ from dpatch._slots import (
     owner_of,
     referenced_none_slots,
 )
-from dpatch._trace import TraceCache, TracedBlock, one_line, trace_module
+from dpatch._trace import TracedBlock, config_key, one_line, trace_and_run, trace_module
 from dpatch.errors import InvalidValueError, TraceError
 from dpatch.residual import BlockSite, find_residual_adds, native_slots_win
 
@@ -144,6 +145,42 @@ def _rewritten_block(path: str, mod: nn.Module, order: int) -> BlockSites:
     assert meta is not None
     sites = [BlockSite(s.attr, s.kind, s.origin) for s in meta.sites]
     return BlockSites(path, mod, order, sites, None, meta.coverage, list(meta.unslotted))
+
+
+class TraceCache:
+    """Traces shared by blocks of one configuration; failures are remembered too."""
+
+    def __init__(self, known: dict[int, Any]) -> None:
+        self._known = known
+        self._traces: dict[Hashable, TracedBlock | TraceError] = {}
+
+    def get(self, mod: nn.Module, call: Call) -> TracedBlock:
+        """The trace of ``mod`` run on ``call``.
+
+        Raises:
+            TraceError: the block cannot be traced or its trace does not run.
+        """
+        key = config_key(mod, call)
+        hit = self._traces.get(key) if key is not None else None
+        if hit is None:
+            hit = self._trace(mod, call)
+            if key is not None:
+                self._traces[key] = hit
+        if isinstance(hit, TraceError):
+            raise hit
+        return hit
+
+    def _trace(self, mod: nn.Module, call: Call) -> TracedBlock | TraceError:
+        """A plain trace; failing that, one with value-carrying proxies (a forward that
+        branches on shapes or unpacks a child's tuple); failing that, the first error."""
+        try:
+            return trace_and_run(mod, call, self._known)
+        except TraceError as exc:
+            first = exc
+        try:
+            return meta_trace(mod, call, self._known)
+        except TraceError:
+            return first
 
 
 def _called_when_filled(
