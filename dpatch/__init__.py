@@ -17,6 +17,7 @@ from dpatch.errors import (
     NoResidualSitesError,
     NoSlotsError,
     OutputError,
+    ProbeError,
     UnsupportedSiteError,
     WeightsError,
 )
@@ -49,6 +50,7 @@ __all__ = [
     "NoSlotsError",
     "OutputError",
     "PatchReport",
+    "ProbeError",
     "PruneStats",
     "SensitivityReport",
     "Site",

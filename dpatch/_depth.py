@@ -42,11 +42,13 @@ class Taken:
         slots: its dpatch DropPath per slot attribute (None: it was not rewritten).
         pruned: its pruned slot attributes.
         skip: it was rewritten with compute-skipping on.
+        coverage: the coverage its sites were chosen under.
     """
 
     slots: dict[str, DropPath] | None
     pruned: frozenset[str]
     skip: bool
+    coverage: str = "slots"
 
 
 def take_apart(blocks: Sequence[BlockSites]) -> dict[str, Taken]:
@@ -56,11 +58,11 @@ def take_apart(blocks: Sequence[BlockSites]) -> dict[str, Taken]:
     for b in blocks:
         meta = block_meta(b.module)
         if meta is None:
-            out[b.path] = Taken(None, frozenset(), False)
+            out[b.path] = Taken(None, frozenset(), False, b.coverage)
             continue
         slots = {s.attr: getattr(b.module, s.attr) for s in meta.sites}
         skip = any(s.skippable for s in meta.sites)
-        out[b.path] = Taken(slots, frozenset(meta.pruned), skip)
+        out[b.path] = Taken(slots, frozenset(meta.pruned), skip, meta.coverage)
         unpatch_block(b.module)
     return out
 
@@ -149,6 +151,8 @@ def removable(site: Site, sites: Sequence[Site]) -> str:
     """Why a site's branch cannot be removed for a measurement ('' when it can)."""
     if site.pruned:
         return "pruned already"
+    if not site.residual:
+        return "its slot drops a value that is not a residual branch"
     if site.fused:
         return ""
     if site.kind != "native":

@@ -10,12 +10,21 @@ from __future__ import annotations
 
 import operator
 from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.fx as fx
 from torch import nn
 
-__all__ = ["erase_branch", "prune_addition", "referenced", "settle_copy", "unreferenced"]
+__all__ = [
+    "Pruning",
+    "erase_branch",
+    "prune_addition",
+    "referenced",
+    "settle_copy",
+    "unreferenced",
+]
 
 # Operations whose result may share memory with their first argument.
 _VIEW_METHODS = frozenset(
@@ -167,3 +176,43 @@ def unreferenced(targets: Iterable[str], refs: set[str]) -> tuple[str, ...]:
         return any(r == t or r.startswith(t + ".") or t.startswith(r + ".") for r in refs)
 
     return tuple(sorted(t for t in set(targets) if not reached(t)))
+
+
+@dataclass
+class Pruning:
+    """The pruned branches of one generated forward: what they referenced, and the copies of
+    shortcuts that replaced their additions.
+
+    Attributes:
+        block: the block being rewritten.
+        removed: site index -> the targets its erased branch nodes referenced.
+        copies: shortcut copies (:func:`prune_addition`), settled by :meth:`finish`.
+        moved: targets that branches moved into their own methods (skipping) reference.
+    """
+
+    block: nn.Module
+    removed: dict[int, set[str]] = field(default_factory=dict)
+    copies: list[fx.Node] = field(default_factory=list)
+    moved: set[str] = field(default_factory=set)
+
+    def shortcut(
+        self, add: fx.Node, shortcut: fx.Node, *envs: dict[fx.Node, Any] | None
+    ) -> fx.Node:
+        """The node that replaces ``add``; it carries the shortcut's value in ``envs`` (later
+        branches may read it, and skip planning must know it is a tensor)."""
+        new = prune_addition(add, shortcut)
+        self.copies.append(new)
+        for env in envs:
+            if env is not None:
+                env[new] = env.get(shortcut)
+        return new
+
+    def erase(self, index: int, branch: fx.Node) -> None:
+        self.removed[index] = erase_branch(branch)
+
+    def finish(self, graph: fx.Graph, sites: int) -> tuple[tuple[str, ...], ...]:
+        """Settle the copies; per site, the targets only its pruned branch used."""
+        for c in self.copies:
+            settle_copy(c, self.block)
+        refs = referenced(graph.nodes) | self.moved
+        return tuple(unreferenced(self.removed.get(j, ()), refs) for j in range(sites))

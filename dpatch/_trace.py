@@ -26,15 +26,28 @@ from dpatch.residual import add_operands
 
 __all__ = [
     "LeafTracer",
-    "TraceCache",
+    "Span",
     "TracedBlock",
     "bind_inputs",
     "concrete_candidates",
+    "config_key",
     "one_line",
     "run_graph_meta",
     "trace_and_run",
     "trace_module",
+    "training_watcher",
 ]
+
+
+@dataclass(frozen=True)
+class Span:
+    """Where an expression is written: 1-based lines, 0-based UTF-8 byte columns (as
+    ``ast`` and ``code.co_positions`` count them)."""
+
+    line: int
+    col: int
+    end_line: int
+    end_col: int
 
 
 @dataclass(frozen=True, eq=False)
@@ -49,6 +62,10 @@ class TracedBlock:
         concrete: arguments specialised to the constant they had (``mask=None``).
         env: the value of every node on the block's recorded meta inputs (empty when the
             graph has no addition, so nothing needed running).
+        spans: where in the block's forward source each node was made (meta traces only).
+        specialised: the graph holds the recorded shapes as constants (a forward that
+            branches on shapes, traced by :mod:`dpatch._metatrace`): it finds sites, but
+            the block is rewritten at source level, not generated from the graph.
     """
 
     graph: fx.Graph
@@ -56,6 +73,8 @@ class TracedBlock:
     reads_training: bool = True
     concrete: dict[str, Any] = field(default_factory=dict)
     env: dict[fx.Node, Any] = field(default_factory=dict)
+    spans: dict[fx.Node, Span] = field(default_factory=dict)
+    specialised: bool = False
 
 
 class LeafTracer(fx.Tracer):
@@ -86,7 +105,7 @@ def _notrace_functions() -> tuple[Callable[..., Any], ...]:
 _READ_TRAINING = "__dpatch_read_training"  # set on the tracer's shadow copy only
 
 
-def _training_watcher(cls: type) -> type:
+def training_watcher(cls: type) -> type:
     """A subclass of ``cls`` whose ``training`` attribute records that it was read."""
 
     def get(self: nn.Module) -> bool:
@@ -113,7 +132,7 @@ def trace_module(
     arguments recorded as None or a constant) are specialised, with torch.fx's guards that
     fail loudly on other values.
     """
-    shadow: nn.Module = object.__new__(_training_watcher(type(module)))
+    shadow: nn.Module = object.__new__(training_watcher(type(module)))
     shadow.__dict__ = dict(module.__dict__)
     if training is not None:
         shadow.__dict__["training"] = training
@@ -264,7 +283,7 @@ def one_line(exc: BaseException) -> str:
     return (text[0] if text else type(exc).__name__)[:200]
 
 
-# --------------------------------------------------------------------------- sharing traces
+# --------------------------------------------------------------------------- trace keys
 _MODULE_INTERNALS = frozenset(
     {
         "_parameters",
@@ -304,7 +323,7 @@ def _freeze(value: Any) -> Hashable:
     raise TypeError(type(value).__name__)
 
 
-def _config_key(mod: nn.Module, call: Call) -> Hashable | None:
+def config_key(mod: nn.Module, call: Call) -> Hashable | None:
     """What a trace of ``mod`` depends on: its class, plain attributes, children's classes,
     parameter and buffer names, and which recorded arguments are None or constants. None
     when the module holds something a trace could capture by value (a tensor attribute)."""
@@ -328,30 +347,3 @@ def _config_key(mod: nn.Module, call: Call) -> Hashable | None:
         tuple(mod._buffers),
         arguments,
     )
-
-
-class TraceCache:
-    """Traces shared by blocks of one configuration; failures are remembered too."""
-
-    def __init__(self, known: dict[int, Any]) -> None:
-        self._known = known
-        self._traces: dict[Hashable, TracedBlock | TraceError] = {}
-
-    def get(self, mod: nn.Module, call: Call) -> TracedBlock:
-        """The trace of ``mod`` run on ``call``.
-
-        Raises:
-            TraceError: the block cannot be traced or its trace does not run.
-        """
-        key = _config_key(mod, call)
-        hit = self._traces.get(key) if key is not None else None
-        if hit is None:
-            try:
-                hit = trace_and_run(mod, call, self._known)
-            except TraceError as exc:
-                hit = exc
-            if key is not None:
-                self._traces[key] = hit
-        if isinstance(hit, TraceError):
-            raise hit
-        return hit

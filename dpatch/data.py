@@ -23,10 +23,11 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from dpatch._probe import default_example_input
+from dpatch._meta import materialise
+from dpatch._probe import probe
 from dpatch.errors import DataError, InvalidValueError
 
-__all__ = ["Data", "load_data"]
+__all__ = ["Data", "load_data", "random_inputs"]
 
 _IMAGENET_MEAN = (0.485, 0.456, 0.406)
 _IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -75,15 +76,34 @@ def load_data(
         if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
             raise InvalidValueError(f"{name} must be a whole number >= 1, but got {n!r}")
     if synthetic is not None:
-        shape = default_example_input(model, batch=synthetic).shape
-        gen = torch.Generator().manual_seed(0)
-        return Data(torch.randn(shape, generator=gen), None, f"{synthetic} random inputs", True)
+        return Data(random_inputs(model, synthetic), None, f"{synthetic} random inputs", True)
     assert path is not None
     p = Path(path)
     if not p.exists():
         raise DataError(f"data path {str(p)!r} does not exist")
     data = _image_folder(p, model) if p.is_dir() else _tensor_file(p)
     return _limited(data, limit)
+
+
+def random_inputs(model: nn.Module, batch: int, seed: int = 0) -> Tensor:
+    """Random inputs of the size the model runs on (the input its probe used), seeded.
+
+    Raises:
+        ProbeError: the model runs on no input dpatch can infer.
+        InvalidValueError: it takes several inputs (give data instead).
+    """
+    example = probe(model).example
+    assert example is not None
+    values = example.with_batch(batch).values
+    if len(values) != 1 or not isinstance(values[0], Tensor):
+        raise InvalidValueError(
+            f"the model takes {len(values)} inputs; give data holding them instead of "
+            "synthetic inputs"
+        )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        out: Tensor = materialise(values[0], torch.device("cpu"))
+    return out
 
 
 def _limited(data: Data, limit: int | None) -> Data:
@@ -102,7 +122,7 @@ def _transform(model: nn.Module) -> Any:
         return create_transform(**resolve_data_config({}, model=model))
     from torchvision import transforms
 
-    size = tuple(default_example_input(model).shape[-2:])
+    size = tuple(random_inputs(model, 1).shape[-2:])
     return transforms.Compose(
         [
             transforms.Resize(size),

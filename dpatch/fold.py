@@ -28,7 +28,7 @@ from dpatch.droppath import DropPath
 from dpatch.errors import UnsupportedSiteError
 from dpatch.patch import strip
 from dpatch.results import PatchReport
-from dpatch.sites import BlockSites, Site, analyze, qualify
+from dpatch.sites import BlockSites, Site, analyze, qualify, site_list
 
 __all__ = ["FoldReport", "FoldedSite", "fold"]
 
@@ -272,13 +272,13 @@ def fold(
     if not inplace:
         model = copy.deepcopy(model)
     an = analyze(model, example_inputs)
-    sites = an.sites()
+    sites = site_list(an)
     todo = [s for s in sites if s.scaling == "expected" and s.rate > 0 and not s.pruned]
     if not todo:
         return FoldReport((), PatchReport.current(sites, model=model), model)
     reference = copy.deepcopy(model)
     strip(reference)
-    blocks = {b.path: b for b in analyze(reference, example_inputs).blocks}
+    blocks = {b.path: b for b in analyze(reference, an.example).blocks}
     plans: list[tuple[Site, tuple[str, ...]]] = []
     for s in todo:
         b = blocks.get(s.path)
@@ -315,4 +315,4 @@ def fold(
             idle = model.get_submodule(s.slot) if s.scaling == "expected" else None
             if isinstance(idle, DropPath) and s.rate == 0:
                 idle.scaling = "inverted"
-    return FoldReport(tuple(folded), PatchReport.current(an.sites(), model=model), model)
+    return FoldReport(tuple(folded), PatchReport.current(site_list(an), model=model), model)

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from dpatch._probe import default_example_input
+from dpatch.data import random_inputs
 from dpatch.errors import InvalidValueError
 from dpatch.prune import unused_state_keys
 
@@ -93,10 +93,8 @@ def measure_pruning(
         raise InvalidValueError(f"device {device!r} asked for, but CUDA is not available")
     p0, b0 = _count(original, ())
     p1, b1 = _count(pruned, unused_state_keys(pruned))
-    gen = torch.Generator().manual_seed(0)
     if example_inputs is None:
-        shape = default_example_input(original, batch=batch).shape
-        inputs: tuple[Any, ...] = (torch.randn(shape, generator=gen),)
+        inputs: tuple[Any, ...] = (random_inputs(original, batch),)
     else:
         inputs = tuple(example_inputs)
     inputs = tuple(x.to(dev) if isinstance(x, Tensor) else x for x in inputs)

@@ -20,11 +20,11 @@ from torch import Tensor, nn
 
 from dpatch._depth import rebuild_blocks, take_apart
 from dpatch._marks import block_meta, set_block_meta
-from dpatch._probe import probe
+from dpatch._probe import Probe, probe
 from dpatch._skip import _ancestors
-from dpatch.errors import InvalidValueError, UnsupportedSiteError
+from dpatch.errors import InvalidValueError, ProbeError, UnsupportedSiteError
 from dpatch.results import PatchReport, Skipped
-from dpatch.sites import Analysis, BlockSites, Site, analyze, qualify
+from dpatch.sites import Analysis, BlockSites, Site, analyze, qualify, site_list
 
 __all__ = [
     "BY",
@@ -146,6 +146,11 @@ def _in_block(an: Analysis, site: Site) -> BlockSites:
     for b in an.blocks:
         if b.path == site.path and any(s.attr == site.branch for s in b.sites):
             return b
+    if not site.residual:
+        raise UnsupportedSiteError(
+            f"cannot prune {site.name}: its slot {site.slot} drops a value that is not a "
+            "residual branch, so there is no shortcut to return"
+        )
     raise UnsupportedSiteError(
         f"cannot prune {site.name}: its slot {site.slot} is not on a residual addition "
         "dpatch could trace (the forward around it could not be traced), so its block "
@@ -214,7 +219,7 @@ def prune(
     if not inplace:
         model = copy.deepcopy(model)
     an = analyze(model, example_inputs)
-    before = an.sites()
+    before = site_list(an)
     chosen = _chosen(before, sites, count, keep, by, scores)
     if not chosen:
         return PatchReport.current(before, model=model)
@@ -222,7 +227,8 @@ def prune(
     for s in chosen:
         blocks.setdefault(s.path, _in_block(an, s))
     taken = take_apart(list(blocks.values()))
-    an2 = analyze(model, example_inputs)
+    coverage = "all" if any(t.coverage == "all" for t in taken.values()) else "slots"
+    an2 = analyze(model, an.example, coverage)
     wanted = {p: taken[p].pruned | {s.branch for s in chosen if s.path == p} for p in blocks}
     try:
         _check_nested(an2, wanted, before)
@@ -234,9 +240,9 @@ def prune(
     except Exception:
         _restore(model, an2, blocks, taken)
         raise
-    notes = settle_unused(model, example_inputs)
+    notes = settle_unused(model, an.example)
     return PatchReport.current(
-        an2.sites(), notes, model=model, changed=tuple(s.name for s in chosen)
+        site_list(an2), notes, model=model, changed=tuple(s.name for s in chosen)
     )
 
 
@@ -271,14 +277,18 @@ def _tensors_of(obj: Any) -> list[Tensor]:
     return [obj] if isinstance(obj, Tensor) else []
 
 
-def settle_unused(model: nn.Module, example_inputs: Sequence[Any] | None = None) -> list[Skipped]:
+def settle_unused(model: nn.Module, example_inputs: Any | None = None) -> list[Skipped]:
     """Confirm, for every block with pruned sites, which children and attributes only pruned
     branches use (recorded as ``PatchMeta.unused``); return why others stay.
 
     A child is unused when none of its modules runs in a forward pass of the pruned model
     (on the meta device) and none of its tensors is registered under another name.
     """
-    pr = probe(model, example_inputs)
+    try:
+        pr: Probe | None = probe(model, example_inputs)
+        failed = ""
+    except ProbeError as exc:
+        pr, failed = None, str(exc).splitlines()[0][:200]
     names = _tensor_names(model)
     notes: list[Skipped] = []
     for path, mod in model.named_modules():
@@ -294,8 +304,8 @@ def settle_unused(model: nn.Module, example_inputs: Sequence[Any] | None = None)
             if not tensors:
                 continue
             why = ""
-            if pr.error is not None:
-                why = f"the pruned model did not run on the meta device ({pr.error})"
+            if pr is None:
+                why = f"the pruned model did not run on the meta device ({failed})"
             elif isinstance(obj, nn.Module) and any(id(m) in pr.order for m in obj.modules()):
                 why = "it still runs outside the pruned branch"
             else:

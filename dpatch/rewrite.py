@@ -32,16 +32,12 @@ from dpatch._codegen import GeneratedCode, generated_class
 from dpatch._marks import block_meta, clear_block_meta, set_block_meta
 from dpatch._meta import meta_execution, to_meta
 from dpatch._probe import Call
-from dpatch._prune_graph import (
-    erase_branch,
-    prune_addition,
-    referenced,
-    settle_copy,
-    unreferenced,
-)
+from dpatch._prune_graph import Pruning, referenced
+from dpatch._rows import gather_rows
 from dpatch._skip import SITE_TEMPLATE, SkipPlan, branch_graph, is_batched, plan_skip, prune_dead
+from dpatch._source import rewrite_source
 from dpatch._trace import bind_inputs, trace_module
-from dpatch.droppath import DropPath, gather_rows
+from dpatch.droppath import DropPath
 from dpatch.errors import TraceError
 from dpatch.residual import INPLACE_ADDS
 from dpatch.sites import BlockSites
@@ -88,6 +84,8 @@ class PatchMeta:
         replaced_slots: (attr, original value) of the native slots it replaced.
         consts: tensor constants the tracer lifted onto the block.
         code: the generated methods (pickling rebuilds the class from them).
+        coverage: the coverage its sites were chosen under.
+        unslotted: slot names of residual additions left alone under coverage "slots".
         unused: children and attributes (relative to the block) whose tensors only pruned
             branches use, confirmed by :func:`dpatch.prune` (left out of saved files).
     """
@@ -98,6 +96,8 @@ class PatchMeta:
     replaced_slots: tuple[tuple[str, Any], ...]
     consts: tuple[str, ...]
     code: GeneratedCode
+    coverage: str = "slots"
+    unslotted: tuple[str, ...] = ()
     unused: tuple[str, ...] = ()
 
     @property
@@ -173,12 +173,32 @@ def _plan_key(bs: BlockSites, skip: bool, pruned: frozenset[str]) -> _PlanKey:
     return (id(bs.traced.graph), skip, tuple(s.attr for s in bs.sites), tuple(sorted(pruned)))
 
 
+_SHAPE_BRANCHES = (
+    "its forward branches on shapes: rewritten at source level, which masks (no skipping)"
+)
+
+
+def _generate_source(bs: BlockSites, skip: bool) -> _Plan:
+    """Edit the block's own forward source (a trace specialised to one shape)."""
+    assert bs.traced is not None
+    src = rewrite_source(bs.module, bs.sites, bs.traced.spans)
+    code = GeneratedCode((("forward", src),), in_place=True)
+    reason = _SHAPE_BRANCHES if skip else _NOT_REQUESTED
+    n = len(bs.sites)
+    cls = generated_class(type(bs.module), code)
+    return _Plan(cls, code, (False,) * n, (reason,) * n, ((),) * n)
+
+
 def _generate(
     bs: BlockSites, skip: bool, env_alt: dict[fx.Node, Any] | None, pruned: frozenset[str]
 ) -> _Plan:
     """Generate the patched methods for a traced block (``pruned``: slot attributes whose
     branches are left out)."""
     assert bs.traced is not None
+    if bs.traced.specialised:
+        if pruned:
+            raise TraceError("its forward branches on shapes; pruning needs a graph rewrite")
+        return _generate_source(bs, skip)
     graph = fx.Graph()
     val_map: dict[fx.Node, fx.Node] = {}
     graph.output(graph.graph_copy(bs.traced.graph, val_map))
@@ -208,22 +228,16 @@ def _generate(
     globals_: dict[str, Any] = {"torch": torch, "gather_rows": gather_rows}
     skippable: list[bool] = []
     reasons: list[str] = []
-    removed: dict[int, set[str]] = {}  # site index -> what its pruned branch referenced
-    copies: list[fx.Node] = []
-    moved_refs: set[str] = set()  # what branches moved into their own methods reference
+    cut = Pruning(bs.module)
     for j, (e, site) in enumerate(zip(edits, bs.sites, strict=True)):
         mutated = e.node.args[0] if e.node.target in INPLACE_ADDS else None
         mutated = mutated if isinstance(mutated, fx.Node) else None
         if site.attr in pruned:
-            new = prune_addition(e.node, e.shortcut)
-            copies.append(new)
-            env[new] = env.get(e.shortcut)  # later branches may read it (skip planning)
-            if alt is not None:
-                alt[new] = alt.get(e.shortcut)
+            new = cut.shortcut(e.node, e.shortcut, env, alt)
             _replace_add(e.node, new, mutated)
             _retarget(edits[j + 1 :], e.node, new)
             graph.erase_node(e.node)
-            removed[j] = erase_branch(e.branch)
+            cut.erase(j, e.branch)
             skippable.append(False)
             reasons.append(_PRUNED)
             continue
@@ -260,7 +274,7 @@ def _generate(
                 new = graph.call_module(site_fn, (e.shortcut, *plan.externals))
             skippable.append(True)
             reasons.append("")
-            moved_refs |= referenced(plan.nodes)
+            cut.moved |= referenced(plan.nodes)
         env[new] = env.get(e.node)
         if alt is not None:
             alt[new] = alt.get(e.node)
@@ -272,10 +286,7 @@ def _generate(
                 if n in plan.moved and not n.users:
                     graph.erase_node(n)
 
-    for c in copies:
-        settle_copy(c, bs.module)
-    refs = referenced(graph.nodes) | moved_refs
-    dropped = tuple(unreferenced(removed.get(j, ()), refs) for j in range(len(edits)))
+    dropped = cut.finish(graph, len(edits))
     graph.lint()
     name, src, g = _graph_source(graph, "forward")
     functions[name] = src
@@ -318,8 +329,8 @@ def check_training_invariant(bs: BlockSites) -> None:
     silently keep one mode's behaviour in the other.
     """
     assert bs.traced is not None
-    if not bs.traced.reads_training:
-        return
+    if not bs.traced.reads_training or bs.traced.specialised:
+        return  # a source-level rewrite keeps the forward's own ``self.training`` tests
     other = trace_module(
         bs.module, training=not bs.module.training, concrete_args=bs.traced.concrete or None
     )
@@ -370,7 +381,9 @@ def rewrite_block(
             plan = _Plan(masked.cls, masked.code, masked.skippable, reasons, masked.dropped)
             cache.plans[_plan_key(bs, True, pruned)] = plan
     if validate_inputs is not None and plan.cls not in cache.tried:
-        bad = _trial_run(module, plan.cls, slots, validate_inputs, skip=False)
+        bad = _trial_run(
+            module, plan.cls, slots, validate_inputs, skip=False, direct=bs.traced.specialised
+        )
         if bad:
             cache.plans[_plan_key(bs, skip, pruned)] = TraceError(bad)
             raise TraceError(f"the rewritten forward failed a trial run ({bad})")
@@ -397,6 +410,8 @@ def rewrite_block(
         replaced_slots=tuple(replaced),
         consts=tuple(bs.traced.consts),
         code=plan.code,
+        coverage=bs.coverage,
+        unslotted=tuple(bs.unslotted),
     )
     for name, value in bs.traced.consts.items():
         object.__setattr__(module, name, value)
@@ -410,10 +425,17 @@ def rewrite_block(
 
 
 def _trial_run(
-    module: nn.Module, cls: type, slots: dict[str, DropPath], call: Call, *, skip: bool
+    module: nn.Module,
+    cls: type,
+    slots: dict[str, DropPath],
+    call: Call,
+    *,
+    skip: bool,
+    direct: bool = False,
 ) -> str:
     """Run a generated forward once on meta tensors, training with rate 0.5 (so a skipping
-    branch really runs on a subset); return an error line or ''."""
+    branch really runs on a subset); return an error line or ''. ``direct``: call it with
+    the recorded call as it was (a source-level rewrite keeps the signature as written)."""
     trial = copy.copy(module)
     trial.__dict__ = dict(module.__dict__)
     trial._modules = dict(module._modules)
@@ -424,9 +446,13 @@ def _trial_run(
     object.__setattr__(trial, "__class__", cls)
     args, kwargs = call
     try:
-        values = [to_meta(v) for v in bind_inputs(module, args, kwargs)]
-        with meta_execution(trial):
-            trial(*values)
+        if direct:
+            with meta_execution(trial):
+                trial(*to_meta(args), **to_meta(kwargs))
+        else:
+            values = [to_meta(v) for v in bind_inputs(module, args, kwargs)]
+            with meta_execution(trial):
+                trial(*values)
     except Exception as exc:
         return f"{type(exc).__name__}: {exc}".splitlines()[0][:160]
     return ""

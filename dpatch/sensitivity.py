@@ -32,7 +32,7 @@ from torch import Tensor, nn
 from dpatch._depth import rebuild_blocks, removable, removed_branch, take_apart
 from dpatch.errors import DataError, InvalidValueError
 from dpatch.schedule import check_rate
-from dpatch.sites import Site, analyze
+from dpatch.sites import Site, analyze, site_list
 
 __all__ = [
     "METRICS",
@@ -205,7 +205,7 @@ def _prepared(model: nn.Module, example: tuple[Any, ...]) -> tuple[nn.Module, li
         taken = take_apart(todo)
         rebuild_blocks(work, an, {b.path: frozenset() for b in todo}, taken)
         an = analyze(work, example)
-    return work, an.sites()
+    return work, site_list(an)
 
 
 def sensitivity(

@@ -9,8 +9,11 @@ from dpatch.cli._app import about, app, emit, err, load, step
 from dpatch.cli._options import (
     AllowEmptyOpt,
     ArchOpt,
+    CoverageOpt,
     DryRunOpt,
     ForceOpt,
+    InputDtypeOpt,
+    InputShapeOpt,
     JsonOpt,
     MaxRate,
     MinRate,
@@ -21,10 +24,13 @@ from dpatch.cli._options import (
     PretrainedOpt,
     RatesFromOpt,
     RatesOpt,
+    RecipeOpt,
     ScalingOpt,
     ScheduleOpt,
+    SizeOpt,
     SkipOpt,
     WeightsOpt,
+    parse_inputs,
     parse_rate,
     parse_rates,
 )
@@ -41,14 +47,17 @@ def _patch(
     action: Callable[..., PatchReport],
     target: str,
     *,
-    max_rate: str,
-    min_rate: str,
-    schedule: str,
+    max_rate: str | None,
+    min_rate: str | None,
+    schedule: str | None,
     rates: str | None,
-    mode: str,
-    scaling: str,
-    per: str,
-    skip: bool,
+    mode: str | None,
+    scaling: str | None,
+    per: str | None,
+    skip: bool | None,
+    recipe: str | None,
+    size: str | None,
+    coverage: str,
     weights: Path | None,
     pretrained: bool,
     output: Path | None,
@@ -57,6 +66,8 @@ def _patch(
     as_json: bool,
     allow_empty: bool,
     arch: str | None,
+    input_shape: list[str] | None,
+    input_dtype: list[str] | None,
     rates_from: Path | None = None,
 ) -> None:
     hi = parse_rate(max_rate, "--max-rate")
@@ -64,6 +75,7 @@ def _patch(
     if rates is not None and rates_from is not None:
         raise InvalidValueError("give --rates or --rates-from, not both")
     rate_list = parse_rates(rates) if rates_from is None else read_rates(rates_from)
+    example_inputs = parse_inputs(input_shape, input_dtype)
     check_arguments(hi, schedule, lo, mode, scaling, per)
     if rate_list is not None and schedule != "custom":
         raise InvalidValueError("--rates and --rates-from need --schedule custom")
@@ -83,6 +95,10 @@ def _patch(
             per=per,
             skip=skip,
             allow_empty=allow_empty,
+            example_inputs=example_inputs,
+            recipe=recipe,
+            size=size,
+            coverage=coverage,
         )
     written = None
     if output is not None and not dry_run:
@@ -102,14 +118,17 @@ def _register(name: str, action: Callable[..., PatchReport], doc: str) -> None:
 
     def command(
         model: ModelArg,
-        max_rate: MaxRate = "0.1",
-        min_rate: MinRate = "0",
-        schedule: ScheduleOpt = "linear",
+        max_rate: MaxRate = None,
+        min_rate: MinRate = None,
+        schedule: ScheduleOpt = None,
         rates: RatesOpt = None,
-        mode: ModeOpt = "row",
-        scaling: ScalingOpt = "inverted",
-        per: PerOpt = "block",
-        skip: SkipOpt = False,
+        mode: ModeOpt = None,
+        scaling: ScalingOpt = None,
+        per: PerOpt = None,
+        skip: SkipOpt = None,
+        recipe: RecipeOpt = None,
+        size: SizeOpt = None,
+        coverage: CoverageOpt = "slots",
         weights: WeightsOpt = None,
         pretrained: PretrainedOpt = False,
         output: OutOpt = None,
@@ -118,6 +137,8 @@ def _register(name: str, action: Callable[..., PatchReport], doc: str) -> None:
         as_json: JsonOpt = False,
         allow_empty: AllowEmptyOpt = False,
         arch: ArchOpt = None,
+        input_shape: InputShapeOpt = None,
+        input_dtype: InputDtypeOpt = None,
         rates_from: RatesFromOpt = None,
     ) -> None:
         _patch(
@@ -131,6 +152,9 @@ def _register(name: str, action: Callable[..., PatchReport], doc: str) -> None:
             scaling=scaling,
             per=per,
             skip=skip,
+            recipe=recipe,
+            size=size,
+            coverage=coverage,
             weights=weights,
             pretrained=pretrained,
             output=output,
@@ -139,6 +163,8 @@ def _register(name: str, action: Callable[..., PatchReport], doc: str) -> None:
             as_json=as_json,
             allow_empty=allow_empty,
             arch=arch,
+            input_shape=input_shape,
+            input_dtype=input_dtype,
             rates_from=rates_from,
         )
 
