@@ -403,3 +403,28 @@ def test_the_other_branch_of_a_pruned_block_keeps_skipping() -> None:
     model(torch.randn(8, 3, 32, 32)).sum().backward()
     assert model.blocks[3].attn.qkv.weight.grad is None
     assert model.blocks[3].mlp.fc1.weight.grad is not None
+
+
+class WholeOutputSlot(nn.Module):
+    """A timm slot that drops the block's whole output (no shortcut): VoVNet-style."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        from timm.layers import DropPath as TimmDropPath
+
+        self.f = mlp()
+        self.drop_path = TimmDropPath(0.1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.drop_path(self.f(x))
+
+
+def test_refuses_a_slot_on_no_residual() -> None:
+    x = example()
+    model = nn.Sequential(WholeOutputSlot(), PlainRes())
+    site = dpatch.find_sites(model, (x,))[0]
+    assert site.name == "0.drop_path" and not site.residual
+    with pytest.raises(UnsupportedSiteError, match="not a residual branch"):
+        dpatch.prune(model, ["0.drop_path"], example_inputs=(x,))
+    report = dpatch.sensitivity(model, x)
+    assert report.sites[0].score is None and "not a residual branch" in report.sites[0].reason
