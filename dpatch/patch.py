@@ -4,34 +4,36 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from torch import nn
 
 from dpatch._apply import (
     apply_block,
-    configure_slot,
     restore_slots,
     second_probe,
     set_slot,
     unpatch_without_skip,
 )
+from dpatch._listed import configure_sites, module_or_none
 from dpatch._marks import block_meta
 from dpatch._slots import SlotSettings
 from dpatch.droppath import MODES, SCALINGS, DropPath
-from dpatch.errors import InvalidValueError, ManifestError, NoResidualSitesError, NoSlotsError
-from dpatch.results import PatchReport, Skipped, block_rates
+from dpatch.errors import InvalidValueError, NoResidualSitesError, NoSlotsError
+from dpatch.results import Change, PatchReport, Skipped
 from dpatch.rewrite import RewriteCache, unpatch_block
-from dpatch.schedule import SCHEDULES, check_rate, expected_depth, schedule_rates
-from dpatch.sites import Analysis, Site, analyze, qualify
+from dpatch.schedule import SCHEDULES, expected_depth, schedule_rates
+from dpatch.sites import Analysis, Site, analyze
 
 __all__ = [
     "PER",
+    "SETTINGS",
     "PatchReport",
     "Skipped",
     "apply_sites",
     "check_arguments",
+    "configure_sites",
     "inject",
     "inspect",
     "retune",
@@ -40,6 +42,9 @@ __all__ = [
 
 #: What one schedule step covers.
 PER: tuple[str, ...] = ("block", "branch")
+
+#: The per-site settings a patch sets and a report compares (``PatchReport.changes``).
+SETTINGS: tuple[str, ...] = ("rate", "mode", "scaling", "skip", "fused")
 
 
 def _check_choice(value: object, name: str, choices: Sequence[str]) -> str:
@@ -140,19 +145,27 @@ def retune(
     schedule: str = "linear",
     min_rate: float = 0.0,
     rates: Sequence[float] | None = None,
-    mode: str = "row",
-    scaling: str = "inverted",
+    mode: str | None = None,
+    scaling: str | None = None,
     per: str = "block",
     inplace: bool = True,
     *,
-    skip: bool = False,
-    seed: int = 0,
+    skip: bool | None = None,
+    seed: int | None = None,
     example_inputs: Sequence[Any] | None = None,
     allow_empty: bool = False,
+    analysis: Analysis | None = None,
 ) -> PatchReport:
     """Change the rates of a model that already has slots (native or from ``inject``).
 
-    Same arguments as :func:`inject`.
+    Same arguments as :func:`inject`, but ``mode``, ``scaling``, ``skip`` and ``seed``
+    default to None, which keeps each site's own setting: a retune changes the rates and
+    what its arguments name, nothing else (``report.changes`` lists what changed).
+
+    Args:
+        analysis: :func:`dpatch.sites.analyze` of this same model from an earlier call
+            (patching by dpatch and loading weights keep it valid): the model is not probed
+            again, as for many checkpoints of one architecture (:mod:`dpatch.batch`).
 
     Raises:
         NoResidualSitesError: the model has no slot at all (use ``inject`` to add them);
@@ -165,29 +178,33 @@ def retune(
         example_inputs=example_inputs,
         allow_empty=allow_empty,
         slots_only=True,
+        analysis=analysis,
     )
 
 
 @dataclasses.dataclass(frozen=True)
 class _Request:
-    """What a patch asks for (the arguments of ``inject``/``retune``)."""
+    """What a patch asks for (the arguments of ``inject``/``retune``); None in ``mode``,
+    ``scaling``, ``skip`` or ``seed`` keeps each site's own setting."""
 
     max_rate: float
     schedule: str
     min_rate: float
     rates: Sequence[float] | None
-    mode: str
-    scaling: str
+    mode: str | None
+    scaling: str | None
     per: str
-    skip: bool
-    seed: int
+    skip: bool | None
+    seed: int | None
 
     def validate(self) -> None:
         """Check every argument before any work is done (custom rates: once the depth is
         known)."""
         _check_choice(self.schedule, "schedule", (*SCHEDULES, "native"))
-        _check_choice(self.mode, "mode", MODES)
-        _check_choice(self.scaling, "scaling", SCALINGS)
+        if self.mode is not None:
+            _check_choice(self.mode, "mode", MODES)
+        if self.scaling is not None:
+            _check_choice(self.scaling, "scaling", SCALINGS)
         _check_choice(self.per, "per", PER)
         if self.schedule == "custom":
             return
@@ -244,14 +261,19 @@ def _patch(
     example_inputs: Sequence[Any] | None,
     allow_empty: bool,
     slots_only: bool,
+    analysis: Analysis | None = None,
 ) -> PatchReport:
     req.validate()
+    if analysis is not None and (not inplace or analysis.model is not model):
+        raise InvalidValueError(
+            "analysis= must come from analyze() of this same model, patched in place (inplace=True)"
+        )
     if not inplace:
         model = copy.deepcopy(model)
-    if req.skip:
-        unpatch_without_skip(model)
+    if req.skip and unpatch_without_skip(model):
+        analysis = None  # blocks went back to their classes: their traces are needed
 
-    an = analyze(model, example_inputs)
+    an = analysis if analysis is not None else analyze(model, example_inputs)
     before = {s.name: s for s in an.sites()}
     if not before and not allow_empty:
         raise _empty_error(an, "the model")
@@ -262,22 +284,39 @@ def _patch(
     sites = list(before.values())
     site_rate, steps = _site_rates(model, req, sites)
     settings = {
-        s.name: SlotSettings(site_rate[s.name], req.mode, req.scaling, req.seed + i)
+        s.name: SlotSettings(
+            site_rate[s.name],
+            s.mode if req.mode is None else req.mode,
+            s.scaling if req.scaling is None else req.scaling,
+            _seed(model, s, i) if req.seed is None else req.seed + i,
+            s.skip if req.skip is None else req.skip,
+        )
         for i, s in enumerate(sites)
     }
 
     skipped = list(_skipped(an))
-    skip_inputs = second_probe(model, an) if req.skip else None
+    # New rewrites get the skipping form only when skip was asked for; blocks rewritten
+    # earlier keep their form, and each site its own setting.
+    rewrite_skip = bool(req.skip)
+    skip_inputs = second_probe(model, an) if rewrite_skip else None
     cache = RewriteCache()
     for b in an.blocks:
-        skipped += apply_block(b, settings, req.skip, skip_inputs, cache, an)
+        skipped += apply_block(b, settings, rewrite_skip, skip_inputs, cache, an)
     site_of_slot = {s.slot: s.name for s in sites}
     for loose in an.loose:
-        set_slot(model, loose.slot_path, settings[site_of_slot[loose.slot_path]])
-        if req.skip:
+        wanted = settings[site_of_slot[loose.slot_path]]
+        set_slot(model, loose.slot_path, dataclasses.replace(wanted, skip=False))
+        if wanted.skip and req.skip is not None:
             skipped.append(Skipped(loose.slot_path, "skip needs a traced block; this slot masks"))
 
     after = tuple(an.sites())
+    changes = tuple(
+        Change(s.name, field, getattr(before[s.name], field), getattr(s, field))
+        for s in after
+        if s.name in before
+        for field in SETTINGS
+        if getattr(before[s.name], field) != getattr(s, field)
+    )
     changed = tuple(
         s.name for s in after if s.name not in before or _settings(before[s.name]) != _settings(s)
     )
@@ -289,17 +328,37 @@ def _patch(
         per=req.per,
         max_rate=float(req.max_rate),
         min_rate=float(req.min_rate),
-        mode=req.mode,
-        scaling=req.scaling,
-        skip=req.skip,
+        mode=req.mode if req.mode is not None else _common((s.mode for s in after), "row"),
+        scaling=(
+            req.scaling
+            if req.scaling is not None
+            else _common((s.scaling for s in after), "inverted")
+        ),
+        skip=req.skip if req.skip is not None else any(s.skip for s in after),
         rates=tuple(steps),
         expected_depth=expected_depth(steps),
         model=model,
+        changes=changes,
     )
 
 
+def _seed(model: nn.Module, site: Site, index: int) -> int:
+    """The batch-mode seed a site's slot has now (what ``inject``'s default gives if none)."""
+    slot = module_or_none(model, site.slot)
+    seed = slot.seed if isinstance(slot, DropPath) else None
+    return index if seed is None else int(seed)
+
+
+def _common(values: Iterable[str], default: str) -> str:
+    """The one value every site has, ``"mixed"``, or ``default`` when there is no site."""
+    distinct = set(values)
+    if not distinct:
+        return default
+    return distinct.pop() if len(distinct) == 1 else "mixed"
+
+
 def _settings(s: Site) -> tuple[Any, ...]:
-    return (s.rate, s.mode, s.scaling, s.skip, s.fused)
+    return tuple(getattr(s, field) for field in SETTINGS)
 
 
 def strip(model: nn.Module) -> int:
@@ -327,52 +386,7 @@ def apply_sites(
         ManifestError: a listed site does not exist in the model, or the model has sites
             the list does not mention.
     """
-    wanted = {qualify(d["path"], d["branch"]): d for d in sites}
     report = inject(
         model, 0.0, schedule="uniform", skip=skip, seed=seed, example_inputs=example_inputs
     )
-    have = {s.name: s for s in report.sites}
-    missing = sorted(set(wanted) - set(have))
-    extra = sorted(set(have) - set(wanted))
-    if missing or extra:
-        raise ManifestError(
-            f"the file's sites do not fit the model: {len(missing)} listed but absent "
-            f"(e.g. {', '.join(missing[:3]) or '-'}), {len(extra)} present but unlisted "
-            f"(e.g. {', '.join(extra[:3]) or '-'}); was it made for another model or dpatch?"
-        )
-    updated = []
-    for i, (name, site) in enumerate(have.items()):
-        d = wanted[name]
-        dp = model.get_submodule(site.slot)
-        if isinstance(dp, DropPath):
-            configure_slot(
-                dp,
-                SlotSettings(
-                    _rate_of(d, name),
-                    str(d.get("mode", "row")),
-                    str(d.get("scaling", "inverted")),
-                    seed + i,
-                    dp.skip and bool(d.get("skip", False)),
-                ),
-            )
-            site = dataclasses.replace(
-                site, rate=dp.drop_prob, mode=dp.mode, scaling=dp.scaling, skip=dp.skip
-            )
-        updated.append(site)
-    steps = block_rates(updated)
-    # The sites are known from the inject above: no second probe of the model.
-    return dataclasses.replace(
-        report,
-        sites=tuple(updated),
-        changed=(),
-        schedule="current",
-        rates=tuple(steps),
-        expected_depth=expected_depth(steps),
-    )
-
-
-def _rate_of(d: Mapping[str, Any], name: str) -> float:
-    try:
-        return check_rate(d.get("rate"), f"rate of site {name}")
-    except InvalidValueError as exc:
-        raise ManifestError(f"manifest: {exc}") from exc
+    return configure_sites(model, report, sites, seed=seed)

@@ -11,7 +11,7 @@ from torch import nn
 from dpatch.schedule import expected_depth
 from dpatch.sites import Site
 
-__all__ = ["PatchReport", "Skipped", "block_rates"]
+__all__ = ["Change", "PatchReport", "Skipped", "block_rates"]
 
 
 @dataclass(frozen=True)
@@ -20,6 +20,23 @@ class Skipped:
 
     path: str
     reason: str
+
+
+@dataclass(frozen=True)
+class Change:
+    """One setting of one site that an operation changed.
+
+    Attributes:
+        site: the site's name (``Site.name``).
+        setting: ``rate``, ``mode``, ``scaling``, ``skip`` or ``fused``.
+        before: its value before.
+        after: its value after.
+    """
+
+    site: str
+    setting: str
+    before: Any
+    after: Any
 
 
 @dataclass(frozen=True)
@@ -35,6 +52,8 @@ class PatchReport:
         rates: the rate of each schedule step.
         expected_depth: ``sum(1 - p)`` over the steps (Huang et al. 2016).
         model: the patched model (a copy when ``inplace=False``).
+        changes: every setting the operation changed, site by site (``changed`` names
+            the sites).
     """
 
     sites: tuple[Site, ...]
@@ -50,6 +69,7 @@ class PatchReport:
     rates: tuple[float, ...] = ()
     expected_depth: float = 0.0
     model: nn.Module | None = field(default=None, compare=False, repr=False)
+    changes: tuple[Change, ...] = ()
 
     @classmethod
     def current(
@@ -115,7 +135,18 @@ class PatchReport:
             "sites": [s.to_dict() for s in self.sites],
             "skipped": [{"path": s.path, "reason": s.reason} for s in self.skipped],
             "changed": list(self.changed),
+            "changes": [
+                {"site": c.site, "setting": c.setting, "before": c.before, "after": c.after}
+                for c in self.changes
+            ],
         }
+
+    def changed_settings(self) -> dict[str, int]:
+        """How many sites each setting changed on, e.g. ``{"rate": 15}``."""
+        counts: dict[str, int] = {}
+        for c in self.changes:
+            counts[c.setting] = counts.get(c.setting, 0) + 1
+        return counts
 
 
 def block_rates(sites: Sequence[Site]) -> list[float]:
