@@ -200,7 +200,7 @@ def _declared_settings(
 def verify(
     model: nn.Module,
     *,
-    steps: int = 2,
+    steps: int = 1,
     batch: int = 2,
     draws: int = 2048,
     rows: int = 256,

@@ -22,6 +22,9 @@ __all__ = [
     "DryRunOpt",
     "ForceOpt",
     "JsonOpt",
+    "KeepModeOpt",
+    "KeepScalingOpt",
+    "KeepSkipOpt",
     "MaxRate",
     "MinRate",
     "ModeOpt",
@@ -75,6 +78,28 @@ ScalingOpt = Annotated[
         "--scaling",
         metavar=_bar(SCALINGS),
         help="inverted: kept/(1-p) in training (timm); expected: x(1-p) in eval (Huang).",
+    ),
+]
+KeepModeOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--mode", metavar=_bar(MODES), help="Drop per sample or whole batch (default: keep)."
+    ),
+]
+KeepScalingOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--scaling",
+        metavar=_bar(SCALINGS),
+        help="inverted | expected | none (default: keep each site's).",
+    ),
+]
+KeepSkipOpt = Annotated[
+    bool | None,
+    typer.Option(
+        "--skip/--no-skip",
+        help="Turn compute-skipping on or off (default: keep each site's).",
+        show_default=False,
     ),
 ]
 PerOpt = Annotated[

@@ -1,20 +1,25 @@
-"""``dpatch inject`` and ``dpatch retune``: one set of options, two library calls."""
+"""``dpatch inject`` and ``dpatch retune``: one set of options, two library calls; many
+inputs go through :mod:`dpatch.batch`."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
-from dpatch.cli._app import about, app, emit, err, load, step
+from dpatch.batch import FileResult, is_many, patch_many
+from dpatch.cli._app import about, app, emit, err, load, out, step
 from dpatch.cli._options import (
     AllowEmptyOpt,
     ArchOpt,
     DryRunOpt,
     ForceOpt,
     JsonOpt,
+    KeepModeOpt,
+    KeepScalingOpt,
+    KeepSkipOpt,
     MaxRate,
     MinRate,
-    ModelArg,
     ModeOpt,
     OutOpt,
     PerOpt,
@@ -26,6 +31,14 @@ from dpatch.cli._options import (
     WeightsOpt,
     parse_rate,
     parse_rates,
+)
+from dpatch.cli.batching import (
+    KeepGoingOpt,
+    ModelsArg,
+    TemplateOpt,
+    check_single_only,
+    prepare,
+    run_batch,
 )
 from dpatch.errors import InvalidValueError
 from dpatch.files import check_output, save
@@ -43,10 +56,10 @@ def _patch(
     min_rate: str,
     schedule: str,
     rates: str | None,
-    mode: str,
-    scaling: str,
+    mode: str | None,
+    scaling: str | None,
     per: str,
-    skip: bool,
+    skip: bool | None,
     weights: Path | None,
     pretrained: bool,
     output: Path | None,
@@ -59,7 +72,7 @@ def _patch(
     hi = parse_rate(max_rate, "--max-rate")
     lo = parse_rate(min_rate, "--min-rate")
     rate_list = parse_rates(rates)
-    check_arguments(hi, schedule, lo, mode, scaling, per)
+    check_arguments(hi, schedule, lo, mode or "row", scaling or "inverted", per)
     if rate_list is not None and schedule != "custom":
         raise InvalidValueError("--rates needs --schedule custom")
     if output is not None and not dry_run:
@@ -85,6 +98,8 @@ def _patch(
             save(loaded.model, output, report, spec=loaded.spec, force=force)
         written = str(output)
     emit(report, as_json, {"model": name, "output": written, "dry_run": dry_run}, show_all=False)
+    if not as_json and action is retune:
+        out().print(_changes_line(report), markup=False, highlight=False)
     if not as_json:
         if written:
             err().print(f"wrote {written}", markup=False)
@@ -92,31 +107,155 @@ def _patch(
             err().print(f"dry run: would write {output}", markup=False)
 
 
-def _register(name: str, action: Callable[..., PatchReport], doc: str) -> None:
-    """``inject`` and ``retune`` take the same options; only the library call differs."""
+def _summary(result: FileResult) -> str:
+    """One line for one patched checkpoint."""
+    report = result.report
+    assert isinstance(report, PatchReport)
+    where = f" -> {result.output}" if result.output else ""
+    line = (
+        f"{result.input}{where}: {len(report.sites)} sites, mean rate {report.mean_rate:.4f}, "
+        f"max {max((s.rate for s in report.sites), default=0.0):.4f}, expected depth "
+        f"{report.expected_depth:.2f} of {report.depth}"
+    )
+    changed = report.changed_settings()
+    if report.schedule != "current" and changed:
+        line += "; changed " + ", ".join(f"{k} on {n}" for k, n in changed.items())
+    return f"{line} ({result.seconds:.2f} s)"
 
-    def command(
-        model: ModelArg,
-        max_rate: MaxRate = "0.1",
-        min_rate: MinRate = "0",
-        schedule: ScheduleOpt = "linear",
-        rates: RatesOpt = None,
-        mode: ModeOpt = "row",
-        scaling: ScalingOpt = "inverted",
-        per: PerOpt = "block",
-        skip: SkipOpt = False,
-        weights: WeightsOpt = None,
-        pretrained: PretrainedOpt = False,
-        output: OutOpt = None,
-        force: ForceOpt = False,
-        dry_run: DryRunOpt = False,
-        as_json: JsonOpt = False,
-        allow_empty: AllowEmptyOpt = False,
-        arch: ArchOpt = None,
-    ) -> None:
+
+def _many(
+    action: str,
+    models: list[str],
+    *,
+    request: dict[str, Any],
+    output: Path | None,
+    template: str | None,
+    force: bool,
+    dry_run: bool,
+    as_json: bool,
+    allow_empty: bool,
+    arch: str | None,
+    keep_going: bool,
+) -> None:
+    batch = prepare(models, output, template, force, writes=output is not None)
+    results = patch_many(
+        action,
+        batch,
+        model=arch,
+        dry_run=dry_run,
+        keep_going=keep_going,
+        allow_empty=allow_empty,
+        **request,
+    )
+    run_batch(results, len(batch.inputs), as_json=as_json, describe=_summary)
+
+
+def _changes_line(report: PatchReport) -> str:
+    """What a retune changed and kept, for people."""
+    changed = report.changed_settings()
+    kept = [k for k in ("mode", "scaling", "skip") if k not in changed]
+    did = ", ".join(f"{k} on {n} of {len(report.sites)} sites" for k, n in changed.items())
+    return f"changed: {did or 'nothing'}" + (f"; kept: {', '.join(kept)}" if kept else "")
+
+
+@app.command("inject")
+def inject_cmd(
+    models: ModelsArg,
+    max_rate: MaxRate = "0.1",
+    min_rate: MinRate = "0",
+    schedule: ScheduleOpt = "linear",
+    rates: RatesOpt = None,
+    mode: ModeOpt = "row",
+    scaling: ScalingOpt = "inverted",
+    per: PerOpt = "block",
+    skip: SkipOpt = False,
+    weights: WeightsOpt = None,
+    pretrained: PretrainedOpt = False,
+    output: OutOpt = None,
+    force: ForceOpt = False,
+    dry_run: DryRunOpt = False,
+    as_json: JsonOpt = False,
+    allow_empty: AllowEmptyOpt = False,
+    arch: ArchOpt = None,
+    template: TemplateOpt = None,
+    keep_going: KeepGoingOpt = False,
+) -> None:
+    """Put DropPath on every residual branch with a per-layer schedule, and save.
+
+    Many inputs (files, folders, globs) take -o DIR; each architecture is built and traced
+    once.
+
+    Example: dpatch inject resnet50 --max-rate 0.2 -o resnet50-dp.safetensors
+    """
+    _command(
+        "inject", inject, models, max_rate, min_rate, schedule, rates, mode, scaling, per,
+        skip, weights, pretrained, output, force, dry_run, as_json, allow_empty, arch,
+        template, keep_going,
+    )  # fmt: skip
+
+
+@app.command("retune")
+def retune_cmd(
+    models: ModelsArg,
+    max_rate: MaxRate = "0.1",
+    min_rate: MinRate = "0",
+    schedule: ScheduleOpt = "linear",
+    rates: RatesOpt = None,
+    mode: KeepModeOpt = None,
+    scaling: KeepScalingOpt = None,
+    per: PerOpt = "block",
+    skip: KeepSkipOpt = None,
+    weights: WeightsOpt = None,
+    pretrained: PretrainedOpt = False,
+    output: OutOpt = None,
+    force: ForceOpt = False,
+    dry_run: DryRunOpt = False,
+    as_json: JsonOpt = False,
+    allow_empty: AllowEmptyOpt = False,
+    arch: ArchOpt = None,
+    template: TemplateOpt = None,
+    keep_going: KeepGoingOpt = False,
+) -> None:
+    """Change the rates of an existing patch (a dpatch file) or of native slots, and save.
+
+    Mode, scaling and skipping stay as each site has them unless given.
+
+    Example: dpatch retune resnet50-dp.safetensors --max-rate 0.3 -o resnet50-dp3.safetensors
+    """
+    _command(
+        "retune", retune, models, max_rate, min_rate, schedule, rates, mode, scaling, per,
+        skip, weights, pretrained, output, force, dry_run, as_json, allow_empty, arch,
+        template, keep_going,
+    )  # fmt: skip
+
+
+def _command(
+    name: str,
+    action: Callable[..., PatchReport],
+    models: list[str],
+    max_rate: str,
+    min_rate: str,
+    schedule: str,
+    rates: str | None,
+    mode: str | None,
+    scaling: str | None,
+    per: str,
+    skip: bool | None,
+    weights: Path | None,
+    pretrained: bool,
+    output: Path | None,
+    force: bool,
+    dry_run: bool,
+    as_json: bool,
+    allow_empty: bool,
+    arch: str | None,
+    template: str | None,
+    keep_going: bool,
+) -> None:
+    if not is_many(models) and template is None:
         _patch(
             action,
-            model,
+            models[0],
             max_rate=max_rate,
             min_rate=min_rate,
             schedule=schedule,
@@ -134,25 +273,31 @@ def _register(name: str, action: Callable[..., PatchReport], doc: str) -> None:
             allow_empty=allow_empty,
             arch=arch,
         )
-
-    command.__doc__ = doc
-    command.__name__ = f"{name}_cmd"
-    app.command(name)(command)
-
-
-_register(
-    "inject",
-    inject,
-    """Put DropPath on every residual branch with a per-layer schedule, and save.
-
-    Example: dpatch inject resnet50 --max-rate 0.2 -o resnet50-dp.safetensors
-    """,
-)
-_register(
-    "retune",
-    retune,
-    """Change the rates of an existing patch (a dpatch file) or of native slots, and save.
-
-    Example: dpatch retune resnet50-dp.safetensors --max-rate 0.3 -o resnet50-dp3.safetensors
-    """,
-)
+        return
+    check_single_only(weights=weights, pretrained=pretrained)
+    rate_list = parse_rates(rates)
+    if rate_list is not None and schedule != "custom":
+        raise InvalidValueError("--rates needs --schedule custom")
+    request = {
+        "max_rate": parse_rate(max_rate, "--max-rate"),
+        "min_rate": parse_rate(min_rate, "--min-rate"),
+        "schedule": schedule,
+        "rates": rate_list,
+        "mode": mode,
+        "scaling": scaling,
+        "per": per,
+        "skip": skip,
+    }
+    _many(
+        name,
+        models,
+        request=request,
+        output=output,
+        template=template,
+        force=force,
+        dry_run=dry_run,
+        as_json=as_json,
+        allow_empty=allow_empty,
+        arch=arch,
+        keep_going=keep_going,
+    )
