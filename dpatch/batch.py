@@ -76,7 +76,9 @@ class FileResult:
 
     def to_dict(self) -> dict[str, Any]:
         """One JSON Lines object."""
-        doc: dict[str, Any] = {
+        doc: dict[str, Any] = dict(self.report.to_dict()) if self.report is not None else {}
+        doc.update(self.info or {})
+        doc |= {
             "input": self.input,
             "model": self.model,
             "output": self.output,
@@ -85,10 +87,6 @@ class FileResult:
             "error": self.error,
             "seconds": round(self.seconds, 3),
         }
-        if self.info is not None:
-            doc.update(self.info)
-        if self.report is not None:
-            doc.update(self.report.to_dict())
         return doc
 
 
@@ -104,11 +102,16 @@ class _Item:
     problem: DPatchError | None = None
 
     @property
-    def key(self) -> tuple[str, str, bool]:
-        """Inputs with one key share a built model: spec, kwargs, and the skipping form."""
+    def skip(self) -> bool:
+        """The file was written with compute-skipping (its blocks have the skipping form)."""
+        return bool(((self.manifest or {}).get("schedule") or {}).get("skip"))
+
+    def key(self, by_skip: bool) -> tuple[str, str, bool]:
+        """Inputs with one key share a built model: spec, kwargs (and the skipping form
+        where the command keeps each file's settings)."""
         assert self.spec is not None
-        skip = bool(((self.manifest or {}).get("schedule") or {}).get("skip"))
-        return self.spec.text, json.dumps(self.spec.kwargs, sort_keys=True, default=str), skip
+        kwargs = json.dumps(self.spec.kwargs, sort_keys=True, default=str)
+        return self.spec.text, kwargs, by_skip and self.skip
 
 
 def _manifest_spec(manifest: Mapping[str, Any] | None) -> ModelSpec | None:
@@ -127,8 +130,8 @@ def _resolve(batch: Batch, model: str | None, *, needs_model: bool) -> list[_Ite
             items.append(_Item(i, inp, problem=batch.problems[i]))
             continue
         try:
-            if not inp.is_file:
-                items.append(_Item(i, inp, spec=arch or parse_spec(inp.text)[0]))
+            if not inp.is_file:  # a spec names its own architecture
+                items.append(_Item(i, inp, spec=parse_spec(inp.text)[0]))
                 continue
             manifest = read_manifest(inp.text)
             spec = arch or _manifest_spec(manifest)
@@ -158,7 +161,9 @@ def _failed(item: _Item, exc: DPatchError, started: float | None = None) -> File
 _Group = Callable[[list[_Item]], Iterator[FileResult]]
 
 
-def _drive(items: list[_Item], group: _Group, keep_going: bool) -> Iterator[FileResult]:
+def _drive(
+    items: list[_Item], group: _Group, keep_going: bool, *, by_skip: bool = False
+) -> Iterator[FileResult]:
     """Yield one result per item: a problem where it stands, a group at its first item;
     stop after the first failure unless ``keep_going``."""
     done: set[tuple[str, str, bool]] = set()
@@ -167,12 +172,13 @@ def _drive(items: list[_Item], group: _Group, keep_going: bool) -> Iterator[File
             results: Iterator[FileResult] = iter([_failed(item, item.problem)])
         elif item.spec is None:
             results = group([item])
-        elif item.key in done:
+        elif item.key(by_skip) in done:
             continue
         else:
-            done.add(item.key)
+            key = item.key(by_skip)
+            done.add(key)
             results = group(
-                [i for i in items if i.problem is None and i.spec and i.key == item.key]
+                [i for i in items if i.problem is None and i.spec and i.key(by_skip) == key]
             )
         for result in results:
             yield result
@@ -265,7 +271,7 @@ def patch_many(
                 an, pristine = _pristine(built)
                 first = members[0].manifest
                 if first is not None:
-                    base = apply_sites(built, first["sites"], skip=members[0].key[2])
+                    base = apply_sites(built, first["sites"], skip=members[0].skip)
                     an = analyze(built)
                 else:
                     base = PatchReport.current(an.sites())
@@ -286,7 +292,7 @@ def patch_many(
 
         yield from _each(members, one)
 
-    return _drive(items, group, keep_going)
+    return _drive(items, group, keep_going, by_skip=action == "retune")
 
 
 def _text(path: Path | None) -> str | None:
@@ -355,7 +361,7 @@ def verify_many(
             base = PatchReport.current(an.sites())
             first = members[0].manifest
             if first is not None:
-                base = apply_sites(built, first["sites"], skip=members[0].key[2])
+                base = apply_sites(built, first["sites"], skip=members[0].skip)
                 an = analyze(built)
         except DPatchError as exc:
             yield from _group_failed(members, exc)
@@ -378,4 +384,4 @@ def verify_many(
 
         yield from _each(members, one)
 
-    return _drive(items, group, keep_going)
+    return _drive(items, group, keep_going, by_skip=True)

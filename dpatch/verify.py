@@ -57,6 +57,7 @@ from dpatch.sites import Analysis, Site, analyze
 __all__ = ["CODES", "Finding", "SiteCheck", "VerifyReport", "verify"]
 
 _LIBRARIES = ("timm.", "torchvision.", "transformers.")
+_RULE_LIBRARIES = ("timm.", "torchvision.")
 _NOT_RESIDUAL = "slot is not added to a residual branch"
 
 
@@ -145,15 +146,21 @@ def _remove_stochastic_depth(model: nn.Module) -> None:
         setattr(model.get_submodule(parent_path), attr, nn.Identity())
 
 
+def _library(model: nn.Module, path: str) -> str | None:
+    """The library (``timm.``, ``torchvision.``, ``transformers.``) whose class the module at
+    ``path`` is (its class before dpatch rewrote it), or None for any other class."""
+    mod = module_or_none(model, path)
+    if mod is None:
+        return None
+    meta = block_meta(mod)
+    name = (meta.orig_cls if meta is not None else type(mod)).__module__
+    return next((lib for lib in _LIBRARIES if name.startswith(lib)), None)
+
+
 def _is_library(model: nn.Module, slot_path: str) -> bool:
-    """Whether the slot's block (its parent module) is a timm/torchvision/transformers class,
-    whose forward decides by design what the slot runs on."""
-    owner = module_or_none(model, slot_path.rpartition(".")[0])
-    if owner is None:
-        return False
-    meta = block_meta(owner)
-    cls = meta.orig_cls if meta is not None else type(owner)
-    return cls.__module__.startswith(_LIBRARIES)
+    """Whether the slot's block (its parent module) is a library class, whose forward
+    decides by design what the slot runs on."""
+    return _library(model, slot_path.rpartition(".")[0]) is not None
 
 
 def _declared_settings(
@@ -354,11 +361,21 @@ def verify(
     shape = schedule_shape(steps_now)
     if wanted is None:
         for first, last, rate in plateaus(steps_now):
+            owners = {s.path for s in sites if first <= s.block <= last}
+            # timm's and torchvision's rules are the reference ones (``schedule="native"``):
+            # their composite blocks (MaxViT, MobileViT) give sub-blocks one rate on purpose.
+            rule = all(_library(model, p) in _RULE_LIBRARIES for p in owners)
             report(
                 "schedule",
                 f"blocks {first}-{last}",
-                f"share one rate {rate:.4f} inside a rising schedule (one rate per stage "
-                "where a per-block ramp was meant: the transformers#33974 pattern)",
+                f"share one rate {rate:.4f} inside a rising schedule"
+                + (
+                    " (the library's own rule: sub-blocks of one block)"
+                    if rule
+                    else " (one rate per stage where a per-block ramp was meant: the "
+                    "transformers#33974 pattern)"
+                ),
+                warn=rule,
             )
 
     bad = {f.where for f in found if f.severity == "error"}

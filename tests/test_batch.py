@@ -424,3 +424,25 @@ def test_single_input_keeps_todays_output(tmp_path: Path) -> None:
     code, out, err = cli("inject", "tv:resnet18", "-o", str(tmp_path / "x.safetensors"))
     assert code == 0 and "8 sites in 8 blocks" in out and "inputs:" not in err
     assert err.strip().endswith(f"wrote {tmp_path / 'x.safetensors'}")
+
+
+def test_cli_verify_help_and_dry_run(work: Path) -> None:
+    code, out, _ = cli("verify", "--help")
+    assert code == 0 and "Example: dpatch verify" in " ".join(out.split())
+    plain(work / "ck", "a.safetensors", 0)
+    plain(work / "ck", "b.safetensors", 1)
+    code, out, err = cli(
+        "inject", "ck", "--model", "tinymodels:tiny", "-o", "out", "--dry-run", cwd=work
+    )
+    assert code == 0, err
+    assert out.count("dry run: would write out/") == 2 and not (work / "out").exists()
+
+
+def test_cli_inspect_many_plain_files(work: Path) -> None:
+    plain(work / "ck", "a.safetensors", 0)
+    patched(work / "ck", "b.safetensors", 1, max_rate=0.2)
+    code, out, err = cli("inspect", "ck", cwd=work)
+    assert code == 0, err
+    a, b = out.strip().splitlines()
+    assert "ck/a.safetensors: no dpatch manifest" in a and "--model" in a
+    assert b.startswith("ck/b.safetensors: tinymodels:tiny: 3 sites in 3 blocks")

@@ -253,3 +253,16 @@ def test_bad_arguments(kwargs: dict, match: str) -> None:
 def test_a_model_that_cannot_run() -> None:
     with pytest.raises(ModelRunError, match=r"\(2, 3\)"):
         verify(stack(TimmSlots()), example_inputs=(torch.randn(2, 3),))
+
+
+class LibraryBlock(TimmSlots):
+    """Stands in for a timm block whose sub-blocks share one rate (MaxViT, MobileViT)."""
+
+
+LibraryBlock.__module__ = "timm.models.stand_in"
+
+
+def test_plateaus_of_library_rules_are_warnings() -> None:
+    model = stack(*(LibraryBlock(rate=r) for r in [0.0, 0.1, 0.1, 0.2, 0.2, 0.3]))
+    report = verify(model, example_inputs=(example(),))
+    assert report.ok and codes(report, "warning") == {"schedule"}

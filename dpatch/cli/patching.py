@@ -107,11 +107,13 @@ def _patch(
             err().print(f"dry run: would write {output}", markup=False)
 
 
-def _summary(result: FileResult) -> str:
+def _summary(result: FileResult, dry_run: bool = False) -> str:
     """One line for one patched checkpoint."""
     report = result.report
     assert isinstance(report, PatchReport)
     where = f" -> {result.output}" if result.output else ""
+    if where and dry_run:
+        where = f" (dry run: would write {result.output})"
     line = (
         f"{result.input}{where}: {len(report.sites)} sites, mean rate {report.mean_rate:.4f}, "
         f"max {max((s.rate for s in report.sites), default=0.0):.4f}, expected depth "
@@ -147,7 +149,12 @@ def _many(
         allow_empty=allow_empty,
         **request,
     )
-    run_batch(results, len(batch.inputs), as_json=as_json, describe=_summary)
+    run_batch(
+        results,
+        len(batch.inputs),
+        as_json=as_json,
+        describe=lambda result: _summary(result, dry_run),
+    )
 
 
 def _changes_line(report: PatchReport) -> str:
