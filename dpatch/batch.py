@@ -21,7 +21,7 @@ from typing import Any
 
 from torch import nn
 
-from dpatch._inputs import DEFAULT_TEMPLATE, Batch, BatchInput, is_many, prepare_batch
+from dpatch._batch_inputs import DEFAULT_TEMPLATE, Batch, BatchInput, is_many, prepare_batch
 from dpatch.errors import DPatchError, InvalidValueError, WeightsError
 from dpatch.files import load_state_dict_file, load_weights, read_manifest, save
 from dpatch.manifest import report_from_manifest

@@ -129,6 +129,19 @@ def _tensors(value: Any) -> list[Tensor]:
     return [t for v in getattr(value, "__dict__", {}).values() for t in _tensors(v)]
 
 
+def _same(a: Tensor, b: Tensor, *, exact: bool) -> bool:
+    """Bit for bit (``exact``) or to float tolerance; NaN where the other has NaN is equal."""
+    if a.shape != b.shape or a.dtype != b.dtype:
+        return False
+    if exact:
+        if torch.equal(a, b):
+            return True
+        return a.is_floating_point() and bool(
+            torch.equal(a.isnan(), b.isnan()) and torch.equal(a.nan_to_num(), b.nan_to_num())
+        )
+    return torch.allclose(a, b, rtol=1e-4, atol=1e-5, equal_nan=True)
+
+
 def _slots(model: nn.Module) -> dict[str, nn.Module]:
     """Every stochastic-depth module, by qualified name (shared modules under their first)."""
     return {
@@ -284,9 +297,7 @@ def verify(
 
     expected = any(s.scaling == "expected" and s.rate > 0 for s in sites)
     eval_equal = len(out) == len(ref) and all(
-        a.shape == b.shape
-        and (torch.equal(a, b) if not expected else torch.allclose(a, b, rtol=1e-4, atol=1e-5))
-        for a, b in zip(out, ref, strict=False)
+        _same(a, b, exact=not expected) for a, b in zip(out, ref, strict=False)
     )
     found: list[Finding] = []
 
