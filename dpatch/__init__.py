@@ -16,6 +16,7 @@ from dpatch.errors import (
     NoResidualSitesError,
     NoSlotsError,
     OutputError,
+    ProbeError,
     WeightsError,
 )
 from dpatch.files import Target, load, load_target, load_weights, save
@@ -43,6 +44,7 @@ __all__ = [
     "NoSlotsError",
     "OutputError",
     "PatchReport",
+    "ProbeError",
     "Site",
     "SiteCheck",
     "Skipped",

@@ -212,9 +212,11 @@ def _group_failed(members: list[_Item], exc: DPatchError) -> Iterator[FileResult
     return iter([_failed(m, exc) for m in members])
 
 
-def _pristine(model: nn.Module) -> tuple[Analysis, list[dict[str, Any]]]:
+def _pristine(
+    model: nn.Module, example_inputs: Any = None, coverage: str = "slots"
+) -> tuple[Analysis, list[dict[str, Any]]]:
     """An analysis of a freshly built model and its sites' own settings."""
-    an = analyze(model)
+    an = analyze(model, example_inputs, coverage)
     return an, [s.to_dict() for s in an.sites()]
 
 
@@ -268,11 +270,15 @@ def patch_many(
             if action == "inject":
                 report = inject(built, allow_empty=allow_empty, **request)
             else:
-                an, pristine = _pristine(built)
+                probe_with = request.get("example_inputs")
+                coverage = request.get("coverage", "slots")
+                an, pristine = _pristine(built, probe_with, coverage)
                 first = members[0].manifest
                 if first is not None:
-                    base = apply_sites(built, first["sites"], skip=members[0].skip)
-                    an = analyze(built)
+                    base = apply_sites(
+                        built, first["sites"], skip=members[0].skip, example_inputs=probe_with
+                    )
+                    an = analyze(built, probe_with, coverage)
                 else:
                     base = PatchReport.current(an.sites())
         except DPatchError as exc:
@@ -300,7 +306,13 @@ def _text(path: Path | None) -> str | None:
 
 
 def inspect_many(
-    inputs: Batch, *, model: str | None = None, keep_going: bool = False, allow_empty: bool = False
+    inputs: Batch,
+    *,
+    model: str | None = None,
+    keep_going: bool = False,
+    allow_empty: bool = False,
+    example_inputs: Any = None,
+    coverage: str = "slots",
 ) -> Iterator[FileResult]:
     """Inspect every input: a dpatch file from its manifest alone (no model built, unless
     ``model`` is given), a plain checkpoint by its size (or, with ``model``, its sites),
@@ -315,7 +327,7 @@ def inspect_many(
             return
         try:
             built = _build(members)
-            report = inspect(built, allow_empty=allow_empty)
+            report = inspect(built, example_inputs, allow_empty=allow_empty, coverage=coverage)
         except DPatchError as exc:
             yield from _group_failed(members, exc)
             return
@@ -357,12 +369,15 @@ def verify_many(
         assert spec is not None
         try:
             built = _build(members)
-            an, pristine = _pristine(built)
+            probe_with = options.get("example_inputs")
+            an, pristine = _pristine(built, probe_with)
             base = PatchReport.current(an.sites())
             first = members[0].manifest
             if first is not None:
-                base = apply_sites(built, first["sites"], skip=members[0].skip)
-                an = analyze(built)
+                base = apply_sites(
+                    built, first["sites"], skip=members[0].skip, example_inputs=probe_with
+                )
+                an = analyze(built, probe_with)
         except DPatchError as exc:
             yield from _group_failed(members, exc)
             return

@@ -46,6 +46,7 @@ def build_manifest(report: PatchReport | None, spec: Any | None) -> dict[str, An
         "model": model_entry,
         "schedule": {k: body.get(k) for k in _SCHEDULE_KEYS},
         "summary": body.get("summary", {}),
+        "recipe": body.get("recipe"),
         "sites": body["sites"],
     }
 
@@ -94,4 +95,5 @@ def report_from_manifest(manifest: dict[str, Any]) -> PatchReport:
         skip=bool(sched.get("skip")),
         rates=tuple(steps),
         expected_depth=expected_depth(steps),
+        recipe=manifest.get("recipe"),
     )

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from torch import nn
@@ -14,19 +14,21 @@ from dpatch._apply import (
     restore_slots,
     second_probe,
     set_slot,
-    unpatch_without_skip,
+    unpatch_to_redo,
 )
-from dpatch._listed import configure_sites, module_or_none
+from dpatch._keep import SETTINGS, changes, common, current_seed
+from dpatch._listed import configure_sites
 from dpatch._marks import block_meta
 from dpatch._slots import SlotSettings
-from dpatch.droppath import MODES, SCALINGS, DropPath
+from dpatch.droppath import MODES, SCALINGS
 from dpatch.errors import InvalidValueError, NoResidualSitesError, NoSlotsError
-from dpatch.results import Change, PatchReport, Skipped
+from dpatch.results import PatchReport, Skipped
 from dpatch.rewrite import RewriteCache, unpatch_block
-from dpatch.schedule import SCHEDULES, expected_depth, schedule_rates
+from dpatch.schedule import PER, SCHEDULES, expected_depth, schedule_rates
 from dpatch.sites import Analysis, Site, analyze
 
 __all__ = [
+    "KEPT",
     "PER",
     "SETTINGS",
     "PatchReport",
@@ -40,12 +42,6 @@ __all__ = [
     "strip",
 ]
 
-#: What one schedule step covers.
-PER: tuple[str, ...] = ("block", "branch")
-
-#: The per-site settings a patch sets and a report compares (``PatchReport.changes``).
-SETTINGS: tuple[str, ...] = ("rate", "mode", "scaling", "skip", "fused")
-
 
 def _check_choice(value: object, name: str, choices: Sequence[str]) -> str:
     if value not in choices:
@@ -55,112 +51,169 @@ def _check_choice(value: object, name: str, choices: Sequence[str]) -> str:
 
 def _empty_error(an: Analysis, what: str) -> NoResidualSitesError:
     return NoResidualSitesError(
-        f"{what} has no residual branch to put stochastic depth on"
-        + (f" (probe: {an.probe_error})" if an.probe_error else "")
+        f"{what} has no residual branch to put stochastic depth on (it ran on "
+        f"{an.example.describe()} [{an.example.source}])"
     )
 
 
 def inspect(
-    model: nn.Module, example_inputs: Sequence[Any] | None = None, *, allow_empty: bool = True
+    model: nn.Module,
+    example_inputs: Sequence[Any] | None = None,
+    *,
+    allow_empty: bool = True,
+    coverage: str = "slots",
 ) -> PatchReport:
     """List every residual site of ``model`` with its current rate. Read-only.
 
     Raises:
+        ProbeError: the model runs on no input; pass ``example_inputs``.
         NoResidualSitesError: no residual branch and ``allow_empty`` is False.
     """
-    an = analyze(model, example_inputs)
+    an = analyze(model, example_inputs, coverage)
     sites = an.sites()
     if not sites and not allow_empty:
         raise _empty_error(an, "the model")
-    return PatchReport.current(sites, _skipped(an), model=model)
+    return PatchReport.current(sites, _skipped(an), model=model, example=an.example)
 
 
 def _skipped(an: Analysis) -> tuple[Skipped, ...]:
     out = [Skipped(p, r) for p, r in an.skipped]
-    if an.ignored_graph_sites:
-        out.append(
-            Skipped(
-                "",
-                f"{an.ignored_graph_sites} residual addition(s) without a slot left alone: "
-                "the model has native DropPath slots, which define its sites",
-            )
+    out += [
+        Skipped(
+            path,
+            "residual addition without a slot left alone: the model's own DropPath slots "
+            f"define its sites (coverage='all', --coverage all, adds it as {attr})",
         )
+        for path, attr in an.unslotted
+    ]
     return tuple(out)
+
+
+#: What ``retune`` keeps, site by site, unless given (or set by a recipe).
+KEPT: tuple[str, ...] = ("mode", "scaling", "skip", "seed")
+
+#: What ``inject``/``retune`` use for an argument neither given nor set by a recipe.
+DEFAULTS: dict[str, Any] = {
+    "max_rate": 0.1,
+    "schedule": "linear",
+    "min_rate": 0.0,
+    "rates": None,
+    "mode": "row",
+    "scaling": "inverted",
+    "per": "block",
+    "skip": False,
+    "seed": 0,
+}
 
 
 def inject(
     model: nn.Module,
-    max_rate: float = 0.1,
-    schedule: str = "linear",
-    min_rate: float = 0.0,
+    max_rate: float | None = None,
+    schedule: str | None = None,
+    min_rate: float | None = None,
     rates: Sequence[float] | None = None,
-    mode: str = "row",
-    scaling: str = "inverted",
-    per: str = "block",
+    mode: str | None = None,
+    scaling: str | None = None,
+    per: str | None = None,
     inplace: bool = True,
     *,
-    skip: bool = False,
-    seed: int = 0,
+    skip: bool | None = None,
+    seed: int | None = None,
     example_inputs: Sequence[Any] | None = None,
     allow_empty: bool = True,
+    recipe: str | None = None,
+    size: str | None = None,
+    coverage: str = "slots",
 ) -> PatchReport:
     """Put stochastic depth on every residual branch of ``model`` with a per-layer schedule.
 
-    Idempotent: injecting into an injected model equals injecting once.
+    Idempotent: injecting into an injected model equals injecting once. An argument left at
+    None takes the recipe's value, else its default (``dpatch.patch.DEFAULTS``).
 
     Args:
-        model: any ``nn.Module`` (timm, torchvision, or your own).
-        max_rate: rate of the deepest block (every block for ``uniform``).
-        schedule: ``linear``, ``uniform``, ``huang``, ``efficientnet``, ``cosine``,
-            ``custom`` (with ``rates``) or ``native`` (the model library's own rule).
-        min_rate: rate of the first block for ``linear``/``cosine``.
+        model: any ``nn.Module`` (timm, torchvision, transformers, or your own).
+        max_rate: rate of the deepest block (every block for ``uniform``); default 0.1.
+        schedule: ``linear`` (default), ``uniform``, ``huang``, ``efficientnet``,
+            ``cosine``, ``custom`` (with ``rates``) or ``native`` (the model library's own
+            rule).
+        min_rate: rate of the first block for ``linear``/``cosine``; default 0.
         rates: per-step rates for ``custom``.
-        mode: ``row`` (per sample) or ``batch`` (whole batch).
-        scaling: ``inverted``, ``expected`` or ``none``.
-        per: ``block`` (branches of a block share a step, timm's rule) or ``branch``.
+        mode: ``row`` (per sample, default) or ``batch`` (whole batch).
+        scaling: ``inverted`` (default), ``expected`` or ``none``.
+        per: ``block`` (default: branches of a block share a step, timm's rule) or
+            ``branch``.
         inplace: patch ``model`` itself; else a deep copy (``report.model``).
         skip: compute dropped branches only where kept (training speed-up; see README).
         seed: base seed of the host generators batch mode draws from (one per site), so
-            all DDP ranks drop the same blocks.
-        example_inputs: inputs for the meta-device probe (default: an image batch).
-        allow_empty: return an empty report instead of raising when there is no site.
+            all DDP ranks drop the same blocks; default 0.
+        example_inputs: inputs for the meta-device probe (default: inferred).
+        allow_empty: return an empty report instead of raising when the model ran and has
+            no residual branch.
+        recipe: a published recipe (``dpatch.recipes``) that sets the arguments left at
+            None; its time schedule is reported for ``DropPathScheduler``.
+        size: the model size for a recipe whose rate depends on it (default: read from
+            the model).
+        coverage: ``"slots"`` (default: when the model has native slots, they alone are
+            its sites) or ``"all"`` (those plus every residual addition without a slot).
 
     Raises:
-        InvalidValueError: a bad rate, schedule, mode, scaling or ``per``.
+        InvalidValueError: a bad rate, schedule, mode, scaling, ``per`` or recipe.
+        ProbeError: the model runs on no input; pass ``example_inputs``.
         NoResidualSitesError: no residual branch and ``allow_empty`` is False.
     """
+    req = _Request.of(
+        model,
+        {
+            "max_rate": max_rate,
+            "schedule": schedule,
+            "min_rate": min_rate,
+            "rates": rates,
+            "mode": mode,
+            "scaling": scaling,
+            "per": per,
+            "skip": skip,
+            "seed": seed,
+        },
+        recipe,
+        size,
+        example_inputs,
+    )
     return _patch(
         model,
-        _Request(max_rate, schedule, min_rate, rates, mode, scaling, per, skip, seed),
+        req,
         inplace=inplace,
         example_inputs=example_inputs,
         allow_empty=allow_empty,
         slots_only=False,
+        coverage=coverage,
     )
 
 
 def retune(
     model: nn.Module,
-    max_rate: float = 0.1,
-    schedule: str = "linear",
-    min_rate: float = 0.0,
+    max_rate: float | None = None,
+    schedule: str | None = None,
+    min_rate: float | None = None,
     rates: Sequence[float] | None = None,
     mode: str | None = None,
     scaling: str | None = None,
-    per: str = "block",
+    per: str | None = None,
     inplace: bool = True,
     *,
     skip: bool | None = None,
     seed: int | None = None,
     example_inputs: Sequence[Any] | None = None,
     allow_empty: bool = False,
+    recipe: str | None = None,
+    size: str | None = None,
+    coverage: str = "slots",
     analysis: Analysis | None = None,
 ) -> PatchReport:
     """Change the rates of a model that already has slots (native or from ``inject``).
 
-    Same arguments as :func:`inject`, but ``mode``, ``scaling``, ``skip`` and ``seed``
-    default to None, which keeps each site's own setting: a retune changes the rates and
-    what its arguments name, nothing else (``report.changes`` lists what changed).
+    Same arguments as :func:`inject`, but ``mode``, ``scaling``, ``skip`` and ``seed`` left
+    at None (and not set by the recipe) keep each site's own setting: a retune changes the
+    rates and what its arguments name, nothing else (``report.changes`` lists what changed).
 
     Args:
         analysis: :func:`dpatch.sites.analyze` of this same model from an earlier call
@@ -168,24 +221,43 @@ def retune(
             again, as for many checkpoints of one architecture (:mod:`dpatch.batch`).
 
     Raises:
-        NoResidualSitesError: the model has no slot at all (use ``inject`` to add them);
-            with ``allow_empty``, a model without any residual branch gets an empty report.
+        NoSlotsError: the model has no slot at all (use ``inject`` to add them).
+        NoResidualSitesError: no residual branch at all, unless ``allow_empty``.
     """
+    req = _Request.of(
+        model,
+        {
+            "max_rate": max_rate,
+            "schedule": schedule,
+            "min_rate": min_rate,
+            "rates": rates,
+            "mode": mode,
+            "scaling": scaling,
+            "per": per,
+            "skip": skip,
+            "seed": seed,
+        },
+        recipe,
+        size,
+        example_inputs,
+        keep=KEPT,
+    )
     return _patch(
         model,
-        _Request(max_rate, schedule, min_rate, rates, mode, scaling, per, skip, seed),
+        req,
         inplace=inplace,
         example_inputs=example_inputs,
         allow_empty=allow_empty,
         slots_only=True,
+        coverage=coverage,
         analysis=analysis,
     )
 
 
 @dataclasses.dataclass(frozen=True)
 class _Request:
-    """What a patch asks for (the arguments of ``inject``/``retune``); None in ``mode``,
-    ``scaling``, ``skip`` or ``seed`` keeps each site's own setting."""
+    """What a patch asks for (the arguments of ``inject``/``retune``, after the recipe);
+    None in ``mode``, ``scaling``, ``skip`` or ``seed`` keeps each site's own setting."""
 
     max_rate: float
     schedule: str
@@ -196,6 +268,34 @@ class _Request:
     per: str
     skip: bool | None
     seed: int | None
+    recipe: dict[str, Any] | None = None  # the resolved recipe (``ResolvedRecipe.to_dict``)
+
+    @classmethod
+    def of(
+        cls,
+        model: nn.Module,
+        given: dict[str, Any],
+        recipe: str | None,
+        size: str | None,
+        example_inputs: Sequence[Any] | None,
+        *,
+        keep: Sequence[str] = (),
+    ) -> _Request:
+        """Defaults (except ``keep``: None), then the recipe, then what the caller gave (not
+        None); validated."""
+        args: dict[str, Any] = {k: None if k in keep else v for k, v in DEFAULTS.items()}
+        resolved = None
+        if recipe is not None:
+            from dpatch.recipes import resolve_recipe
+
+            resolved = resolve_recipe(recipe, model, size, example_inputs=example_inputs)
+            args.update(resolved.inject_kwargs)
+        elif size is not None:
+            raise InvalidValueError(f"size={size!r} needs recipe= (a recipe's model size)")
+        args.update({k: v for k, v in given.items() if v is not None})
+        req = cls(**args, recipe=resolved.to_dict() if resolved is not None else None)
+        req.validate()
+        return req
 
     def validate(self) -> None:
         """Check every argument before any work is done (custom rates: once the depth is
@@ -218,16 +318,24 @@ class _Request:
 
 
 def check_arguments(
-    max_rate: float = 0.1,
-    schedule: str = "linear",
-    min_rate: float = 0.0,
-    mode: str = "row",
-    scaling: str = "inverted",
-    per: str = "block",
+    max_rate: float | None = None,
+    schedule: str | None = None,
+    min_rate: float | None = None,
+    mode: str | None = None,
+    scaling: str | None = None,
+    per: str | None = None,
 ) -> None:
     """Raise :class:`InvalidValueError` for an argument ``inject``/``retune`` would reject,
-    without a model (so a caller can fail before slow work)."""
-    _Request(max_rate, schedule, min_rate, None, mode, scaling, per, False, 0).validate()
+    without a model (so a caller can fail before slow work); None means "not given"."""
+    given = {
+        "max_rate": max_rate,
+        "schedule": schedule,
+        "min_rate": min_rate,
+        "mode": mode,
+        "scaling": scaling,
+        "per": per,
+    }
+    _Request(**{**DEFAULTS, **{k: v for k, v in given.items() if v is not None}}).validate()
 
 
 def _site_rates(
@@ -246,7 +354,13 @@ def _site_rates(
     from dpatch.zoo import native_rates
 
     by_slot = native_rates(model, req.max_rate)
-    rate = {s.name: by_slot.get(s.origin or s.slot, 0.0) for s in sites}
+    rate = {s.name: by_slot[s.origin or s.slot] for s in sites if (s.origin or s.slot) in by_slot}
+    # A residual addition without a slot (coverage="all") takes its block's rate.
+    block_rate: dict[int, float] = {}
+    for s in sites:
+        if s.name in rate:
+            block_rate[s.block] = max(block_rate.get(s.block, 0.0), rate[s.name])
+    rate.update({s.name: block_rate.get(s.block, 0.0) for s in sites if s.name not in rate})
     steps = [0.0] * depth
     for s in sites:
         steps[step_of[s.name]] = max(steps[step_of[s.name]], rate[s.name])
@@ -261,19 +375,19 @@ def _patch(
     example_inputs: Sequence[Any] | None,
     allow_empty: bool,
     slots_only: bool,
+    coverage: str,
     analysis: Analysis | None = None,
 ) -> PatchReport:
-    req.validate()
     if analysis is not None and (not inplace or analysis.model is not model):
         raise InvalidValueError(
             "analysis= must come from analyze() of this same model, patched in place (inplace=True)"
         )
     if not inplace:
         model = copy.deepcopy(model)
-    if req.skip and unpatch_without_skip(model):
+    if unpatch_to_redo(model, skip=bool(req.skip), coverage=coverage):
         analysis = None  # blocks went back to their classes: their traces are needed
 
-    an = analysis if analysis is not None else analyze(model, example_inputs)
+    an = analysis if analysis is not None else analyze(model, example_inputs, coverage)
     before = {s.name: s for s in an.sites()}
     if not before and not allow_empty:
         raise _empty_error(an, "the model")
@@ -288,7 +402,7 @@ def _patch(
             site_rate[s.name],
             s.mode if req.mode is None else req.mode,
             s.scaling if req.scaling is None else req.scaling,
-            _seed(model, s, i) if req.seed is None else req.seed + i,
+            current_seed(model, s, i) if req.seed is None else req.seed + i,
             s.skip if req.skip is None else req.skip,
         )
         for i, s in enumerate(sites)
@@ -307,16 +421,14 @@ def _patch(
         wanted = settings[site_of_slot[loose.slot_path]]
         set_slot(model, loose.slot_path, dataclasses.replace(wanted, skip=False))
         if wanted.skip and req.skip is not None:
-            skipped.append(Skipped(loose.slot_path, "skip needs a traced block; this slot masks"))
+            why = (
+                "skip needs a traced block; this slot masks"
+                if loose.residual
+                else "not on a residual addition (it drops the whole value it is given); masks"
+            )
+            skipped.append(Skipped(loose.slot_path, why))
 
     after = tuple(an.sites())
-    changes = tuple(
-        Change(s.name, field, getattr(before[s.name], field), getattr(s, field))
-        for s in after
-        if s.name in before
-        for field in SETTINGS
-        if getattr(before[s.name], field) != getattr(s, field)
-    )
     changed = tuple(
         s.name for s in after if s.name not in before or _settings(before[s.name]) != _settings(s)
     )
@@ -328,33 +440,20 @@ def _patch(
         per=req.per,
         max_rate=float(req.max_rate),
         min_rate=float(req.min_rate),
-        mode=req.mode if req.mode is not None else _common((s.mode for s in after), "row"),
+        mode=req.mode if req.mode is not None else common((s.mode for s in after), "row"),
         scaling=(
             req.scaling
             if req.scaling is not None
-            else _common((s.scaling for s in after), "inverted")
+            else common((s.scaling for s in after), "inverted")
         ),
         skip=req.skip if req.skip is not None else any(s.skip for s in after),
         rates=tuple(steps),
         expected_depth=expected_depth(steps),
         model=model,
-        changes=changes,
+        example=an.example,
+        recipe=req.recipe,
+        changes=changes(before, after),
     )
-
-
-def _seed(model: nn.Module, site: Site, index: int) -> int:
-    """The batch-mode seed a site's slot has now (what ``inject``'s default gives if none)."""
-    slot = module_or_none(model, site.slot)
-    seed = slot.seed if isinstance(slot, DropPath) else None
-    return index if seed is None else int(seed)
-
-
-def _common(values: Iterable[str], default: str) -> str:
-    """The one value every site has, ``"mixed"``, or ``default`` when there is no site."""
-    distinct = set(values)
-    if not distinct:
-        return default
-    return distinct.pop() if len(distinct) == 1 else "mixed"
 
 
 def _settings(s: Site) -> tuple[Any, ...]:

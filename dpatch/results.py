@@ -8,6 +8,7 @@ from typing import Any
 
 from torch import nn
 
+from dpatch._inputs import ExampleInputs
 from dpatch.schedule import expected_depth
 from dpatch.sites import Site
 
@@ -54,6 +55,9 @@ class PatchReport:
         model: the patched model (a copy when ``inplace=False``).
         changes: every setting the operation changed, site by site (``changed`` names
             the sites).
+        example: the input the model was probed with, and where it came from.
+        recipe: the published recipe the arguments came from (``ResolvedRecipe.to_dict``),
+            with its time schedule for ``DropPathScheduler``.
     """
 
     sites: tuple[Site, ...]
@@ -70,6 +74,8 @@ class PatchReport:
     expected_depth: float = 0.0
     model: nn.Module | None = field(default=None, compare=False, repr=False)
     changes: tuple[Change, ...] = ()
+    example: ExampleInputs | None = field(default=None, compare=False, repr=False)
+    recipe: dict[str, Any] | None = field(default=None, compare=False)
 
     @classmethod
     def current(
@@ -77,6 +83,7 @@ class PatchReport:
         sites: Sequence[Site],
         skipped: Sequence[Skipped] = (),
         model: nn.Module | None = None,
+        example: ExampleInputs | None = None,
         **extra: Any,
     ) -> PatchReport:
         """A report of the sites as they are (``schedule="current"``): one step per block,
@@ -96,6 +103,7 @@ class PatchReport:
             rates=tuple(steps),
             expected_depth=expected_depth(steps),
             model=model,
+            example=example,
             **{**defaults, **extra},
         )
 
@@ -139,6 +147,8 @@ class PatchReport:
                 {"site": c.site, "setting": c.setting, "before": c.before, "after": c.after}
                 for c in self.changes
             ],
+            "inputs": self.example.to_dict() if self.example is not None else None,
+            "recipe": self.recipe,
         }
 
     def changed_settings(self) -> dict[str, int]:

@@ -22,6 +22,8 @@ from collections.abc import Sequence
 from dpatch.errors import InvalidValueError
 
 SCHEDULES: tuple[str, ...] = ("linear", "uniform", "huang", "efficientnet", "cosine", "custom")
+#: What one schedule step covers: a block (its branches share a rate, timm's rule) or a branch.
+PER: tuple[str, ...] = ("block", "branch")
 _USES_MIN = frozenset({"linear", "cosine"})
 
 

@@ -21,11 +21,12 @@ How a site is found (each step in its own module):
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from torch import nn
 
+from dpatch._inputs import ExampleInputs
 from dpatch._marks import block_meta
 from dpatch._probe import Call, Probe, probe
 from dpatch._slots import (
@@ -42,7 +43,12 @@ from dpatch.droppath import DropPath
 from dpatch.errors import InvalidValueError, TraceError
 from dpatch.residual import BlockSite, find_residual_adds, native_slots_win
 
+#: Which residual additions are sites: a model's native slots only when it has any
+#: (``"slots"``), or those plus every addition without a slot (``"all"``).
+COVERAGES: tuple[str, ...] = ("slots", "all")
+
 __all__ = [
+    "COVERAGES",
     "SLOT_ATTRS",
     "Analysis",
     "BlockSites",
@@ -77,6 +83,8 @@ class Site:
         skip: compute-skipping is on for this site.
         origin: for native sites, the model's own slot this site came from (a slot one
             module shared by two branches is the origin of both); "" for graph sites.
+        residual: False for a native slot its model applies to something other than a
+            residual branch (it drops that whole value; never fused or skipped).
     """
 
     path: str
@@ -90,6 +98,7 @@ class Site:
     fused: bool = False
     skip: bool = False
     origin: str = ""
+    residual: bool = True
 
     @property
     def name(self) -> str:
@@ -110,6 +119,7 @@ class Site:
             "fused": self.fused,
             "skip": self.skip,
             "origin": self.origin,
+            "residual": self.residual,
         }
 
 
@@ -130,6 +140,9 @@ class BlockSites:
         sites: its sites in graph order.
         traced: its trace (None for a block dpatch rewrote already: its sites come from
             its patch metadata).
+        coverage: the coverage its sites were chosen under.
+        unslotted: slot names residual additions without a slot would get; they are not
+            sites because the model's native slots define its sites (coverage "slots").
     """
 
     path: str
@@ -137,6 +150,8 @@ class BlockSites:
     order: int
     sites: list[BlockSite]
     traced: TracedBlock | None = None
+    coverage: str = "slots"
+    unslotted: list[str] = field(default_factory=list)
 
     def slot_name(self, attr: str) -> str:
         """The qualified name of this block's slot attribute ``attr`` (its site's name)."""
@@ -146,11 +161,15 @@ class BlockSites:
 @dataclass(frozen=True)
 class LooseSlot:
     """A native slot that runs but not on a traced residual addition (the model's forward
-    calls it; dpatch changes its settings but not the forward around it)."""
+    calls it; dpatch changes its settings but not the forward around it).
+
+    ``residual`` is False for a slot a traced forward applies to something other than a
+    residual branch (it then drops that whole value)."""
 
     slot_path: str
     owner_path: str
     order: int
+    residual: bool = True
 
 
 @dataclass
@@ -162,10 +181,9 @@ class Analysis:
         blocks: blocks with sites, in the order they were found.
         loose: native slots outside traced blocks.
         skipped: (path, reason) of what could not be analysed or is not a site.
-        ignored_graph_sites: residual additions left alone because the model has native
-            slots.
-        probe_error: why the probe's forward failed, if it did.
-        example_inputs: the inputs the probe was given (None: the default image).
+        unslotted: (block path, slot name it would get) of residual additions left alone
+            because the model's native slots define its sites (``coverage="slots"``).
+        example: the input the probe ran the model on, and where it came from.
         inputs: each module's recorded call, by ``id(module)``.
     """
 
@@ -173,9 +191,8 @@ class Analysis:
     blocks: list[BlockSites]
     loose: list[LooseSlot]
     skipped: list[tuple[str, str]]
-    ignored_graph_sites: int
-    probe_error: str | None
-    example_inputs: tuple[Any, ...] | None
+    unslotted: list[tuple[str, str]]
+    example: ExampleInputs
     inputs: dict[int, Call]
 
     def sites(self) -> list[Site]:
@@ -218,20 +235,33 @@ def _has_own_add_source(mod: nn.Module, memo: dict[type, str | None]) -> bool:
 def _rewritten_block(path: str, mod: nn.Module, order: int) -> BlockSites:
     meta = block_meta(mod)
     assert meta is not None
-    return BlockSites(path, mod, order, [BlockSite(s.attr, s.kind, s.origin) for s in meta.sites])
+    sites = [BlockSite(s.attr, s.kind, s.origin) for s in meta.sites]
+    return BlockSites(path, mod, order, sites, None, meta.coverage, list(meta.unslotted))
 
 
-def analyze(model: nn.Module, example_inputs: Sequence[Any] | None = None) -> Analysis:
+def analyze(
+    model: nn.Module,
+    example_inputs: Sequence[Any] | ExampleInputs | None = None,
+    coverage: str = "slots",
+) -> Analysis:
     """Probe, trace and classify ``model`` (:func:`find_sites` is the public form).
+
+    ``coverage="slots"``: when the model has native slots, they alone are its sites (the
+    author chose where stochastic depth goes); ``"all"``: native slots plus every residual
+    addition without one.
 
     Raises:
         InvalidValueError: the model has lazy modules that were never run.
+        ProbeError: the model runs on no input (given, or inferred).
     """
+    if coverage not in COVERAGES:
+        raise InvalidValueError(
+            f"unknown coverage {coverage!r}; choose one of: {', '.join(COVERAGES)}"
+        )
     _check_materialised(model)
     pr = probe(model, example_inputs)
+    assert pr.example is not None
     skipped: list[tuple[str, str]] = []
-    if pr.error is not None:
-        skipped.append(("", f"forward on the meta device failed ({pr.error})"))
     slot_paths_called = {
         n
         for n, m in model.named_modules()
@@ -278,7 +308,7 @@ def analyze(model: nn.Module, example_inputs: Sequence[Any] | None = None) -> An
             qualify(path, a) for a in referenced_none_slots(mod, sources) if a not in attrs
         )
         if sites:
-            blocks.append(BlockSites(path, mod, order, sites, traced))
+            blocks.append(BlockSites(path, mod, order, sites, traced, coverage))
 
     covered_slots = {
         qualify(b.path, str(s.add.slot_node.target) if s.add and s.add.slot_node else s.attr)
@@ -286,42 +316,44 @@ def analyze(model: nn.Module, example_inputs: Sequence[Any] | None = None) -> An
         for s in b.sites
         if b.traced is None or (s.add is not None and s.add.slot_node is not None)
     }
-    # A slot seen in a traced forward but on no residual addition is not a site (timm's
-    # RDNet drops features it concatenates); one never seen in a trace (inside a leaf
-    # nn.Sequential, or in a block that cannot be traced) is taken at its word.
-    not_residual = sorted((traced_slots - covered_slots) | idle_none_slots)
+    # A slot a traced forward calls on no residual addition (timm's MobileViT and VoVNet
+    # drop a block's whole output, RDNet concatenated features) is a site that drops what
+    # it is given (residual=False: unfused, never skipped), so native rates reach it as
+    # the library's own would. A slot never seen in a trace (inside a leaf nn.Sequential,
+    # or in a block that cannot be traced) is taken at its word.
     loose = [
-        LooseSlot(s, owner_of(s, model), pr.order[id(model.get_submodule(s))])
-        for s in slot_paths_called - covered_slots - traced_slots
+        LooseSlot(
+            s,
+            owner_of(s, model),
+            pr.order[id(model.get_submodule(s))],
+            residual=s not in traced_slots,
+        )
+        for s in slot_paths_called - covered_slots
     ]
     loose = sorted(loose + none_loose, key=lambda s: s.order)
-    native = native_slots_win([b.sites for b in blocks], bool(loose))
-    ignored = 0
+    ignored: list[tuple[str, str]] = []
+    native = (
+        native_slots_win([b.sites for b in blocks], bool(loose)) if coverage == "slots" else None
+    )
     if native is not None:
         # Trace failures cannot hide sites here: native slots are found by the probe.
-        skipped = [(p, r) for p, r in skipped if p == "" and r.startswith("forward on the meta")]
-        ignored = sum(len(b.sites) for b in blocks) - sum(len(k) for k in native)
+        skipped = []
         for b, kept in zip(blocks, native, strict=True):
+            b.unslotted += [s.attr for s in b.sites if s not in kept]
             b.sites = kept
+        ignored = [(b.path, attr) for b in blocks for attr in b.unslotted]
         blocks = [b for b in blocks if b.sites]
     skipped += [
-        (
-            s,
-            "slot is not added to a residual branch; left alone"
-            + (
-                " (empty, and this block's forward does not use it)" if s in idle_none_slots else ""
-            ),
-        )
-        for s in not_residual
+        (s, "empty slot that this block's forward does not use; left alone")
+        for s in sorted(idle_none_slots)
     ]
     return Analysis(
         model=model,
         blocks=blocks,
         loose=loose,
         skipped=skipped,
-        ignored_graph_sites=ignored,
-        probe_error=pr.error,
-        example_inputs=tuple(example_inputs) if example_inputs else None,
+        unslotted=ignored,
+        example=pr.example,
         inputs=pr.inputs,
     )
 
@@ -338,6 +370,7 @@ class _Found:
     order: int  # the owner's first-call order
     in_block: bool  # on a traced residual addition (can be fused)
     origin: str
+    residual: bool = True
 
 
 def _get_or_none(model: nn.Module, path: str) -> nn.Module | None:
@@ -375,6 +408,7 @@ def _build_sites(an: Analysis) -> list[Site]:
             s.order,
             False,
             s.slot_path,
+            s.residual,
         )
         for s in an.loose
     ]
@@ -414,18 +448,27 @@ def _build_sites(an: Analysis) -> list[Site]:
                 fused=fused,
                 skip=isinstance(module, DropPath) and module.skip and f.in_block,
                 origin=f.origin,
+                residual=f.residual,
             )
         )
     # Stable: by block, then by the order the entries were found (graph order in a block).
     return sorted(sites, key=lambda s: s.block)
 
 
-def find_sites(model: nn.Module, example_inputs: Sequence[Any] | None = None) -> list[Site]:
+def find_sites(
+    model: nn.Module, example_inputs: Sequence[Any] | None = None, coverage: str = "slots"
+) -> list[Site]:
     """Every residual site of ``model`` with its current rate, in forward order. Read-only.
 
     Args:
         model: any ``nn.Module``.
-        example_inputs: positional inputs for one forward pass (shapes only matter: they
-            run on the meta device). Default: one image batch of the model's input size.
+        example_inputs: positional inputs for one forward pass (shapes and dtypes only
+            matter: they run on the meta device). Default: inferred from the model (its
+            library's metadata, else its first layer; see the README).
+        coverage: ``"slots"`` (a model's native slots alone when it has any) or ``"all"``
+            (those plus every residual addition without a slot).
+
+    Raises:
+        ProbeError: the model runs on no input; pass ``example_inputs``.
     """
-    return analyze(model, example_inputs).sites()
+    return analyze(model, example_inputs, coverage).sites()

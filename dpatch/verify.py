@@ -36,7 +36,6 @@ from torch import Tensor, nn
 from dpatch._listed import module_or_none
 from dpatch._marks import block_meta
 from dpatch._observe import Observer, Tally
-from dpatch._probe import default_example_input
 from dpatch._slots import is_slot_module, slot_settings
 from dpatch._verdict import (
     CODES,
@@ -58,7 +57,6 @@ __all__ = ["CODES", "Finding", "SiteCheck", "VerifyReport", "verify"]
 
 _LIBRARIES = ("timm.", "torchvision.", "transformers.")
 _RULE_LIBRARIES = ("timm.", "torchvision.")
-_NOT_RESIDUAL = "slot is not added to a residual branch"
 
 
 def _check_arguments(
@@ -86,24 +84,24 @@ def _device_and_dtype(model: nn.Module) -> tuple[torch.device, torch.dtype]:
 
 
 def _real_inputs(
-    model: nn.Module, example_inputs: Sequence[Any] | None, batch: int
+    model: nn.Module, example_inputs: Sequence[Any] | None, an: Analysis, batch: int
 ) -> tuple[Any, ...]:
-    """Real inputs: the caller's (meta tensors become random ones), else a random batch of
-    the model's default input size."""
+    """Real inputs: the caller's (meta tensors become random ones), else random values
+    shaped like the input the analysis ran the model on, at ``batch`` rows."""
     device, dtype = _device_and_dtype(model)
 
-    def real(v: Any) -> Any:
+    def real(v: Any, given: bool) -> Any:
         if isinstance(v, Tensor) and v.is_meta:
-            if v.is_floating_point():
-                return torch.randn(v.shape, device=device, dtype=dtype)
+            if v.is_floating_point():  # a given dtype is kept; an inferred one follows the model
+                return torch.randn(v.shape, device=device, dtype=v.dtype if given else dtype)
             return torch.zeros(v.shape, device=device, dtype=v.dtype)
         if isinstance(v, list | tuple):
-            return type(v)(real(x) for x in v)
+            return type(v)(real(x, given) for x in v)
         return v
 
     if example_inputs:
-        return tuple(real(v) for v in example_inputs)
-    return (real(default_example_input(model, batch=batch)),)
+        return tuple(real(v, True) for v in example_inputs)
+    return tuple(real(v, False) for v in an.example.with_batch(batch).values)
 
 
 def _run(model: nn.Module, inputs: tuple[Any, ...], what: str) -> Any:
@@ -268,7 +266,7 @@ def verify(
     an = analysis if analysis is not None else analyze(model, example_inputs)
     sites = an.sites()
     wanted = _declared_settings(model, sites, declared, schedule, max_rate, min_rate, per)
-    inputs = _real_inputs(model, example_inputs, batch)
+    inputs = _real_inputs(model, example_inputs, an, batch)
     device = _device_and_dtype(model)[0]
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(seed)
@@ -309,8 +307,7 @@ def verify(
         report("eval", "", "eval output differs from the model without stochastic depth")
 
     tally_of = {name: observer.tallies[id(m)] for name, m in slots.items()}
-    site_slots = {s.slot for s in sites} | {s.origin for s in sites if s.origin}
-    not_residual = {p for p, why in an.skipped if why.startswith(_NOT_RESIDUAL)}
+    not_residual = {s.slot for s in sites if not s.residual}
     for name, mod in slots.items():
         tally, rate = tally_of[name], slot_settings(mod).rate
         library = _is_library(work, name)
@@ -324,7 +321,7 @@ def verify(
                 + ("; its library block does not use it (no residual there)" if library else ""),
                 warn=library,
             )
-        elif rate > 0 and name in not_residual and name not in site_slots:
+        elif rate > 0 and name in not_residual:
             report(
                 "not-residual",
                 name,

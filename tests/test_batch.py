@@ -33,8 +33,8 @@ class Blk(nn.Module):
 
 def tiny(c=16):
     rates = [0.0, 0.05, 0.1]
-    return nn.Sequential(nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Linear(12, c),
-                         *[Blk(c, r) for r in rates], nn.Linear(c, 4))
+    return nn.Sequential(nn.Conv2d(3, 4, 3, stride=8), nn.AdaptiveAvgPool2d(2), nn.Flatten(),
+                         nn.Linear(16, c), *[Blk(c, r) for r in rates], nn.Linear(c, 4))
 
 
 def wide():
@@ -394,7 +394,9 @@ class Blk(nn.Module):
 
 
 def buggy():
-    return nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(3, 8), Blk(), Blk())
+    return nn.Sequential(
+        nn.Conv2d(3, 3, 1), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(3, 8), Blk(), Blk()
+    )
 """
 
 
@@ -404,8 +406,8 @@ def test_cli_verify_exits_1_with_one_line_per_mismatch(work: Path) -> None:
     assert code == 1
     lines = [ln for ln in err.splitlines() if ln.startswith("mismatch:")]
     assert lines == [
-        "mismatch: [never-called] 3.drop_path: rate 0.3000 but never called in training",
         "mismatch: [never-called] 4.drop_path: rate 0.3000 but never called in training",
+        "mismatch: [never-called] 5.drop_path: rate 0.3000 but never called in training",
     ]
     code, _, _ = cli("verify", "buggy:buggy", "--ignore", "never-called", cwd=work)
     assert code == 0

@@ -14,6 +14,7 @@ from torch import nn
 
 import dpatch
 from dpatch import InvalidValueError, ModelRunError, verify
+from dpatch.errors import ProbeError
 
 
 def codes(report: dpatch.VerifyReport, severity: str = "error") -> set[str]:
@@ -251,8 +252,26 @@ def test_bad_arguments(kwargs: dict, match: str) -> None:
 
 
 def test_a_model_that_cannot_run() -> None:
-    with pytest.raises(ModelRunError, match=r"\(2, 3\)"):
+    with pytest.raises(ProbeError, match="2x3"):  # not even on the meta device
         verify(stack(TimmSlots()), example_inputs=(torch.randn(2, 3),))
+
+
+class Picky(nn.Module):
+    """Runs on any shape-correct input except large values (so the probe passes)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.blk = TimmSlots(rate=0.1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if float(x.abs().max()) > 10:
+            raise ValueError("input out of range")
+        return self.blk(x)
+
+
+def test_a_model_that_fails_on_the_real_input() -> None:
+    with pytest.raises(ModelRunError, match="out of range"):
+        verify(Picky(), example_inputs=(torch.full((2, 4, 8), 100.0),))
 
 
 class LibraryBlock(TimmSlots):

@@ -12,7 +12,17 @@ import typer
 from dpatch._version import __version__
 from dpatch.batch import FileResult, inspect_many, is_many
 from dpatch.cli._app import about, app, emit, load, out, step
-from dpatch.cli._options import AllowEmptyOpt, ArchOpt, JsonOpt, PretrainedOpt, WeightsOpt
+from dpatch.cli._options import (
+    AllowEmptyOpt,
+    ArchOpt,
+    CoverageOpt,
+    InputDtypeOpt,
+    InputShapeOpt,
+    JsonOpt,
+    PretrainedOpt,
+    WeightsOpt,
+    parse_inputs,
+)
 from dpatch.cli.batching import KeepGoingOpt, ModelsArg, check_single_only, prepare, run_batch
 from dpatch.errors import NoResidualSitesError
 from dpatch.files import load_state_dict_file, read_manifest
@@ -35,6 +45,9 @@ def inspect_cmd(
     pretrained: PretrainedOpt = False,
     arch: ArchOpt = None,
     allow_empty: AllowEmptyOpt = False,
+    input_shape: InputShapeOpt = None,
+    input_dtype: InputDtypeOpt = None,
+    coverage: CoverageOpt = "slots",
     keep_going: KeepGoingOpt = False,
 ) -> None:
     """List every residual site with its rate (model, dpatch file or plain checkpoint).
@@ -43,10 +56,18 @@ def inspect_cmd(
 
     Example: dpatch inspect out.safetensors --json | jq '.sites[] | .rate'
     """
+    example_inputs = parse_inputs(input_shape, input_dtype)
     if is_many(models):
         check_single_only(weights=weights, pretrained=pretrained)
         batch = prepare(models, None, None, False, writes=False)
-        results = inspect_many(batch, model=arch, keep_going=keep_going, allow_empty=allow_empty)
+        results = inspect_many(
+            batch,
+            model=arch,
+            keep_going=keep_going,
+            allow_empty=allow_empty,
+            example_inputs=example_inputs,
+            coverage=coverage,
+        )
         run_batch(results, len(batch.inputs), as_json=as_json, describe=_line)
         return
     model = models[0]
@@ -67,7 +88,9 @@ def inspect_cmd(
         loaded = load(model, weights=weights, pretrained=pretrained, arch=arch, quiet=as_json)
         extra = {"model": loaded.spec.text if loaded.spec else model}
         with step("Tracing residual branches", as_json), about(extra["model"]):
-            report = inspect(loaded.model, allow_empty=allow_empty)
+            report = inspect(
+                loaded.model, example_inputs, allow_empty=allow_empty, coverage=coverage
+            )
     emit(report, as_json, extra, show_all=show_all)
 
 

@@ -12,12 +12,12 @@ from dpatch.cli._app import about, app, emit, err, load, out, step
 from dpatch.cli._options import (
     AllowEmptyOpt,
     ArchOpt,
+    CoverageOpt,
     DryRunOpt,
     ForceOpt,
+    InputDtypeOpt,
+    InputShapeOpt,
     JsonOpt,
-    KeepModeOpt,
-    KeepScalingOpt,
-    KeepSkipOpt,
     MaxRate,
     MinRate,
     ModeOpt,
@@ -25,10 +25,13 @@ from dpatch.cli._options import (
     PerOpt,
     PretrainedOpt,
     RatesOpt,
+    RecipeOpt,
     ScalingOpt,
     ScheduleOpt,
+    SizeOpt,
     SkipOpt,
     WeightsOpt,
+    parse_inputs,
     parse_rate,
     parse_rates,
 )
@@ -52,14 +55,17 @@ def _patch(
     action: Callable[..., PatchReport],
     target: str,
     *,
-    max_rate: str,
-    min_rate: str,
-    schedule: str,
+    max_rate: str | None,
+    min_rate: str | None,
+    schedule: str | None,
     rates: str | None,
     mode: str | None,
     scaling: str | None,
-    per: str,
+    per: str | None,
     skip: bool | None,
+    recipe: str | None,
+    size: str | None,
+    coverage: str,
     weights: Path | None,
     pretrained: bool,
     output: Path | None,
@@ -68,11 +74,14 @@ def _patch(
     as_json: bool,
     allow_empty: bool,
     arch: str | None,
+    input_shape: list[str] | None,
+    input_dtype: list[str] | None,
 ) -> None:
     hi = parse_rate(max_rate, "--max-rate")
     lo = parse_rate(min_rate, "--min-rate")
     rate_list = parse_rates(rates)
-    check_arguments(hi, schedule, lo, mode or "row", scaling or "inverted", per)
+    example_inputs = parse_inputs(input_shape, input_dtype)
+    check_arguments(hi, schedule, lo, mode, scaling, per)
     if rate_list is not None and schedule != "custom":
         raise InvalidValueError("--rates needs --schedule custom")
     if output is not None and not dry_run:
@@ -91,6 +100,10 @@ def _patch(
             per=per,
             skip=skip,
             allow_empty=allow_empty,
+            example_inputs=example_inputs,
+            recipe=recipe,
+            size=size,
+            coverage=coverage,
         )
     written = None
     if output is not None and not dry_run:
@@ -128,7 +141,6 @@ def _summary(result: FileResult, dry_run: bool = False) -> str:
 def _many(
     action: str,
     models: list[str],
-    *,
     request: dict[str, Any],
     output: Path | None,
     template: str | None,
@@ -139,6 +151,7 @@ def _many(
     arch: str | None,
     keep_going: bool,
 ) -> None:
+    """Many inputs: ``-o`` is a folder; one line (or JSON object) per input."""
     batch = prepare(models, output, template, force, writes=output is not None)
     results = patch_many(
         action,
@@ -165,101 +178,57 @@ def _changes_line(report: PatchReport) -> str:
     return f"changed: {did or 'nothing'}" + (f"; kept: {', '.join(kept)}" if kept else "")
 
 
-@app.command("inject")
-def inject_cmd(
-    models: ModelsArg,
-    max_rate: MaxRate = "0.1",
-    min_rate: MinRate = "0",
-    schedule: ScheduleOpt = "linear",
-    rates: RatesOpt = None,
-    mode: ModeOpt = "row",
-    scaling: ScalingOpt = "inverted",
-    per: PerOpt = "block",
-    skip: SkipOpt = False,
-    weights: WeightsOpt = None,
-    pretrained: PretrainedOpt = False,
-    output: OutOpt = None,
-    force: ForceOpt = False,
-    dry_run: DryRunOpt = False,
-    as_json: JsonOpt = False,
-    allow_empty: AllowEmptyOpt = False,
-    arch: ArchOpt = None,
-    template: TemplateOpt = None,
-    keep_going: KeepGoingOpt = False,
-) -> None:
-    """Put DropPath on every residual branch with a per-layer schedule, and save.
+def _register(name: str, action: Callable[..., PatchReport], doc: str) -> None:
+    """``inject`` and ``retune`` take the same options; only the library call differs."""
 
-    Many inputs (files, folders, globs) take -o DIR; each architecture is built and traced
-    once.
-
-    Example: dpatch inject resnet50 --max-rate 0.2 -o resnet50-dp.safetensors
-    """
-    _command(
-        "inject", inject, models, max_rate, min_rate, schedule, rates, mode, scaling, per,
-        skip, weights, pretrained, output, force, dry_run, as_json, allow_empty, arch,
-        template, keep_going,
-    )  # fmt: skip
-
-
-@app.command("retune")
-def retune_cmd(
-    models: ModelsArg,
-    max_rate: MaxRate = "0.1",
-    min_rate: MinRate = "0",
-    schedule: ScheduleOpt = "linear",
-    rates: RatesOpt = None,
-    mode: KeepModeOpt = None,
-    scaling: KeepScalingOpt = None,
-    per: PerOpt = "block",
-    skip: KeepSkipOpt = None,
-    weights: WeightsOpt = None,
-    pretrained: PretrainedOpt = False,
-    output: OutOpt = None,
-    force: ForceOpt = False,
-    dry_run: DryRunOpt = False,
-    as_json: JsonOpt = False,
-    allow_empty: AllowEmptyOpt = False,
-    arch: ArchOpt = None,
-    template: TemplateOpt = None,
-    keep_going: KeepGoingOpt = False,
-) -> None:
-    """Change the rates of an existing patch (a dpatch file) or of native slots, and save.
-
-    Mode, scaling and skipping stay as each site has them unless given.
-
-    Example: dpatch retune resnet50-dp.safetensors --max-rate 0.3 -o resnet50-dp3.safetensors
-    """
-    _command(
-        "retune", retune, models, max_rate, min_rate, schedule, rates, mode, scaling, per,
-        skip, weights, pretrained, output, force, dry_run, as_json, allow_empty, arch,
-        template, keep_going,
-    )  # fmt: skip
-
-
-def _command(
-    name: str,
-    action: Callable[..., PatchReport],
-    models: list[str],
-    max_rate: str,
-    min_rate: str,
-    schedule: str,
-    rates: str | None,
-    mode: str | None,
-    scaling: str | None,
-    per: str,
-    skip: bool | None,
-    weights: Path | None,
-    pretrained: bool,
-    output: Path | None,
-    force: bool,
-    dry_run: bool,
-    as_json: bool,
-    allow_empty: bool,
-    arch: str | None,
-    template: str | None,
-    keep_going: bool,
-) -> None:
-    if not is_many(models) and template is None:
+    def command(
+        models: ModelsArg,
+        max_rate: MaxRate = None,
+        min_rate: MinRate = None,
+        schedule: ScheduleOpt = None,
+        rates: RatesOpt = None,
+        mode: ModeOpt = None,
+        scaling: ScalingOpt = None,
+        per: PerOpt = None,
+        skip: SkipOpt = None,
+        recipe: RecipeOpt = None,
+        size: SizeOpt = None,
+        coverage: CoverageOpt = "slots",
+        weights: WeightsOpt = None,
+        pretrained: PretrainedOpt = False,
+        output: OutOpt = None,
+        force: ForceOpt = False,
+        dry_run: DryRunOpt = False,
+        as_json: JsonOpt = False,
+        allow_empty: AllowEmptyOpt = False,
+        arch: ArchOpt = None,
+        input_shape: InputShapeOpt = None,
+        input_dtype: InputDtypeOpt = None,
+        template: TemplateOpt = None,
+        keep_going: KeepGoingOpt = False,
+    ) -> None:
+        if is_many(models) or template is not None:
+            check_single_only(weights=weights, pretrained=pretrained)
+            rate_list = parse_rates(rates)
+            if rate_list is not None and schedule != "custom":
+                raise InvalidValueError("--rates needs --schedule custom")
+            request = {
+                "max_rate": parse_rate(max_rate, "--max-rate"),
+                "min_rate": parse_rate(min_rate, "--min-rate"),
+                "schedule": schedule,
+                "rates": rate_list,
+                "mode": mode,
+                "scaling": scaling,
+                "per": per,
+                "skip": skip,
+                "recipe": recipe,
+                "size": size,
+                "coverage": coverage,
+                "example_inputs": parse_inputs(input_shape, input_dtype),
+            }
+            _many(name, models, request, output, template, force, dry_run, as_json,
+                  allow_empty, arch, keep_going)  # fmt: skip
+            return
         _patch(
             action,
             models[0],
@@ -271,6 +240,9 @@ def _command(
             scaling=scaling,
             per=per,
             skip=skip,
+            recipe=recipe,
+            size=size,
+            coverage=coverage,
             weights=weights,
             pretrained=pretrained,
             output=output,
@@ -279,32 +251,33 @@ def _command(
             as_json=as_json,
             allow_empty=allow_empty,
             arch=arch,
+            input_shape=input_shape,
+            input_dtype=input_dtype,
         )
-        return
-    check_single_only(weights=weights, pretrained=pretrained)
-    rate_list = parse_rates(rates)
-    if rate_list is not None and schedule != "custom":
-        raise InvalidValueError("--rates needs --schedule custom")
-    request = {
-        "max_rate": parse_rate(max_rate, "--max-rate"),
-        "min_rate": parse_rate(min_rate, "--min-rate"),
-        "schedule": schedule,
-        "rates": rate_list,
-        "mode": mode,
-        "scaling": scaling,
-        "per": per,
-        "skip": skip,
-    }
-    _many(
-        name,
-        models,
-        request=request,
-        output=output,
-        template=template,
-        force=force,
-        dry_run=dry_run,
-        as_json=as_json,
-        allow_empty=allow_empty,
-        arch=arch,
-        keep_going=keep_going,
-    )
+
+    command.__doc__ = doc
+    command.__name__ = f"{name}_cmd"
+    app.command(name)(command)
+
+
+_register(
+    "inject",
+    inject,
+    """Put DropPath on every residual branch with a per-layer schedule, and save.
+
+    Many inputs (files, folders, globs) take -o DIR; each architecture is built and traced
+    once.
+
+    Example: dpatch inject resnet50 --max-rate 0.2 -o resnet50-dp.safetensors
+    """,
+)
+_register(
+    "retune",
+    retune,
+    """Change the rates of an existing patch (a dpatch file) or of native slots, and save.
+
+    Mode, scaling, skipping and seeds stay as each site has them unless given.
+
+    Example: dpatch retune resnet50-dp.safetensors --max-rate 0.3 -o resnet50-dp3.safetensors
+    """,
+)

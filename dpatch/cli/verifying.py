@@ -14,7 +14,15 @@ from rich.table import Table
 from dpatch._version import __version__
 from dpatch.batch import FileResult, is_many, verify_many
 from dpatch.cli._app import app, load, out, step
-from dpatch.cli._options import ArchOpt, JsonOpt, PretrainedOpt, WeightsOpt
+from dpatch.cli._options import (
+    ArchOpt,
+    InputDtypeOpt,
+    InputShapeOpt,
+    JsonOpt,
+    PretrainedOpt,
+    WeightsOpt,
+    parse_inputs,
+)
 from dpatch.cli.batching import KeepGoingOpt, ModelsArg, check_single_only, prepare, run_batch
 from dpatch.files import read_manifest
 from dpatch.manifest import report_from_manifest
@@ -59,6 +67,8 @@ def verify_cmd(
     weights: WeightsOpt = None,
     pretrained: PretrainedOpt = False,
     arch: ArchOpt = None,
+    input_shape: InputShapeOpt = None,
+    input_dtype: InputDtypeOpt = None,
     keep_going: KeepGoingOpt = False,
 ) -> None:
     """Prove the stochastic depth that runs is the one declared (exit 1 on a mismatch).
@@ -76,6 +86,7 @@ def verify_cmd(
         "draws": draws,
         "seed": seed,
         "ignore": tuple(ignore or ()),
+        "example_inputs": parse_inputs(input_shape, input_dtype),
     }
     if is_many(models):
         check_single_only(weights=weights, pretrained=pretrained)
