@@ -93,6 +93,6 @@ def can_skip(model: nn.Module, site: Site) -> bool:
 
 def _rate_of(d: Mapping[str, Any], name: str) -> float:
     try:
-        return check_rate(d.get("rate"), f"rate of site {name}")
+        return check_rate(d.get("rate"), f"rate of site {name}", allow_one=True)
     except InvalidValueError as exc:
         raise ManifestError(f"manifest: {exc}") from exc

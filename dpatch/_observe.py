@@ -124,6 +124,8 @@ def _measure(
     if branch.dim() == 0:
         branch, out = branch.reshape(1), out.reshape(1)
         residual = None if residual is None else residual.reshape(1)
+    if branch.shape[0] == 0 or branch.numel() == 0:
+        return _Rows(0, 0, 0, 0, [])
     b = _window(branch, limit)
     o = _window(out, limit)
     if residual is not None:
@@ -148,6 +150,13 @@ def _measure(
         den = (bb * bb)[kept].sum(1)
         ratios = (num / den).tolist()
     return _Rows(n_seen, n_dropped, n_kept, n_seen - n_dropped - n_kept, ratios)
+
+
+def _factor(mod: nn.Module) -> float:
+    """The scale a kept row's branch should carry in training: 1/(1-p) for inverted
+    scaling (p < 1; at p = 1 no row is kept), else 1."""
+    s = slot_settings(mod)
+    return 1.0 / (1.0 - s.rate) if s.scaling == "inverted" and s.rate < 1.0 else 1.0
 
 
 def _crop_shape(shape: tuple[int, ...], limit: int = ROW_ELEMENTS) -> tuple[int, ...]:
@@ -303,8 +312,7 @@ class Observer:
                 tally.notes.append(note)
             return None
         rows = _measure(branch, out, residual, alpha)
-        s = slot_settings(mod)
-        self._count(tally, rows, 1.0 / (1.0 - s.rate) if s.scaling == "inverted" else 1.0)
+        self._count(tally, rows, _factor(mod))
         return rows
 
     def _skip_rows(
@@ -332,7 +340,8 @@ class Observer:
             untouched = (out[rest] == residual[rest]).reshape(int(rest.sum()), -1).all(1)
             tally.partial += int((~untouched).sum())
         computed = _measure(branch, out[index], residual[index], alpha)
-        self._count(tally, computed, n / k if s.scaling == "inverted" else 1.0, unit=False)
+        factor = n / k if s.scaling == "inverted" and k else 1.0
+        self._count(tally, computed, factor, unit=False)
 
     def _check_eval(
         self,

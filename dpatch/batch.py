@@ -27,7 +27,7 @@ from dpatch.files import load_state_dict_file, load_weights, read_manifest, save
 from dpatch.manifest import report_from_manifest
 from dpatch.patch import apply_sites, check_arguments, configure_sites, inject, inspect, retune
 from dpatch.results import PatchReport
-from dpatch.sites import Analysis, analyze
+from dpatch.sites import Analysis, analyze, site_list
 from dpatch.verify import VerifyReport, verify
 from dpatch.zoo import ModelSpec, create_model, parse_spec
 
@@ -217,7 +217,7 @@ def _pristine(
 ) -> tuple[Analysis, list[dict[str, Any]]]:
     """An analysis of a freshly built model and its sites' own settings."""
     an = analyze(model, example_inputs, coverage)
-    return an, [s.to_dict() for s in an.sites()]
+    return an, [s.to_dict() for s in site_list(an)]
 
 
 def patch_many(
@@ -280,7 +280,7 @@ def patch_many(
                     )
                     an = analyze(built, probe_with, coverage)
                 else:
-                    base = PatchReport.current(an.sites())
+                    base = PatchReport.current(site_list(an))
         except DPatchError as exc:
             yield from _group_failed(members, exc)
             return
@@ -371,7 +371,7 @@ def verify_many(
             built = _build(members)
             probe_with = options.get("example_inputs")
             an, pristine = _pristine(built, probe_with)
-            base = PatchReport.current(an.sites())
+            base = PatchReport.current(site_list(an))
             first = members[0].manifest
             if first is not None:
                 base = apply_sites(

@@ -19,15 +19,16 @@ from dpatch._apply import (
 from dpatch._keep import SETTINGS, changes, common, current_seed
 from dpatch._listed import configure_sites
 from dpatch._marks import block_meta
+from dpatch._request import DEFAULTS, KEPT, Request, check_arguments, site_rates
 from dpatch._slots import SlotSettings
-from dpatch.droppath import MODES, SCALINGS
 from dpatch.errors import InvalidValueError, NoResidualSitesError, NoSlotsError
 from dpatch.results import PatchReport, Skipped
 from dpatch.rewrite import RewriteCache, unpatch_block
-from dpatch.schedule import PER, SCHEDULES, expected_depth, schedule_rates
-from dpatch.sites import Analysis, Site, analyze
+from dpatch.schedule import PER, expected_depth
+from dpatch.sites import Analysis, Site, analyze, site_list
 
 __all__ = [
+    "DEFAULTS",
     "KEPT",
     "PER",
     "SETTINGS",
@@ -41,12 +42,6 @@ __all__ = [
     "retune",
     "strip",
 ]
-
-
-def _check_choice(value: object, name: str, choices: Sequence[str]) -> str:
-    if value not in choices:
-        raise InvalidValueError(f"unknown {name} {value!r}; choose one of: {', '.join(choices)}")
-    return str(value)
 
 
 def _empty_error(an: Analysis, what: str) -> NoResidualSitesError:
@@ -70,7 +65,7 @@ def inspect(
         NoResidualSitesError: no residual branch and ``allow_empty`` is False.
     """
     an = analyze(model, example_inputs, coverage)
-    sites = an.sites()
+    sites = site_list(an)
     if not sites and not allow_empty:
         raise _empty_error(an, "the model")
     return PatchReport.current(sites, _skipped(an), model=model, example=an.example)
@@ -87,23 +82,6 @@ def _skipped(an: Analysis) -> tuple[Skipped, ...]:
         for path, attr in an.unslotted
     ]
     return tuple(out)
-
-
-#: What ``retune`` keeps, site by site, unless given (or set by a recipe).
-KEPT: tuple[str, ...] = ("mode", "scaling", "skip", "seed")
-
-#: What ``inject``/``retune`` use for an argument neither given nor set by a recipe.
-DEFAULTS: dict[str, Any] = {
-    "max_rate": 0.1,
-    "schedule": "linear",
-    "min_rate": 0.0,
-    "rates": None,
-    "mode": "row",
-    "scaling": "inverted",
-    "per": "block",
-    "skip": False,
-    "seed": 0,
-}
 
 
 def inject(
@@ -161,7 +139,7 @@ def inject(
         ProbeError: the model runs on no input; pass ``example_inputs``.
         NoResidualSitesError: no residual branch and ``allow_empty`` is False.
     """
-    req = _Request.of(
+    req = Request.of(
         model,
         {
             "max_rate": max_rate,
@@ -224,7 +202,7 @@ def retune(
         NoSlotsError: the model has no slot at all (use ``inject`` to add them).
         NoResidualSitesError: no residual branch at all, unless ``allow_empty``.
     """
-    req = _Request.of(
+    req = Request.of(
         model,
         {
             "max_rate": max_rate,
@@ -254,122 +232,9 @@ def retune(
     )
 
 
-@dataclasses.dataclass(frozen=True)
-class _Request:
-    """What a patch asks for (the arguments of ``inject``/``retune``, after the recipe);
-    None in ``mode``, ``scaling``, ``skip`` or ``seed`` keeps each site's own setting."""
-
-    max_rate: float
-    schedule: str
-    min_rate: float
-    rates: Sequence[float] | None
-    mode: str | None
-    scaling: str | None
-    per: str
-    skip: bool | None
-    seed: int | None
-    recipe: dict[str, Any] | None = None  # the resolved recipe (``ResolvedRecipe.to_dict``)
-
-    @classmethod
-    def of(
-        cls,
-        model: nn.Module,
-        given: dict[str, Any],
-        recipe: str | None,
-        size: str | None,
-        example_inputs: Sequence[Any] | None,
-        *,
-        keep: Sequence[str] = (),
-    ) -> _Request:
-        """Defaults (except ``keep``: None), then the recipe, then what the caller gave (not
-        None); validated."""
-        args: dict[str, Any] = {k: None if k in keep else v for k, v in DEFAULTS.items()}
-        resolved = None
-        if recipe is not None:
-            from dpatch.recipes import resolve_recipe
-
-            resolved = resolve_recipe(recipe, model, size, example_inputs=example_inputs)
-            args.update(resolved.inject_kwargs)
-        elif size is not None:
-            raise InvalidValueError(f"size={size!r} needs recipe= (a recipe's model size)")
-        args.update({k: v for k, v in given.items() if v is not None})
-        req = cls(**args, recipe=resolved.to_dict() if resolved is not None else None)
-        req.validate()
-        return req
-
-    def validate(self) -> None:
-        """Check every argument before any work is done (custom rates: once the depth is
-        known)."""
-        _check_choice(self.schedule, "schedule", (*SCHEDULES, "native"))
-        if self.mode is not None:
-            _check_choice(self.mode, "mode", MODES)
-        if self.scaling is not None:
-            _check_choice(self.scaling, "scaling", SCALINGS)
-        _check_choice(self.per, "per", PER)
-        if self.schedule == "custom":
-            return
-        if self.schedule == "native" and self.min_rate:
-            raise InvalidValueError(
-                f"min_rate={self.min_rate!r} has no meaning for schedule 'native' (the "
-                "library's own rule sets every rate); leave it at 0"
-            )
-        schedule = "uniform" if self.schedule == "native" else self.schedule
-        schedule_rates(schedule, 1, self.max_rate, self.min_rate)
-
-
-def check_arguments(
-    max_rate: float | None = None,
-    schedule: str | None = None,
-    min_rate: float | None = None,
-    mode: str | None = None,
-    scaling: str | None = None,
-    per: str | None = None,
-) -> None:
-    """Raise :class:`InvalidValueError` for an argument ``inject``/``retune`` would reject,
-    without a model (so a caller can fail before slow work); None means "not given"."""
-    given = {
-        "max_rate": max_rate,
-        "schedule": schedule,
-        "min_rate": min_rate,
-        "mode": mode,
-        "scaling": scaling,
-        "per": per,
-    }
-    _Request(**{**DEFAULTS, **{k: v for k, v in given.items() if v is not None}}).validate()
-
-
-def _site_rates(
-    model: nn.Module, req: _Request, sites: Sequence[Site]
-) -> tuple[dict[str, float], list[float]]:
-    """Each site's rate and each schedule step's rate."""
-    if req.per == "block":
-        step_of = {s.name: s.block for s in sites}
-        depth = len({s.block for s in sites})
-    else:
-        step_of = {s.name: i for i, s in enumerate(sites)}
-        depth = len(sites)
-    if req.schedule != "native":
-        steps = schedule_rates(req.schedule, depth, req.max_rate, req.min_rate, req.rates)
-        return {s.name: steps[step_of[s.name]] for s in sites}, steps
-    from dpatch.zoo import native_rates
-
-    by_slot = native_rates(model, req.max_rate)
-    rate = {s.name: by_slot[s.origin or s.slot] for s in sites if (s.origin or s.slot) in by_slot}
-    # A residual addition without a slot (coverage="all") takes its block's rate.
-    block_rate: dict[int, float] = {}
-    for s in sites:
-        if s.name in rate:
-            block_rate[s.block] = max(block_rate.get(s.block, 0.0), rate[s.name])
-    rate.update({s.name: block_rate.get(s.block, 0.0) for s in sites if s.name not in rate})
-    steps = [0.0] * depth
-    for s in sites:
-        steps[step_of[s.name]] = max(steps[step_of[s.name]], rate[s.name])
-    return rate, steps
-
-
 def _patch(
     model: nn.Module,
-    req: _Request,
+    req: Request,
     *,
     inplace: bool,
     example_inputs: Sequence[Any] | None,
@@ -388,7 +253,7 @@ def _patch(
         analysis = None  # blocks went back to their classes: their traces are needed
 
     an = analysis if analysis is not None else analyze(model, example_inputs, coverage)
-    before = {s.name: s for s in an.sites()}
+    before = {s.name: s for s in site_list(an)}
     if not before and not allow_empty:
         raise _empty_error(an, "the model")
     if before and slots_only and not any(s.kind == "native" or s.fused for s in before.values()):
@@ -396,7 +261,7 @@ def _patch(
             "the model has no DropPath slot to retune; use inject to add stochastic depth"
         )
     sites = list(before.values())
-    site_rate, steps = _site_rates(model, req, sites)
+    site_rate, steps = site_rates(model, req, sites)
     settings = {
         s.name: SlotSettings(
             site_rate[s.name],
@@ -428,7 +293,7 @@ def _patch(
             )
             skipped.append(Skipped(loose.slot_path, why))
 
-    after = tuple(an.sites())
+    after = tuple(site_list(an))
     changed = tuple(
         s.name for s in after if s.name not in before or _settings(before[s.name]) != _settings(s)
     )

@@ -30,10 +30,11 @@ from dpatch._codegen import GeneratedCode, generated_class
 from dpatch._marks import block_meta, clear_block_meta, set_block_meta
 from dpatch._meta import meta_execution, to_meta
 from dpatch._probe import Call
+from dpatch._rows import gather_rows
 from dpatch._skip import SITE_TEMPLATE, SkipPlan, branch_graph, is_batched, plan_skip, prune_dead
 from dpatch._source import rewrite_source
 from dpatch._trace import bind_inputs, trace_module
-from dpatch.droppath import DropPath, gather_rows
+from dpatch.droppath import DropPath
 from dpatch.errors import TraceError
 from dpatch.residual import INPLACE_ADDS
 from dpatch.sites import BlockSites

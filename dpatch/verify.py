@@ -51,7 +51,7 @@ from dpatch.errors import InvalidValueError, ModelRunError
 from dpatch.patch import strip
 from dpatch.results import PatchReport, block_rates
 from dpatch.schedule import schedule_rates
-from dpatch.sites import Analysis, Site, analyze
+from dpatch.sites import Analysis, Site, analyze, site_list
 
 __all__ = ["CODES", "Finding", "SiteCheck", "VerifyReport", "verify"]
 
@@ -264,7 +264,7 @@ def verify(
     _check_arguments(steps, batch, draws, rows, confidence, ignore)
     started = time.perf_counter()
     an = analysis if analysis is not None else analyze(model, example_inputs)
-    sites = an.sites()
+    sites = site_list(an)
     wanted = _declared_settings(model, sites, declared, schedule, max_rate, min_rate, per)
     inputs = _real_inputs(model, example_inputs, an, batch)
     device = _device_and_dtype(model)[0]

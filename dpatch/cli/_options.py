@@ -218,16 +218,17 @@ def parse_inputs(shapes: list[str] | None, dtypes: list[str] | None) -> tuple[Te
     )
 
 
-def parse_rate(text: str | None, flag: str) -> float | None:
-    """A rate option's text as a float in [0, 1) (None when not given), or an error naming
-    the flag and value."""
+def parse_rate(text: str | None, flag: str, *, allow_one: bool = False) -> float | None:
+    """A rate option's text as a float in [0, 1) (or [0, 1]; None when not given), or an
+    error naming the flag and value."""
     if text is None:
         return None
     try:
         value = float(text)
     except (TypeError, ValueError):
-        raise InvalidValueError(f"{flag} must be a number in [0, 1), but got {text!r}") from None
-    return check_rate(value, flag)
+        span = "[0, 1]" if allow_one else "[0, 1)"
+        raise InvalidValueError(f"{flag} must be a number in {span}, but got {text!r}") from None
+    return check_rate(value, flag, allow_one=allow_one)
 
 
 def parse_rates(text: str | None) -> list[float] | None:
@@ -238,7 +239,7 @@ def parse_rates(text: str | None) -> list[float] | None:
     for i, tok in enumerate(t.strip() for t in text.split(",")):
         if not tok:
             raise InvalidValueError(f"--rates has an empty entry at position {i}: {text!r}")
-        rate = parse_rate(tok, f"--rates entry {i}")
+        rate = parse_rate(tok, f"--rates entry {i}", allow_one=True)
         assert rate is not None
         out.append(rate)
     return out
