@@ -29,7 +29,7 @@ __all__ = [
 ModelsArg = Annotated[
     list[str],
     typer.Argument(
-        metavar="MODEL...",
+        metavar="MODEL",
         help="timm:NAME, tv:NAME, hf-hub:ORG/NAME, package.module:factory, a bare NAME "
         "(timm first, then torchvision), or checkpoint files: .safetensors written by "
         "dpatch, plain state dicts with --model, folders and globs ('ckpt/*.pt').",

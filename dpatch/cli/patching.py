@@ -265,8 +265,7 @@ _register(
     inject,
     """Put DropPath on every residual branch with a per-layer schedule, and save.
 
-    Many inputs (files, folders, globs) take -o DIR; each architecture is built and traced
-    once.
+    Many inputs (files, folders, globs) take -o DIR; each architecture is built once.
 
     Example: dpatch inject resnet50 --max-rate 0.2 -o resnet50-dp.safetensors
     """,

@@ -73,10 +73,9 @@ def verify_cmd(
 ) -> None:
     """Prove the stochastic depth that runs is the one declared (exit 1 on a mismatch).
 
-    Runs training forward passes on a deep copy and reports, per site, the declared rate,
-    the realised drop share with a Wilson interval and the scale of kept branches; checks
-    eval output, slots never called or not on a residual, and the schedule (a dpatch file:
-    its manifest).
+    Per site: declared rate, realised drop share (Wilson interval), scale of kept branches.
+
+    Also: eval output, slots never called or on no residual, the schedule (a file: its manifest).
 
     Example: dpatch verify resnet50-dp.safetensors
     """
