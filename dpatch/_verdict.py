@@ -299,6 +299,7 @@ class VerifyReport:
         confidence: family-wise confidence of the intervals (Bonferroni over sites).
         interval: how intervals are computed (``wilson``).
         seconds: wall-clock time of the whole check.
+        inputs: the training-pass inputs (shapes, dtypes) and where their shape came from.
     """
 
     ok: bool
@@ -315,6 +316,7 @@ class VerifyReport:
     confidence: float
     seconds: float
     interval: str = "wilson"
+    inputs: str = ""
 
     @property
     def errors(self) -> tuple[Finding, ...]:
@@ -328,6 +330,7 @@ class VerifyReport:
         return {
             "ok": self.ok,
             "seconds": round(self.seconds, 3),
+            "inputs": self.inputs,
             "steps": self.steps,
             "batch": self.batch,
             "draws": self.draws,

@@ -104,6 +104,16 @@ def _real_inputs(
     return tuple(real(v, False) for v in an.example.with_batch(batch).values)
 
 
+def _describe(inputs: tuple[Any, ...], source: str) -> str:
+    """``2x3x224x224 float32 (timm pretrained_cfg)``."""
+    shapes = ", ".join(
+        f"{'x'.join(map(str, v.shape))} {str(v.dtype).removeprefix('torch.')}"
+        for v in inputs
+        if isinstance(v, Tensor)
+    )
+    return f"{shapes or 'no tensor'} ({source})"
+
+
 def _run(model: nn.Module, inputs: tuple[Any, ...], what: str) -> Any:
     try:
         with torch.no_grad():
@@ -405,4 +415,5 @@ def verify(
         seed=seed,
         confidence=confidence,
         seconds=time.perf_counter() - started,
+        inputs=_describe(inputs, "given" if example_inputs else an.example.source),
     )

@@ -44,6 +44,7 @@ def test_patched_model_verifies_and_is_left_untouched(net: nn.Module) -> None:
         # Kept rows carry 1/(1-p), to the 1 % the check allows.
         assert c.scale == pytest.approx(1 / (1 - c.site.rate), rel=1e-2)
     json.dumps(report.to_dict())  # plain JSON
+    assert report.inputs == "4x4x8 float32 (given)"
 
 
 def test_unpatched_timm_slots_verify() -> None:

@@ -170,7 +170,7 @@ def _summary(report: VerifyReport) -> str:
     )
     return (
         f"{len(sites)} sites, {measured} measured: {verdict}; eval output {eval_text}; "
-        f"schedule {report.schedule}; {report.steps} training passes of {report.batch} rows "
+        f"schedule {report.schedule}; {report.steps} training passes on {report.inputs} "
         f"+ {report.draws} replayed draws per slot; Wilson {report.confidence:.1%} intervals "
         f"(Bonferroni over sites); {report.seconds:.1f} s"
     )
