@@ -14,6 +14,7 @@ from dpatch.errors import (
     InvalidValueError,
     ManifestError,
     ModelNotFoundError,
+    ModelRunError,
     NoResidualSitesError,
     NoSlotsError,
     OutputError,
@@ -26,26 +27,30 @@ from dpatch.fold import FoldedSite, FoldReport, fold
 from dpatch.measure import PruneStats, measure_pruning
 from dpatch.patch import PER, inject, inspect, retune, strip
 from dpatch.prune import prune, prune_order
-from dpatch.results import PatchReport, Skipped
+from dpatch.results import Change, PatchReport, Skipped
 from dpatch.schedule import SCHEDULES, expected_depth, schedule_rates
 from dpatch.scheduler import DropPathScheduler
 from dpatch.sensitivity import SensitivityReport, SiteSensitivity, sensitivity, suggest_rates
 from dpatch.sites import Site, find_sites
+from dpatch.verify import Finding, SiteCheck, VerifyReport, verify
 
 __all__ = [
     "PER",
     "SCHEDULES",
+    "Change",
     "DPatchError",
     "Data",
     "DataError",
     "DownloadError",
     "DropPath",
     "DropPathScheduler",
+    "Finding",
     "FoldReport",
     "FoldedSite",
     "InvalidValueError",
     "ManifestError",
     "ModelNotFoundError",
+    "ModelRunError",
     "NoResidualSitesError",
     "NoSlotsError",
     "OutputError",
@@ -54,10 +59,12 @@ __all__ = [
     "PruneStats",
     "SensitivityReport",
     "Site",
+    "SiteCheck",
     "SiteSensitivity",
     "Skipped",
     "Target",
     "UnsupportedSiteError",
+    "VerifyReport",
     "WeightsError",
     "__version__",
     "drop_add",
@@ -80,6 +87,7 @@ __all__ = [
     "sensitivity",
     "strip",
     "suggest_rates",
+    "verify",
 ]
 
 

@@ -64,3 +64,8 @@ class DataError(DPatchError):
 
 class UnsupportedSiteError(DPatchError):
     """A site cannot be pruned or folded; the message names the site and why."""
+
+
+class ModelRunError(DPatchError):
+    """The model could not be run on the inputs given (or inferred) for it: ``verify``
+    runs real forward passes."""

@@ -23,7 +23,7 @@ from dpatch._marks import block_meta, set_block_meta
 from dpatch._probe import Probe, probe
 from dpatch._skip import _ancestors
 from dpatch.errors import InvalidValueError, ProbeError, UnsupportedSiteError
-from dpatch.results import PatchReport, Skipped
+from dpatch.results import Change, PatchReport, Skipped
 from dpatch.sites import Analysis, BlockSites, Site, analyze, qualify, site_list
 
 __all__ = [
@@ -242,7 +242,11 @@ def prune(
         raise
     notes = settle_unused(model, an.example)
     return PatchReport.current(
-        site_list(an2), notes, model=model, changed=tuple(s.name for s in chosen)
+        site_list(an2),
+        notes,
+        model=model,
+        changed=tuple(s.name for s in chosen),
+        changes=tuple(Change(s.name, "pruned", False, True) for s in chosen),
     )
 
 

@@ -235,12 +235,15 @@ def _module_mentions(module_name: str, word: str, memo: dict[str, bool]) -> bool
 
 
 def list_models(pattern: str | None = None, source: str | None = None) -> list[ModelEntry]:
-    """timm and torchvision classification models matching an fnmatch ``pattern``.
+    """timm and torchvision classification models matching ``pattern``: an fnmatch glob
+    (``vit_small*``), or a bare word (no ``*?[``), which matches anywhere in the name.
 
     ``native`` is true when the model's library module takes a drop-path argument
     (timm ``drop_path_rate``, torchvision ``stochastic_depth_prob``).
     """
     pat = pattern or "*"
+    if not any(c in pat for c in "*?["):
+        pat = f"*{pat}*"  # a search word, as people expect from a search
     out: list[ModelEntry] = []
     memo: dict[str, bool] = {}
     if source in (None, "timm"):
