@@ -128,7 +128,7 @@ def save(
     """
     from safetensors.torch import save_file
 
-    from dpatch.prune import unused_state_keys
+    from dpatch.depth.prune import unused_state_keys
 
     out = check_output(path, force)
     if spec is None:
@@ -365,7 +365,7 @@ def _prune_again(
 ) -> None:
     """Prune a rebuilt model's branches as its file says; the keys the file left out must
     be exactly ones the pruned model does not use."""
-    from dpatch.prune import prune, unused_state_keys
+    from dpatch.depth.prune import prune, unused_state_keys
 
     prune(model, names)
     used = sorted(set(keys) - set(unused_state_keys(model)))

@@ -32,7 +32,7 @@ from torch import nn
 
 import dpatch
 from dpatch import InvalidValueError, ManifestError, UnsupportedSiteError, WeightsError
-from dpatch.prune import prune_order, unused_state_keys
+from dpatch.depth.prune import prune_order, unused_state_keys
 from dpatch.sites import Site
 from dpatch.zoo import create_model, parse_spec
 
@@ -428,3 +428,27 @@ def test_refuses_a_slot_on_no_residual() -> None:
         dpatch.prune(model, ["0.drop_path"], example_inputs=(x,))
     report = dpatch.sensitivity(model, x)
     assert report.sites[0].score is None and "not a residual branch" in report.sites[0].reason
+
+
+def test_strip_and_verify_know_pruned_blocks() -> None:
+    """strip refuses to bring pruned branches back unless told; verify checks the rest."""
+    model = _tv_resnet18()
+    dpatch.inject(model, max_rate=0.2)
+    dpatch.prune(model, ["layer4.1.drop_path"])
+    x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    with pytest.raises(InvalidValueError, match=r"pruned branches \(layer4.1.drop_path\)"):
+        dpatch.strip(model)
+    report = dpatch.verify(model, example_inputs=(x,))
+    assert report.ok, [f.message for f in report.findings]
+    assert "layer4.1.drop_path" not in {c.site.name for c in report.sites}
+    pruned_out = run(model, x, train=False)
+    kept = copy.deepcopy(model)
+    dpatch.strip(kept, pruned="keep")
+    assert torch.equal(run(kept, x, train=False), pruned_out)  # still pruned, no DropPath left
+    assert [m for m in kept.modules() if isinstance(m, dpatch.DropPath)] == [
+        kept.layer4[1].drop_path
+    ]
+    dpatch.strip(model, pruned="restore")
+    assert not any(isinstance(m, dpatch.DropPath) for m in model.modules())
+    with pytest.raises(InvalidValueError, match="unknown pruned 'all'"):
+        dpatch.strip(model, pruned="all")

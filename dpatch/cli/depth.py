@@ -26,15 +26,15 @@ from dpatch.cli._options import (
     WeightsOpt,
     parse_rate,
 )
-from dpatch.data import load_data
+from dpatch.depth._render import render_fold, render_prune_stats, render_sensitivity
+from dpatch.depth.data import load_data
+from dpatch.depth.fold import fold
+from dpatch.depth.measure import measure_pruning
+from dpatch.depth.prune import BY, prune
+from dpatch.depth.sensitivity import read_scores, sensitivity, suggestion
 from dpatch.errors import InvalidValueError
 from dpatch.files import atomic_write, check_output, save
-from dpatch.fold import fold
-from dpatch.measure import measure_pruning
-from dpatch.prune import BY, prune
 from dpatch.report import render_report
-from dpatch.report_depth import render_fold, render_prune_stats, render_sensitivity
-from dpatch.sensitivity import read_scores, sensitivity, suggestion
 
 __all__: list[str] = []
 

@@ -44,11 +44,11 @@ from dpatch.cli.batching import (
     prepare,
     run_batch,
 )
+from dpatch.depth.sensitivity import read_rates
 from dpatch.errors import InvalidValueError
 from dpatch.files import check_output, save
 from dpatch.patch import check_arguments, inject, retune
 from dpatch.results import PatchReport
-from dpatch.sensitivity import read_rates
 
 __all__: list[str] = []
 

@@ -18,10 +18,10 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from dpatch._depth import rebuild_blocks, take_apart
 from dpatch._marks import block_meta, set_block_meta
 from dpatch._probe import Probe, probe
 from dpatch._skip import _ancestors
+from dpatch.depth._blocks import rebuild_blocks, take_apart
 from dpatch.errors import InvalidValueError, ProbeError, UnsupportedSiteError
 from dpatch.results import Change, PatchReport, Skipped
 from dpatch.sites import Analysis, BlockSites, Site, analyze, qualify, site_list

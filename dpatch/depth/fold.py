@@ -277,7 +277,7 @@ def fold(
     if not todo:
         return FoldReport((), PatchReport.current(sites, model=model), model)
     reference = copy.deepcopy(model)
-    strip(reference)
+    strip(reference, pruned="restore")  # only read, for the traces of the original blocks
     blocks = {b.path: b for b in analyze(reference, an.example).blocks}
     plans: list[tuple[Site, tuple[str, ...]]] = []
     for s in todo:

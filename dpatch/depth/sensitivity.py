@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from dpatch._depth import rebuild_blocks, removable, removed_branch, take_apart
+from dpatch.depth._blocks import rebuild_blocks, removable, removed_branch, take_apart
 from dpatch.errors import DataError, InvalidValueError
 from dpatch.schedule import check_rate
 from dpatch.sites import Site, analyze, site_list

@@ -6,10 +6,10 @@ from __future__ import annotations
 from rich.console import Console
 from rich.text import Text
 
-from dpatch.fold import FoldReport
-from dpatch.measure import PruneStats
+from dpatch.depth.fold import FoldReport
+from dpatch.depth.measure import PruneStats
+from dpatch.depth.sensitivity import SensitivityReport
 from dpatch.report import _table, bar
-from dpatch.sensitivity import SensitivityReport
 
 __all__ = ["render_fold", "render_prune_stats", "render_sensitivity"]
 

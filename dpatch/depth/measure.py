@@ -13,9 +13,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from dpatch.data import random_inputs
+from dpatch.depth.data import random_inputs
+from dpatch.depth.prune import unused_state_keys
 from dpatch.errors import InvalidValueError
-from dpatch.prune import unused_state_keys
 
 __all__ = ["PruneStats", "measure_pruning"]
 
