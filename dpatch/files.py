@@ -28,7 +28,7 @@ from dpatch.manifest import MANIFEST_KEY, build_manifest, parse_manifest
 from dpatch.patch import apply_sites
 from dpatch.patch import inspect as inspect_model
 from dpatch.results import PatchReport
-from dpatch.zoo import ModelSpec, create_model, parse_spec, spec_of
+from dpatch.zoo import ModelSpec, create_model, parse_spec, rebuild, rebuild_info, spec_of
 
 __all__ = [
     "Target",
@@ -118,7 +118,8 @@ def save(
         path: output file.
         report: the :class:`~dpatch.PatchReport` of the patch (default: inspect ``model``).
         spec: the model spec to rebuild it (default: what :func:`dpatch.zoo.create_model`
-            recorded, or timm's architecture name).
+            recorded, timm's architecture name, or a transformers model's class; the
+            manifest of a transformers model also holds its class and full config).
         force: overwrite an existing file.
     """
     from safetensors.torch import save_file
@@ -126,7 +127,9 @@ def save(
     out = check_output(path, force)
     if spec is None:
         spec = spec_of(model)
-    manifest = build_manifest(report if report is not None else inspect_model(model), spec)
+    manifest = build_manifest(
+        report if report is not None else inspect_model(model), spec, rebuild_info(model)
+    )
     tensors = _plain_tensors(model)
     metadata = {MANIFEST_KEY: json.dumps(manifest, sort_keys=True), "format": "pt"}
     return atomic_write(out, lambda tmp: save_file(tensors, tmp, metadata=metadata), force=force)
@@ -328,7 +331,7 @@ def load(path: str | os.PathLike[str], model: nn.Module | None = None) -> nn.Mod
                 f"the manifest of {str(path)!r} names no model spec; pass the model: "
                 "dpatch.load(path, model=...)"
             )
-        model = create_model(entry["spec"], **dict(entry.get("kwargs") or {}))
+        model = rebuild(entry)
     load_weights(model, path)
     apply_sites(model, manifest["sites"], skip=bool(manifest.get("schedule", {}).get("skip")))
     return model
@@ -359,8 +362,8 @@ def load_target(
     model: str | None = None,
     pretrained: bool = False,
 ) -> Target:
-    """Build the model ``target`` names: a model spec (``timm:NAME``, ``tv:NAME``, a bare
-    name, ``module:factory``), a dpatch file (rebuilt with its patch), or a plain checkpoint
+    """Build the model ``target`` names: a model spec (``timm:NAME``, ``tv:NAME``,
+    ``hf:ORG/NAME``, ``hf:PATH``, a bare name, ``module:factory``), a dpatch file (rebuilt with its patch), or a plain checkpoint
     whose architecture ``model`` names. What ``dpatch inject TARGET`` does first.
 
     Args:
