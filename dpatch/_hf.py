@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import difflib
+import inspect
 import json
 import os
 import re
@@ -163,7 +164,11 @@ def build_hf(spec: ModelSpec, pretrained: bool) -> nn.Module:
                 "name (hf:ORG/NAME) or a save_pretrained directory"
             )
         _check_overrides(cls.config_class(), overrides, spec)
-        return cls(cls.config_class(**overrides))
+        try:
+            config = cls.config_class(**overrides)
+        except _config_errors() as exc:
+            raise InvalidValueError(_rejected(spec, exc)) from exc
+        return cls(config)
     local = Path(spec.name).expanduser().is_dir()
     config = _load_config(tf, spec, overrides)
     auto = _task_class(tf, config, task, spec)
@@ -218,7 +223,10 @@ def _load_config(tf: ModuleType, spec: ModelSpec, overrides: dict[str, Any]) -> 
                 "with `hf auth login`); check the name"
             ) from exc
         raise DownloadError(_fetch_message(spec, exc, "config")) from exc
-    except ValueError as exc:  # unknown model_type, or code that must come from the hub
+    except _config_errors() as exc:
+        if not isinstance(exc, ValueError):  # a strict config's validation error
+            raise InvalidValueError(_rejected(spec, exc)) from exc
+        # unknown model_type, or code that must come from the hub
         raise ModelNotFoundError(
             f"transformers {tf.__version__} cannot build hf:{spec.name} ({_first_line(exc)}); "
             "dpatch does not run code from the hub"
@@ -226,6 +234,23 @@ def _load_config(tf: ModuleType, spec: ModelSpec, overrides: dict[str, Any]) -> 
     if unused:
         _check_overrides(config, unused, spec)
     return config
+
+
+def _config_errors() -> tuple[type[Exception], ...]:
+    """What a config constructor raises for a bad value: transformers 5 configs are strict
+    dataclasses (huggingface_hub's validation error is a plain Exception)."""
+    try:
+        from huggingface_hub.errors import StrictDataclassError
+    except ImportError:  # older huggingface_hub: configs do not validate
+        return (TypeError, ValueError)
+    return (TypeError, ValueError, StrictDataclassError)
+
+
+def _rejected(spec: ModelSpec, exc: BaseException) -> str:
+    return (
+        f"transformers rejects the config overrides of hf:{spec.name} ({_first_line(exc)}); "
+        "pass values of the config's types (rates can be set with dpatch inject/retune)"
+    )
 
 
 def _task_class(tf: ModuleType, config: Any, task: str, spec: ModelSpec) -> Any:
@@ -319,13 +344,19 @@ def hf_entries() -> list[ModelEntry]:
         for model_type, names in getattr(modeling_auto, mapping).items():
             if model_type not in native:
                 config_cls = getattr(tf, configuration_auto.CONFIG_MAPPING_NAMES[model_type], None)
-                native[model_type] = config_cls is not None and "drop_path_rate" in (
-                    config_cls().to_dict()
-                )
+                native[model_type] = config_cls is not None and _has_drop_path_rate(config_cls)
             for name in [names] if isinstance(names, str) else names:
                 if hasattr(tf, name):
                     out.append(ModelEntry(f"hf:{name}", native[model_type], task))
     return out
+
+
+def _has_drop_path_rate(config_cls: Any) -> bool:
+    # transformers 5 configs are dataclasses (a class attribute per field); older ones
+    # take it as an __init__ argument.
+    if hasattr(config_cls, "drop_path_rate"):
+        return True
+    return "drop_path_rate" in inspect.signature(config_cls.__init__).parameters
 
 
 # --------------------------------------------------------------------------- native rates
@@ -351,6 +382,19 @@ def hf_slot_rates(model: nn.Module) -> dict[str, float]:
     return rates
 
 
+def _set_drop_path_rate(config: Any, rate: float) -> None:
+    """``config.drop_path_rate = rate``. CvT's is a list, one per stage: it is scaled so its
+    largest entry is ``rate`` (all stages at ``rate`` when it is all zeros)."""
+    current = config.drop_path_rate
+    value: Any = rate
+    if isinstance(current, list | tuple):
+        top = max(current, default=0.0)
+        value = [rate * v / top for v in current] if top > 0 else [rate] * len(current)
+    # LeViT's and TimeSformer's strict configs annotate drop_path_rate as an int and reject
+    # 0.3, though their models read it as a float: the value is set past the validator.
+    object.__setattr__(config, "drop_path_rate", value)
+
+
 def hf_native_rates(model: nn.Module, max_rate: float) -> dict[str, float]:
     """The rates ``type(model)(config with drop_path_rate=max_rate)`` builds, by slot.
 
@@ -366,7 +410,7 @@ def hf_native_rates(model: nn.Module, max_rate: float) -> dict[str, float]:
             "native schedule; use --schedule linear"
         )
     ref_config = copy.deepcopy(config)
-    ref_config.drop_path_rate = max_rate
+    _set_drop_path_rate(ref_config, max_rate)
     rates = hf_slot_rates(build_light(lambda: cls(ref_config)))
     if max_rate > 0 and not any(r > 0 for r in rates.values()):
         raise InvalidValueError(

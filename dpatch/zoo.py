@@ -291,8 +291,10 @@ def rebuild(entry: Mapping[str, Any]) -> nn.Module:
         from dpatch._hf import hf_rebuild
 
         model = hf_rebuild(entry)
-        spec, _ = parse_spec(str(entry["spec"]), **dict(entry.get("kwargs") or {}))
-        set_model_spec(model, spec)
+        # Recorded as it was, without checking it: a directory may be gone, a hub name
+        # offline; the config made both unnecessary.
+        name = str(entry["spec"]).partition(":")[2]
+        set_model_spec(model, ModelSpec("transformers", name, dict(entry.get("kwargs") or {})))
         return model
     return create_model(str(entry["spec"]), **dict(entry.get("kwargs") or {}))
 
@@ -324,6 +326,13 @@ def _module_mentions(module_name: str, word: str, memo: dict[str, bool]) -> bool
     return memo[module_name]
 
 
+def _hf_installed() -> bool:
+    try:
+        return importlib.util.find_spec("transformers") is not None
+    except (ImportError, ValueError):  # ValueError: sys.modules["transformers"] is None
+        return False
+
+
 def list_models(pattern: str | None = None, source: str | None = None) -> list[ModelEntry]:
     """timm models, every torchvision builder and the transformers vision model classes
     (when transformers is installed) matching an fnmatch ``pattern``.
@@ -351,8 +360,7 @@ def list_models(pattern: str | None = None, source: str | None = None) -> list[M
                 builder = torchvision.models.get_model_builder(name)
                 native = _module_mentions(builder.__module__, "stochastic_depth_prob", memo)
                 out.append(ModelEntry(f"tv:{name}", native, _tv_task(name)))
-    wants_hf = source in ("hf", "transformers")
-    if wants_hf or (source is None and importlib.util.find_spec("transformers") is not None):
+    if source in ("hf", "transformers") or (source is None and _hf_installed()):
         from dpatch._hf import hf_entries
 
         out += [
