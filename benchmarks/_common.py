@@ -105,3 +105,77 @@ def write_json(path: Path | None, doc: dict[str, Any]) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(doc, indent=2))
         print(f"wrote {path}")
+
+
+def versions(device: torch.device) -> dict[str, str]:
+    """``environment`` plus the GPU stack: Triton and the CUDA runtime torch was built for."""
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = "absent"
+    return {
+        **environment(device),
+        "triton": triton_version,
+        "cuda": torch.version.cuda or "none",
+    }
+
+
+def _sleep_cycles_per_ms(device: torch.device) -> float:
+    """How many ``torch.cuda._sleep`` cycles one millisecond holds on this GPU."""
+    cycles = 10_000_000
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    torch.cuda._sleep(cycles)  # wake the clocks up first
+    start.record()
+    torch.cuda._sleep(cycles)
+    end.record()
+    end.synchronize()
+    return cycles / max(start.elapsed_time(end), 1e-3)
+
+
+def device_time_ms(
+    fn: Callable[[], Any], device: torch.device, warmup: int, repeat: int, calls: int
+) -> tuple[float, float]:
+    """(median device ms per call, host microseconds per call) of ``fn``.
+
+    On CUDA, ``calls`` back-to-back calls are timed with CUDA events while the stream is
+    held by a sleep kernel long enough for the host to queue them all, so the figure is
+    the GPU's execution time alone, not the host's launch overhead (reported separately:
+    what the host spends queueing one call). Elsewhere: wall time per call.
+    """
+    if device.type != "cuda":
+        return time_ms(fn, device, warmup, repeat), float("nan")
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize(device)
+    t0 = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    host_ms = (time.perf_counter() - t0) * 1e3 / calls
+    torch.cuda.synchronize(device)
+    cycles = int(_sleep_cycles_per_ms(device) * (2.0 * host_ms * calls + 1.0))
+    times = []
+    for _ in range(repeat):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        torch.cuda._sleep(cycles)
+        start.record()
+        for _ in range(calls):
+            fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / calls)
+    return statistics.median(times), host_ms * 1e3
+
+
+def event_time_ms(fn: Callable[[], Any], device: torch.device) -> float:
+    """Milliseconds of one call of ``fn``: CUDA events on a GPU, wall time elsewhere."""
+    if device.type != "cuda":
+        return time_ms(fn, device, warmup=0, repeat=1)
+    torch.cuda.synchronize(device)
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    fn()
+    end.record()
+    end.synchronize()
+    return float(start.elapsed_time(end))

@@ -15,6 +15,7 @@ from dpatch.errors import (
     NoResidualSitesError,
     NoSlotsError,
     OutputError,
+    ProbeError,
     WeightsError,
 )
 from dpatch.files import Target, load, load_target, load_weights, save
@@ -38,6 +39,7 @@ __all__ = [
     "NoSlotsError",
     "OutputError",
     "PatchReport",
+    "ProbeError",
     "Site",
     "Skipped",
     "Target",

@@ -7,14 +7,13 @@ module makes one block or loose slot carry it.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
 
 import torch
 import torch.fx as fx
 from torch import nn
 
 from dpatch._marks import block_meta, has_original_slot, set_original_slot
-from dpatch._probe import Call, default_example_input, probe
+from dpatch._probe import Call, probe
 from dpatch._slots import SlotSettings
 from dpatch._trace import run_graph_meta
 from dpatch.droppath import DropPath
@@ -28,7 +27,7 @@ __all__ = [
     "configure_slot",
     "second_probe",
     "set_slot",
-    "unpatch_without_skip",
+    "unpatch_to_redo",
 ]
 
 
@@ -67,27 +66,22 @@ def set_slot(model: nn.Module, path: str, s: SlotSettings) -> None:
     setattr(parent, attr, dp)
 
 
-def unpatch_without_skip(model: nn.Module) -> None:
-    """Blocks rewritten without the skipping form are restored so they can be redone."""
+def unpatch_to_redo(model: nn.Module, *, skip: bool, coverage: str) -> None:
+    """Restore the blocks a patch must rewrite anew: rewritten without the skipping form
+    when skipping is asked for, or under another coverage (other sites)."""
     for mod in model.modules():
         meta = block_meta(mod)
-        if meta is not None and meta.rewritten_without_skip:
+        if meta is None:
+            continue
+        if (skip and meta.rewritten_without_skip) or meta.coverage != coverage:
             unpatch_block(mod)
 
 
 def second_probe(model: nn.Module, an: Analysis) -> dict[int, Call]:
     """Block inputs at batch 3, to tell batched tensors from shared ones (skip planning)."""
-    if an.example_inputs:
-        inputs = tuple(_grow_batch(v) for v in an.example_inputs)
-    else:
-        inputs = (default_example_input(model, batch=3),)
-    return probe(model, inputs).inputs
-
-
-def _grow_batch(value: Any) -> Any:
-    if isinstance(value, torch.Tensor) and value.dim() > 0:
-        return torch.empty((value.shape[0] + 1, *value.shape[1:]), dtype=value.dtype, device="meta")
-    return value
+    first = next((v for v in an.example.values if isinstance(v, torch.Tensor) and v.dim()), None)
+    batch = 3 if first is None else int(first.shape[0]) + 1
+    return probe(model, an.example.with_batch(batch)).inputs
 
 
 def apply_block(

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib
+import inspect
 import linecache
 import types
 import weakref
@@ -39,10 +40,13 @@ class GeneratedCode:
         functions: (method name, source) pairs; the last is ``forward``.
         globals: (name, value) pairs the sources read; modules are kept by name so the
             record pickles and deep-copies.
+        in_place: the sources are the original class's own methods edited at source level
+            (:mod:`dpatch._source`): they run in that method's module, with its closure.
     """
 
     functions: tuple[tuple[str, str], ...]
-    globals: tuple[tuple[str, Any], ...]
+    globals: tuple[tuple[str, Any], ...] = ()
+    in_place: bool = False
 
     @classmethod
     def of(cls, functions: Mapping[str, str], globals_: Mapping[str, Any]) -> GeneratedCode:
@@ -55,7 +59,7 @@ class GeneratedCode:
     @property
     def key(self) -> str:
         """A digest of the sources: equal code, equal class."""
-        text = "\n".join(f"{name}\n{src}" for name, src in self.functions)
+        text = "\n".join(f"{name}\n{src}" for name, src in self.functions) + str(self.in_place)
         return hashlib.sha1(text.encode()).hexdigest()
 
     def namespace(self) -> dict[str, Any]:
@@ -90,10 +94,21 @@ def generated_class(orig_cls: type, code: GeneratedCode) -> type:
     cls = _CLASSES.get(key)
     if cls is not None:
         return cls
-    globals_ = code.namespace()
-    namespace: dict[str, Any] = {
-        name: compile_function(src, globals_, name) for name, src in code.functions
-    }
+    namespace: dict[str, Any]
+    if code.in_place:
+        from dpatch._source import compile_like
+
+        namespace = {
+            name: compile_like(
+                src,
+                inspect.unwrap(getattr(orig_cls, name)),
+                f"<dpatch-{hashlib.sha1(src.encode()).hexdigest()[:16]}>",
+            )
+            for name, src in code.functions
+        }
+    else:
+        globals_ = code.namespace()
+        namespace = {name: compile_function(src, globals_, name) for name, src in code.functions}
     namespace.update(
         {
             "__module__": orig_cls.__module__,

@@ -8,6 +8,7 @@ the one context manager every meta run goes through.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
@@ -19,13 +20,19 @@ __all__ = ["MetaMode", "materialise", "meta_execution", "swapped_state", "to_met
 
 
 def to_meta(value: Any) -> Any:
-    """``value`` with every tensor replaced by an empty meta tensor of its shape and dtype."""
+    """``value`` with every tensor replaced by an empty meta tensor of its shape and dtype;
+    containers keep their type (named tuples, transformers' ``ModelOutput``)."""
     if isinstance(value, Tensor):
         return value if value.is_meta else torch.empty_like(value, device="meta")
+    if isinstance(value, tuple) and hasattr(value, "_fields"):
+        return type(value)(*(to_meta(v) for v in value))
     if isinstance(value, list | tuple):
         return type(value)(to_meta(v) for v in value)
     if isinstance(value, dict):
-        return {k: to_meta(v) for k, v in value.items()}
+        out = copy.copy(value)
+        for k, v in value.items():
+            out[k] = to_meta(v)
+        return out
     return value
 
 

@@ -1,23 +1,29 @@
 """One forward pass that records which modules run, in which order, and with which inputs.
 
 The pass runs on the meta device (:func:`dpatch._meta.meta_execution`): it costs no compute
-and changes nothing. A model whose forward needs real values (data-dependent control flow,
-``.item()``) is run once more on random inputs on its own device, without gradients and with
-copies of its buffers.
+and changes nothing. The input is the caller's, or the first candidate of
+:func:`dpatch._inputs.input_candidates` the model runs on. A model whose forward needs real
+values (data-dependent control flow, ``.item()``) is run on random inputs on its own device,
+without gradients and with copies of its buffers; one that needs evaluation mode (a
+detector that wants targets in training) is probed in evaluation mode. When nothing runs,
+:class:`~dpatch.errors.ProbeError` says what was tried: dpatch never reports "no residual
+branch" for a model it could not run.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
-import torch
-from torch import Tensor, nn
+from torch import nn
 
-from dpatch._meta import materialise, meta_execution, real_execution, to_meta
+from dpatch._inputs import ExampleInputs, as_example_inputs, input_candidates
+from dpatch._meta import materialise, meta_execution, real_execution
+from dpatch.errors import ProbeError
 
-__all__ = ["PROBE_BATCH", "Call", "Probe", "default_example_input", "probe"]
+__all__ = ["PROBE_BATCH", "Call", "Probe", "probe"]
 
 PROBE_BATCH = 2
 
@@ -33,47 +39,75 @@ class Probe:
     calls: dict[int, int] = field(default_factory=dict)  # number of calls
     inputs: dict[int, Call] = field(default_factory=dict)  # the first call's arguments
     outputs: dict[int, Any] = field(default_factory=dict)  # the first call's output
-    error: str | None = None  # why the forward failed, if it did
+    example: ExampleInputs | None = None  # the input the model ran on
 
     def ran_once(self) -> dict[int, Any]:
         """Outputs of the modules that ran exactly once (safe to reuse for their inputs)."""
         return {k: v for k, v in self.outputs.items() if self.calls.get(k) == 1}
 
 
-def default_example_input(model: nn.Module, batch: int = PROBE_BATCH) -> Tensor:
-    """An input of the size the model expects: timm's ``pretrained_cfg``, torchvision ViT's
-    ``image_size``, else 3x224x224."""
-    size: Sequence[int] = (3, 224, 224)
-    cfg = getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", None)
-    if isinstance(cfg, dict) and isinstance(cfg.get("input_size"), list | tuple):
-        size = tuple(int(s) for s in cfg["input_size"])
-    elif isinstance(getattr(model, "image_size", None), int):
-        size = (3, int(model.image_size), int(model.image_size))  # type: ignore[arg-type]
-    patch_embed = getattr(model, "patch_embed", None)
-    img_size = getattr(patch_embed, "img_size", None)
-    if isinstance(img_size, list | tuple) and len(img_size) == 2 and img_size[0]:
-        size = (size[0], int(img_size[0]), int(img_size[1]))
-    return torch.empty((batch, *size), device="meta")
+def probe(model: nn.Module, example_inputs: Sequence[Any] | ExampleInputs | None = None) -> Probe:
+    """Run ``model`` once, recording call order and each module's inputs and outputs.
 
-
-def probe(model: nn.Module, example_inputs: Sequence[Any] | None = None) -> Probe:
-    """Run ``model`` once, recording call order and each module's inputs and outputs."""
-    inputs = (
-        tuple(to_meta(v) for v in example_inputs)
-        if example_inputs
-        else (default_example_input(model),)
-    )
-    result = _probe_once(model, inputs, meta=True)
-    if result.error is None:
-        return result
+    Raises:
+        ProbeError: the model ran on none of the inputs tried (the message lists them, with
+            the first failure, and how to give an input).
+    """
+    if isinstance(example_inputs, ExampleInputs):
+        candidates = [example_inputs]
+    elif example_inputs:
+        candidates = [as_example_inputs(example_inputs)]
+    else:
+        candidates = input_candidates(model, PROBE_BATCH)
     device = next((t.device for t in model.parameters() if not t.is_meta), None)
-    if device is None:
-        return result
-    real = _probe_once(model, tuple(materialise(v, device) for v in inputs), meta=False)
-    return real if real.error is None else result
+    failures: dict[int, str] = {}  # candidate index -> its first failure
+    # Cheapest first: on meta; for real on the model's device; and, for a model in training
+    # mode (a detector that wants targets), both again in evaluation mode.
+    for training in [model.training, False] if model.training else [False]:
+        for real in [None] if device is None else [None, device]:
+            with _mode(model, training):
+                for i, cand in enumerate(candidates):
+                    inputs = cand.values if real is None else materialise(cand.values, real)
+                    result = _probe_once(model, inputs, meta=real is None)
+                    if isinstance(result, Probe):
+                        result.example = cand
+                        return result
+                    failures.setdefault(i, result)
+    tried = [(c, failures[i]) for i, c in enumerate(candidates)]
+    raise ProbeError(_explain(model, tried, given=candidates[0].source == "given"))
 
 
-def _probe_once(model: nn.Module, inputs: tuple[Any, ...], *, meta: bool) -> Probe:
+@contextmanager
+def _mode(model: nn.Module, training: bool) -> Iterator[None]:
+    """Put every module in ``training`` mode for the duration, then back as each was."""
+    modes = [(m, m.training) for m in model.modules()]
+    if training != model.training:
+        model.train(training)
+    try:
+        yield
+    finally:
+        for m, was in modes:
+            m.training = was
+
+
+def _explain(model: nn.Module, failures: list[tuple[ExampleInputs, str]], *, given: bool) -> str:
+    name = type(model).__name__
+    first = failures[0][1] if failures else "no input to try"
+    if given:
+        return (
+            f"{name} does not run on the given input ({failures[0][0].describe()}): {first}; "
+            "check the shapes and dtypes (example_inputs=, or --input-shape/--input-dtype)"
+        )
+    tried = "; ".join(f"{c.describe()} [{c.source}]" for c, _ in failures[:4])
+    return (
+        f"could not run {name} on any input dpatch could infer (tried {tried}); first "
+        f"failure: {first}; give one: example_inputs=(tensor, ...) in Python, or "
+        "--input-shape B,C,H,W (repeat it for several inputs; --input-dtype long for ids)"
+    )
+
+
+def _probe_once(model: nn.Module, inputs: tuple[Any, ...], *, meta: bool) -> Probe | str:
+    """A Probe of one run, or why the run failed (one line)."""
     result = Probe()
 
     def pre_hook(mod: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
@@ -92,7 +126,7 @@ def _probe_once(model: nn.Module, inputs: tuple[Any, ...], *, meta: bool) -> Pro
         with meta_execution(model) if meta else real_execution(model):
             model(*inputs)
     except Exception as exc:  # any model code can fail here; the caller reports it
-        result.error = f"{type(exc).__name__}: {exc}".splitlines()[0][:300]
+        return f"{type(exc).__name__}: {exc}".splitlines()[0][:300]
     finally:
         for h in handles:
             h.remove()

@@ -33,8 +33,9 @@ _SHAPE_FUNCTIONS = frozenset(
 )
 
 #: The generated site method of a skippable branch: in training with skipping on, the
-#: branch runs on a fixed-size random subset of rows (row mode) or not at all (batch mode,
-#: host decision); otherwise the fused masking form.
+#: branch runs on a fixed-size random subset of rows (row mode; at rate 1 on zero rows, so
+#: nothing is computed yet every parameter stays in the graph, as DDP needs) or not at all
+#: (batch mode, host decision); otherwise the fused masking form.
 SITE_TEMPLATE = """
 def {name}(self, residual, {params}):
     slot = self.{slot}

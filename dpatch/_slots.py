@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from dpatch.droppath import DropPath
+from dpatch.droppath import MODES, DropPath
 from dpatch.residual import BlockSite, ResidualAdd
 
 __all__ = [
@@ -74,9 +74,34 @@ def _slot_types() -> tuple[type, ...]:
     return tuple(types)
 
 
+#: Attributes a stochastic-depth class of another library keeps its rate in.
+_RATE_ATTRS: tuple[str, ...] = ("drop_prob", "p", "drop_rate", "drop_path_rate", "prob", "rate")
+_FOREIGN_SUFFIXES: tuple[str, ...] = ("droppath", "stochasticdepth")
+
+
+def _foreign_rate_attr(module: object) -> str | None:
+    """The rate attribute of another library's stochastic-depth module, recognised by
+    behaviour rather than by a list of classes: a stateless module whose class name ends in
+    ``DropPath`` or ``StochasticDepth`` (transformers' ``BeitDropPath``, ``SwinDropPath``,
+    ..., mmcv's ``DropPath``, a user's copy of timm's) and that carries a drop probability.
+    Stateless, so swapping it for dpatch's changes no state_dict key."""
+    if not isinstance(module, nn.Module):
+        return None
+    if not type(module).__name__.lower().endswith(_FOREIGN_SUFFIXES):
+        return None
+    if next(module.parameters(), None) is not None or next(module.buffers(), None) is not None:
+        return None
+    for attr in _RATE_ATTRS:
+        value = module.__dict__.get(attr)
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return attr
+    return None
+
+
 def is_slot_module(module: object, attr: str | None = None) -> bool:
-    """True for a DropPath-like module, or an ``nn.Identity`` stored under a slot name."""
-    if isinstance(module, _slot_types()):
+    """True for a DropPath-like module (timm, torchvision, dpatch, or another library's
+    class recognised by behaviour), or an ``nn.Identity`` stored under a slot name."""
+    if isinstance(module, _slot_types()) or _foreign_rate_attr(module) is not None:
         return True
     return isinstance(module, nn.Identity) and attr is not None and attr in SLOT_ATTRS
 
@@ -92,6 +117,12 @@ def slot_settings(module: object) -> SlotSettings:
     if timm_drop is not None and isinstance(module, timm_drop.DropPath):
         scaling = "inverted" if getattr(module, "scale_by_keep", True) else "none"
         return SlotSettings(float(module.drop_prob), "row", scaling)
+    attr = _foreign_rate_attr(module)
+    if attr is not None:
+        assert isinstance(module, nn.Module)
+        mode = module.__dict__.get("mode")
+        scaling = "none" if module.__dict__.get("scale_by_keep") is False else "inverted"
+        return SlotSettings(float(module.__dict__[attr]), mode if mode in MODES else "row", scaling)
     return SlotSettings()
 
 

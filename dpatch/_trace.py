@@ -26,6 +26,7 @@ from dpatch.residual import add_operands
 
 __all__ = [
     "LeafTracer",
+    "Span",
     "TraceCache",
     "TracedBlock",
     "bind_inputs",
@@ -34,7 +35,19 @@ __all__ = [
     "run_graph_meta",
     "trace_and_run",
     "trace_module",
+    "training_watcher",
 ]
+
+
+@dataclass(frozen=True)
+class Span:
+    """Where an expression is written: 1-based lines, 0-based UTF-8 byte columns (as
+    ``ast`` and ``code.co_positions`` count them)."""
+
+    line: int
+    col: int
+    end_line: int
+    end_col: int
 
 
 @dataclass(frozen=True, eq=False)
@@ -49,6 +62,10 @@ class TracedBlock:
         concrete: arguments specialised to the constant they had (``mask=None``).
         env: the value of every node on the block's recorded meta inputs (empty when the
             graph has no addition, so nothing needed running).
+        spans: where in the block's forward source each node was made (meta traces only).
+        specialised: the graph holds the recorded shapes as constants (a forward that
+            branches on shapes, traced by :mod:`dpatch._metatrace`): it finds sites, but
+            the block is rewritten at source level, not generated from the graph.
     """
 
     graph: fx.Graph
@@ -56,6 +73,8 @@ class TracedBlock:
     reads_training: bool = True
     concrete: dict[str, Any] = field(default_factory=dict)
     env: dict[fx.Node, Any] = field(default_factory=dict)
+    spans: dict[fx.Node, Span] = field(default_factory=dict)
+    specialised: bool = False
 
 
 class LeafTracer(fx.Tracer):
@@ -86,7 +105,7 @@ def _notrace_functions() -> tuple[Callable[..., Any], ...]:
 _READ_TRAINING = "__dpatch_read_training"  # set on the tracer's shadow copy only
 
 
-def _training_watcher(cls: type) -> type:
+def training_watcher(cls: type) -> type:
     """A subclass of ``cls`` whose ``training`` attribute records that it was read."""
 
     def get(self: nn.Module) -> bool:
@@ -113,7 +132,7 @@ def trace_module(
     arguments recorded as None or a constant) are specialised, with torch.fx's guards that
     fail loudly on other values.
     """
-    shadow: nn.Module = object.__new__(_training_watcher(type(module)))
+    shadow: nn.Module = object.__new__(training_watcher(type(module)))
     shadow.__dict__ = dict(module.__dict__)
     if training is not None:
         shadow.__dict__["training"] = training
@@ -346,12 +365,23 @@ class TraceCache:
         key = _config_key(mod, call)
         hit = self._traces.get(key) if key is not None else None
         if hit is None:
-            try:
-                hit = trace_and_run(mod, call, self._known)
-            except TraceError as exc:
-                hit = exc
+            hit = self._trace(mod, call)
             if key is not None:
                 self._traces[key] = hit
         if isinstance(hit, TraceError):
             raise hit
         return hit
+
+    def _trace(self, mod: nn.Module, call: Call) -> TracedBlock | TraceError:
+        """A plain trace; failing that, one with value-carrying proxies (a forward that
+        branches on shapes or unpacks a child's tuple); failing that, the first error."""
+        from dpatch._metatrace import meta_trace  # it builds on this module
+
+        try:
+            return trace_and_run(mod, call, self._known)
+        except TraceError as exc:
+            first = exc
+        try:
+            return meta_trace(mod, call, self._known)
+        except TraceError:
+            return first

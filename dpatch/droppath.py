@@ -8,18 +8,35 @@ Conventions (Huang et al. 2016; timm ``timm.layers.drop_path``; torchvision
 - ``scaling="inverted"`` divides kept branches by ``1 - p`` in training and is the identity
   in eval (timm, torchvision); ``"expected"`` does not scale in training and multiplies the
   branch by ``1 - p`` in eval (the paper); ``"none"`` does neither.
+- ``p = 1`` is allowed, as in timm and torchvision: training always drops the branch (no
+  division by zero: nothing is kept, so nothing is scaled); eval follows the scaling's rule
+  (identity, or the branch times ``1 - p = 0`` for ``"expected"``).
 
 No function here reads a random value back to the host: masks stay tensors and scales are
 Python floats, so nothing forces a device synchronisation. This module knows nothing of
 models.
+
+On CUDA, training-mode ``drop_add`` runs dpatch's Triton kernel (:mod:`dpatch.kernels`)
+when Triton is importable and both operands share a layout the kernel reads in place;
+everything else, and all code being compiled by ``torch.compile``/``torch.export`` (the
+compiler fuses the mask into its own kernel, together with the branch's last op), takes
+``torch.addcmul``. The environment variable ``DPATCH_KERNELS`` selects:
+
+- unset, ``""`` or ``"1"``: the kernel for CUDA tensors;
+- ``"0"``: never the kernel;
+- ``"interpret"``: also CPU tensors go through the kernel, run by Triton's interpreter
+  (slow and exact: how the kernel is tested without a GPU).
 """
 
 from __future__ import annotations
 
+import os
 from typing import Any, ClassVar, Optional
 
 import torch
 from torch import Tensor, nn
+
+from dpatch._rows import scatter_add_rows
 
 MODES: tuple[str, ...] = ("row", "batch")
 SCALINGS: tuple[str, ...] = ("inverted", "expected", "none")
@@ -31,9 +48,9 @@ def _check_prob(p: Any) -> float:
     # Same message shape as torchvision: repeat the bad value. Kept free of the schedule
     # module so the op stays importable on its own (and scriptable-adjacent code stays small).
     if isinstance(p, bool) or not isinstance(p, int | float):
-        raise ValueError(f"drop probability must be a number in [0, 1), but got {p!r}")
-    if not 0.0 <= p < 1.0:  # NaN fails this too
-        raise ValueError(f"drop probability has to be in [0, 1), but got {p!r}")
+        raise ValueError(f"drop probability must be a number in [0, 1], but got {p!r}")
+    if not 0.0 <= p <= 1.0:  # NaN fails this too
+        raise ValueError(f"drop probability has to be in [0, 1], but got {p!r}")
     return float(p)
 
 
@@ -74,7 +91,7 @@ def drop_path(
 
     Args:
         x: the branch output, rank >= 1, batch first.
-        drop_prob: probability p of dropping, 0 <= p < 1.
+        drop_prob: probability p of dropping, 0 <= p <= 1.
         training: apply the random drop (eval applies only ``"expected"`` scaling).
         scale_by_keep: timm's switch; maps to ``scaling="inverted"`` / ``"none"`` when
             ``scaling`` is not given.
@@ -94,7 +111,7 @@ def drop_path(
     if not training:
         return x * keep if how == "expected" else x
     mask = _keep_mask(x, keep, mode)
-    if how == "inverted":
+    if how == "inverted" and keep > 0.0:  # at p = 1 the mask is all zeros: nothing to scale
         mask.mul_(1.0 / keep)
     return x * mask
 
@@ -112,17 +129,24 @@ def drop_add(
 
     Training uses ``torch.addcmul(x, branch, mask, value=scale)``: a single kernel with the
     (B, 1, ..., 1) mask broadcast and the scale as a host float (computed in the op's
-    accumulation type, so bf16 branches are not rounded twice). Eval is ``x + branch`` (or
+    accumulation type, so bf16 branches are not rounded twice). On CUDA it uses dpatch's
+    Triton kernel instead (see the module docstring): one float32 scale per sample, built
+    on the device from the same Bernoulli draw. Eval is ``x + branch`` (or
     ``x + (1 - p) * branch`` for ``"expected"`` scaling), bit for bit the plain residual.
+    At p = 1 training returns ``x`` (a new tensor; the branch stays in the graph with a zero
+    gradient, as in timm).
 
     Args:
         x: the shortcut (never dropped).
         branch: the residual branch, same shape as ``x``.
-        drop_prob: probability p of dropping the branch, 0 <= p < 1.
+        drop_prob: probability p of dropping the branch, 0 <= p <= 1.
         training: apply the random drop.
         mode: ``"row"`` or ``"batch"``.
         scaling: ``"inverted"``, ``"expected"`` or ``"none"``.
         alpha: a constant factor on the branch, for blocks written ``torch.add(x, b, alpha=)``.
+
+    Raises:
+        ValueError: a bad rate, mode or scaling, or a bad ``DPATCH_KERNELS`` value.
     """
     p = _check_prob(drop_prob)
     _check_mode(mode)
@@ -132,8 +156,42 @@ def drop_add(
             return torch.add(x, branch, alpha=alpha * (1.0 - p))
         return x + branch if alpha == 1.0 else torch.add(x, branch, alpha=alpha)
     keep = 1.0 - p
+    value = alpha / keep if how == "inverted" and keep > 0.0 else alpha
+    if _use_kernels(x, branch):
+        return _kernel_drop_add(x, branch, keep, mode, value)
     mask = _keep_mask(branch, keep, mode)
-    return torch.addcmul(x, branch, mask, value=alpha / keep if how == "inverted" else alpha)
+    return torch.addcmul(x, branch, mask, value=value)
+
+
+_KERNEL_SETTINGS: tuple[str, ...] = ("", "0", "1", "interpret")
+
+
+def _use_kernels(x: Tensor, branch: Tensor) -> bool:
+    """Whether training-mode ``drop_add`` runs the Triton kernel (see ``DPATCH_KERNELS``)."""
+    setting = os.environ.get("DPATCH_KERNELS", "")
+    if setting not in _KERNEL_SETTINGS:
+        raise ValueError(f"DPATCH_KERNELS has to be one of {_KERNEL_SETTINGS}, but got {setting!r}")
+    if setting == "0" or torch.compiler.is_compiling():
+        return False
+    device = x.device.type
+    if device != "cuda" and not (device == "cpu" and setting == "interpret"):
+        return False
+    from dpatch import kernels  # imports Triton: only when a kernel could run
+
+    return kernels.available() and kernels.supports(x, branch)
+
+
+def _kernel_drop_add(x: Tensor, branch: Tensor, keep: float, mode: str, value: float) -> Tensor:
+    from dpatch import kernels
+
+    rows = branch.shape[0]
+    # One draw per sample (or one for the batch), as in _keep_mask: the same random
+    # numbers, so a seed gives the same mask on either path.
+    lead = rows if mode == "row" else 1
+    scale = torch.empty(lead, dtype=torch.float32, device=branch.device).bernoulli_(keep)
+    if value != 1.0:
+        scale.mul_(value)
+    return kernels.fused_drop_add(x, branch, scale.expand(rows))
 
 
 def _scripted_drop(
@@ -152,7 +210,7 @@ def _scripted_drop(
         lead = x.shape[0] if mode == "row" else 1
         shape = [lead] + [1] * (x.dim() - 1)
         mask = torch.empty(shape, dtype=x.dtype, device=x.device).bernoulli_(1.0 - p)
-        if scaling == "inverted":
+        if scaling == "inverted" and p < 1.0:
             mask = mask / (1.0 - p)
         return x * mask
     if p == 0.0 or not training:
@@ -162,7 +220,7 @@ def _scripted_drop(
     lead = x.shape[0] if mode == "row" else 1
     shape = [lead] + [1] * (x.dim() - 1)
     mask = torch.empty(shape, dtype=x.dtype, device=x.device).bernoulli_(1.0 - p)
-    value = alpha / (1.0 - p) if scaling == "inverted" else alpha
+    value = alpha / (1.0 - p) if (scaling == "inverted" and p < 1.0) else alpha
     return torch.addcmul(residual, x, mask, value=value)
 
 
@@ -172,102 +230,31 @@ def _drop_rate_tensor(
     """Training-mode drop with the rate as a 0-dim tensor (what compiled graphs run).
 
     No Python branch on the rate: a graph captured once serves every rate (a rate of 0
-    gives an all-ones mask and scale 1, the plain residual). ``mode="batch"`` draws from
-    the device generator here, not the host one.
+    gives an all-ones mask and scale 1, the plain residual; a rate of 1 an all-zeros mask).
+    ``mode="batch"`` draws from the device generator here, not the host one.
     """
     lead = x.shape[0] if mode == "row" else 1
     keep = 1.0 - rate
     mask = torch.rand((lead,) + (1,) * (x.dim() - 1), device=x.device) < keep
     scale = alpha / keep if scaling == "inverted" else torch.full_like(keep, alpha)
-    factor = (mask * scale).to(x.dtype)
+    # where, not mask * scale: at rate 1 the scale is inf and 0 * inf is NaN.
+    factor = torch.where(mask, scale, 0.0).to(x.dtype)
     if residual is None:
         return x * factor
     return torch.addcmul(residual, x, factor)
 
 
-def _channels_last(x: Tensor) -> bool:
-    return (
-        x.dim() == 4
-        and not x.is_contiguous()
-        and x.is_contiguous(memory_format=torch.channels_last)
-    )
-
-
-def _nhwc(x: Tensor) -> Tensor:
-    """A channels_last NCHW tensor seen as the contiguous NHWC tensor it is in memory: rows
-    (samples) are then contiguous blocks, which row gathers and adds copy fastest."""
-    return x.permute(0, 2, 3, 1)
-
-
-def _take_rows(x: Tensor, index: Tensor) -> Tensor:
-    """``x[index]`` on dim 0, channels_last kept, at memcpy speed."""
-    if _channels_last(x):
-        return _nhwc(x).index_select(0, index).permute(0, 3, 1, 2)
-    return x.index_select(0, index)
-
-
-def _add_rows_(out: Tensor, index: Tensor, rows: Tensor, alpha: float) -> Tensor:
-    """``out[index] += alpha * rows`` in place, channels_last kept."""
-    if _channels_last(out):
-        _nhwc(out).index_add_(
-            0, index, _nhwc(rows.contiguous(memory_format=torch.channels_last)), alpha=alpha
-        )
-        return out
-    return out.index_add_(0, index, rows.contiguous(), alpha=alpha)
-
-
-class _GatherRows(torch.autograd.Function):
-    """``x[index]`` along dim 0 that keeps the memory format and whose backward is one
-    ``index_add_`` (indexing's own backward, ``index_put`` with accumulation, is several
-    times slower on CPU)."""
-
-    @staticmethod
-    def forward(ctx: Any, x: Tensor, index: Tensor) -> Tensor:
-        ctx.save_for_backward(index)
-        ctx.meta = (x.shape, x.stride(), x.dtype, x.device)
-        return _take_rows(x, index)
-
-    @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:
-        (index,) = ctx.saved_tensors
-        shape, stride, dtype, device = ctx.meta
-        out = torch.empty_strided(shape, stride, dtype=dtype, device=device).zero_()
-        return _add_rows_(out, index, grad.to(dtype), 1.0), None
-
-
-class _ScatterAddRows(torch.autograd.Function):
-    """``residual`` with ``alpha * branch`` added on rows ``index``; memory formats kept in
-    both directions (BatchNorm and convolution backward slow down several-fold on a
-    gradient whose layout differs from their input's)."""
-
-    @staticmethod
-    def forward(ctx: Any, residual: Tensor, branch: Tensor, index: Tensor, alpha: float) -> Tensor:
-        ctx.save_for_backward(index)
-        ctx.alpha = alpha
-        ctx.branch_cl = _channels_last(branch)
-        return _add_rows_(residual.clone(), index, branch, alpha)
-
-    @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, Tensor, None, None]:
-        (index,) = ctx.saved_tensors
-        rows = _take_rows(grad, index)
-        if ctx.branch_cl and not _channels_last(rows):
-            rows = rows.contiguous(memory_format=torch.channels_last)
-        return grad, rows * ctx.alpha if ctx.alpha != 1.0 else rows, None, None
-
-
-def gather_rows(x: Tensor, index: Tensor) -> Tensor:
-    """The rows ``index`` of ``x`` (compute-skipping's subset), memory format kept."""
-    return _GatherRows.apply(x, index)
-
-
 def keep_count(batch: int, drop_prob: float) -> int:
-    """Samples that compute the branch in skip mode: ``max(round(B * (1 - p)), 1)``.
+    """Samples that compute the branch in skip mode: ``max(round(B * (1 - p)), 1)`` for
+    p < 1, and 0 at p = 1 (the branch is always dropped).
 
-    A fixed count (DINOv2's subset scheme) keeps shapes static for ``torch.compile`` and
-    uses every parameter each step, which DDP needs; the kept rows are scaled by ``B / k``
-    so the residual stays unbiased: E[out] = x + branch.
+    A fixed count (DINOv2's subset scheme) keeps shapes static for ``torch.compile`` and,
+    for p < 1, uses every parameter each step, which DDP needs; the kept rows are scaled by
+    ``B / k`` so the residual stays unbiased: E[out] = x + branch. Callers must handle 0:
+    there is no subset to compute the branch on.
     """
+    if drop_prob >= 1.0:
+        return 0
     return max(round(batch * (1.0 - drop_prob)), 1)
 
 
@@ -380,7 +367,10 @@ class DropPath(nn.Module):
         return bool(torch.rand((), generator=self._generator).item() >= p)
 
     def batch_scale(self) -> float:
-        """The factor a kept batch-mode branch is multiplied by in training."""
+        """The factor a kept batch-mode branch is multiplied by in training (0 at p = 1,
+        where no branch is ever kept: a caller that adds it anyway adds nothing)."""
+        if self._p >= 1.0:
+            return 0.0
         return 1.0 / (1.0 - self._p) if self.scaling == "inverted" else 1.0
 
     def _batch_host(self, x: Tensor, residual: Tensor | None, alpha: float = 1.0) -> Tensor:
@@ -393,17 +383,24 @@ class DropPath(nn.Module):
 
     # -- row mode, compute-skipping ----------------------------------------------------
     def keep_indices(self, x: Tensor) -> Tensor:
-        """Indices of the rows that compute the branch: a random subset of fixed size."""
+        """Indices of the rows that compute the branch: a random subset of fixed size
+        (empty at p = 1)."""
         k = keep_count(x.shape[0], self._p)
+        if k == 0:
+            return torch.empty(0, dtype=torch.long, device=x.device)
         return torch.randperm(x.shape[0], device=x.device)[:k]
 
     def scatter_add(
         self, residual: Tensor, branch: Tensor, index: Tensor, alpha: float = 1.0
     ) -> Tensor:
-        """``residual`` with ``branch`` (computed on rows ``index``) added back, scaled B/k."""
-        if self.scaling == "inverted":
+        """``residual`` with ``branch`` (computed on rows ``index``) added back, scaled B/k.
+
+        With an empty ``index`` (p = 1) the result equals ``residual``; the 0-row branch
+        stays in the graph, so its parameters still get (zero) gradients.
+        """
+        if self.scaling == "inverted" and branch.shape[0] > 0:
             alpha = alpha * residual.shape[0] / branch.shape[0]
-        out: Tensor = _ScatterAddRows.apply(residual, branch.to(residual.dtype), index, alpha)
+        out = scatter_add_rows(residual, branch.to(residual.dtype), index, alpha)
         return out
 
     def skips(self) -> bool:

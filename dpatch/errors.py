@@ -37,6 +37,11 @@ class ManifestError(DPatchError):
     """A file's dpatch manifest is missing, malformed or of an unknown format version."""
 
 
+class ProbeError(DPatchError):
+    """The model could not be run on any input dpatch tried (or was given), so its residual
+    branches cannot be found; the message lists what was tried and how to give an input."""
+
+
 class NoResidualSitesError(DPatchError):
     """The model has no residual branch to put stochastic depth on."""
 

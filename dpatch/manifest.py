@@ -58,6 +58,7 @@ def build_manifest(
         "model": model_entry,
         "schedule": {k: body.get(k) for k in _SCHEDULE_KEYS},
         "summary": body.get("summary", {}),
+        "recipe": body.get("recipe"),
         "sites": body["sites"],
     }
 
@@ -106,4 +107,5 @@ def report_from_manifest(manifest: dict[str, Any]) -> PatchReport:
         skip=bool(sched.get("skip")),
         rates=tuple(steps),
         expected_depth=expected_depth(steps),
+        recipe=manifest.get("recipe"),
     )

@@ -15,18 +15,20 @@ from dpatch._apply import (
     restore_slots,
     second_probe,
     set_slot,
-    unpatch_without_skip,
+    unpatch_to_redo,
 )
 from dpatch._marks import block_meta
+from dpatch._request import DEFAULTS, Request, check_arguments, site_rates
 from dpatch._slots import SlotSettings
-from dpatch.droppath import MODES, SCALINGS, DropPath
+from dpatch.droppath import DropPath
 from dpatch.errors import InvalidValueError, ManifestError, NoResidualSitesError, NoSlotsError
 from dpatch.results import PatchReport, Skipped, block_rates
 from dpatch.rewrite import RewriteCache, unpatch_block
-from dpatch.schedule import SCHEDULES, check_rate, expected_depth, schedule_rates
-from dpatch.sites import Analysis, Site, analyze, qualify
+from dpatch.schedule import PER, check_rate, expected_depth
+from dpatch.sites import Analysis, Site, analyze, qualify, site_list
 
 __all__ = [
+    "DEFAULTS",
     "PER",
     "PatchReport",
     "Skipped",
@@ -38,221 +40,201 @@ __all__ = [
     "strip",
 ]
 
-#: What one schedule step covers.
-PER: tuple[str, ...] = ("block", "branch")
-
-
-def _check_choice(value: object, name: str, choices: Sequence[str]) -> str:
-    if value not in choices:
-        raise InvalidValueError(f"unknown {name} {value!r}; choose one of: {', '.join(choices)}")
-    return str(value)
-
 
 def _empty_error(an: Analysis, what: str) -> NoResidualSitesError:
     return NoResidualSitesError(
-        f"{what} has no residual branch to put stochastic depth on"
-        + (f" (probe: {an.probe_error})" if an.probe_error else "")
+        f"{what} has no residual branch to put stochastic depth on (it ran on "
+        f"{an.example.describe()} [{an.example.source}])"
     )
 
 
 def inspect(
-    model: nn.Module, example_inputs: Sequence[Any] | None = None, *, allow_empty: bool = True
+    model: nn.Module,
+    example_inputs: Sequence[Any] | None = None,
+    *,
+    allow_empty: bool = True,
+    coverage: str = "slots",
 ) -> PatchReport:
     """List every residual site of ``model`` with its current rate. Read-only.
 
     Raises:
+        ProbeError: the model runs on no input; pass ``example_inputs``.
         NoResidualSitesError: no residual branch and ``allow_empty`` is False.
     """
-    an = analyze(model, example_inputs)
-    sites = an.sites()
+    an = analyze(model, example_inputs, coverage)
+    sites = site_list(an)
     if not sites and not allow_empty:
         raise _empty_error(an, "the model")
-    return PatchReport.current(sites, _skipped(an), model=model)
+    return PatchReport.current(sites, _skipped(an), model=model, example=an.example)
 
 
 def _skipped(an: Analysis) -> tuple[Skipped, ...]:
     out = [Skipped(p, r) for p, r in an.skipped]
-    if an.ignored_graph_sites:
-        out.append(
-            Skipped(
-                "",
-                f"{an.ignored_graph_sites} residual addition(s) without a slot left alone: "
-                "the model has native DropPath slots, which define its sites",
-            )
+    out += [
+        Skipped(
+            path,
+            "residual addition without a slot left alone: the model's own DropPath slots "
+            f"define its sites (coverage='all', --coverage all, adds it as {attr})",
         )
+        for path, attr in an.unslotted
+    ]
     return tuple(out)
 
 
 def inject(
     model: nn.Module,
-    max_rate: float = 0.1,
-    schedule: str = "linear",
-    min_rate: float = 0.0,
+    max_rate: float | None = None,
+    schedule: str | None = None,
+    min_rate: float | None = None,
     rates: Sequence[float] | None = None,
-    mode: str = "row",
-    scaling: str = "inverted",
-    per: str = "block",
+    mode: str | None = None,
+    scaling: str | None = None,
+    per: str | None = None,
     inplace: bool = True,
     *,
-    skip: bool = False,
-    seed: int = 0,
+    skip: bool | None = None,
+    seed: int | None = None,
     example_inputs: Sequence[Any] | None = None,
     allow_empty: bool = True,
+    recipe: str | None = None,
+    size: str | None = None,
+    coverage: str = "slots",
 ) -> PatchReport:
     """Put stochastic depth on every residual branch of ``model`` with a per-layer schedule.
 
-    Idempotent: injecting into an injected model equals injecting once.
+    Idempotent: injecting into an injected model equals injecting once. An argument left at
+    None takes the recipe's value, else its default (``dpatch.patch.DEFAULTS``).
 
     Args:
-        model: any ``nn.Module`` (timm, torchvision, or your own).
-        max_rate: rate of the deepest block (every block for ``uniform``).
-        schedule: ``linear``, ``uniform``, ``huang``, ``efficientnet``, ``cosine``,
-            ``custom`` (with ``rates``) or ``native`` (the model library's own rule).
-        min_rate: rate of the first block for ``linear``/``cosine``.
+        model: any ``nn.Module`` (timm, torchvision, transformers, or your own).
+        max_rate: rate of the deepest block (every block for ``uniform``); default 0.1.
+        schedule: ``linear`` (default), ``uniform``, ``huang``, ``efficientnet``,
+            ``cosine``, ``custom`` (with ``rates``) or ``native`` (the model library's own
+            rule).
+        min_rate: rate of the first block for ``linear``/``cosine``; default 0.
         rates: per-step rates for ``custom``.
-        mode: ``row`` (per sample) or ``batch`` (whole batch).
-        scaling: ``inverted``, ``expected`` or ``none``.
-        per: ``block`` (branches of a block share a step, timm's rule) or ``branch``.
+        mode: ``row`` (per sample, default) or ``batch`` (whole batch).
+        scaling: ``inverted`` (default), ``expected`` or ``none``.
+        per: ``block`` (default: branches of a block share a step, timm's rule) or
+            ``branch``.
         inplace: patch ``model`` itself; else a deep copy (``report.model``).
         skip: compute dropped branches only where kept (training speed-up; see README).
         seed: base seed of the host generators batch mode draws from (one per site), so
-            all DDP ranks drop the same blocks.
-        example_inputs: inputs for the meta-device probe (default: an image batch).
-        allow_empty: return an empty report instead of raising when there is no site.
+            all DDP ranks drop the same blocks; default 0.
+        example_inputs: inputs for the meta-device probe (default: inferred).
+        allow_empty: return an empty report instead of raising when the model ran and has
+            no residual branch.
+        recipe: a published recipe (``dpatch.recipes``) that sets the arguments left at
+            None; its time schedule is reported for ``DropPathScheduler``.
+        size: the model size for a recipe whose rate depends on it (default: read from
+            the model).
+        coverage: ``"slots"`` (default: when the model has native slots, they alone are
+            its sites) or ``"all"`` (those plus every residual addition without a slot).
 
     Raises:
-        InvalidValueError: a bad rate, schedule, mode, scaling or ``per``.
+        InvalidValueError: a bad rate, schedule, mode, scaling, ``per`` or recipe.
+        ProbeError: the model runs on no input; pass ``example_inputs``.
         NoResidualSitesError: no residual branch and ``allow_empty`` is False.
     """
+    req = Request.of(
+        model,
+        {
+            "max_rate": max_rate,
+            "schedule": schedule,
+            "min_rate": min_rate,
+            "rates": rates,
+            "mode": mode,
+            "scaling": scaling,
+            "per": per,
+            "skip": skip,
+            "seed": seed,
+        },
+        recipe,
+        size,
+        example_inputs,
+    )
     return _patch(
         model,
-        _Request(max_rate, schedule, min_rate, rates, mode, scaling, per, skip, seed),
+        req,
         inplace=inplace,
         example_inputs=example_inputs,
         allow_empty=allow_empty,
         slots_only=False,
+        coverage=coverage,
     )
 
 
 def retune(
     model: nn.Module,
-    max_rate: float = 0.1,
-    schedule: str = "linear",
-    min_rate: float = 0.0,
+    max_rate: float | None = None,
+    schedule: str | None = None,
+    min_rate: float | None = None,
     rates: Sequence[float] | None = None,
-    mode: str = "row",
-    scaling: str = "inverted",
-    per: str = "block",
+    mode: str | None = None,
+    scaling: str | None = None,
+    per: str | None = None,
     inplace: bool = True,
     *,
-    skip: bool = False,
-    seed: int = 0,
+    skip: bool | None = None,
+    seed: int | None = None,
     example_inputs: Sequence[Any] | None = None,
     allow_empty: bool = False,
+    recipe: str | None = None,
+    size: str | None = None,
+    coverage: str = "slots",
 ) -> PatchReport:
     """Change the rates of a model that already has slots (native or from ``inject``).
 
     Same arguments as :func:`inject`.
 
     Raises:
-        NoResidualSitesError: the model has no slot at all (use ``inject`` to add them);
-            with ``allow_empty``, a model without any residual branch gets an empty report.
+        NoSlotsError: the model has no slot at all (use ``inject`` to add them).
+        NoResidualSitesError: no residual branch at all, unless ``allow_empty``.
     """
+    req = Request.of(
+        model,
+        {
+            "max_rate": max_rate,
+            "schedule": schedule,
+            "min_rate": min_rate,
+            "rates": rates,
+            "mode": mode,
+            "scaling": scaling,
+            "per": per,
+            "skip": skip,
+            "seed": seed,
+        },
+        recipe,
+        size,
+        example_inputs,
+    )
     return _patch(
         model,
-        _Request(max_rate, schedule, min_rate, rates, mode, scaling, per, skip, seed),
+        req,
         inplace=inplace,
         example_inputs=example_inputs,
         allow_empty=allow_empty,
         slots_only=True,
+        coverage=coverage,
     )
-
-
-@dataclasses.dataclass(frozen=True)
-class _Request:
-    """What a patch asks for (the arguments of ``inject``/``retune``)."""
-
-    max_rate: float
-    schedule: str
-    min_rate: float
-    rates: Sequence[float] | None
-    mode: str
-    scaling: str
-    per: str
-    skip: bool
-    seed: int
-
-    def validate(self) -> None:
-        """Check every argument before any work is done (custom rates: once the depth is
-        known)."""
-        _check_choice(self.schedule, "schedule", (*SCHEDULES, "native"))
-        _check_choice(self.mode, "mode", MODES)
-        _check_choice(self.scaling, "scaling", SCALINGS)
-        _check_choice(self.per, "per", PER)
-        if self.schedule == "custom":
-            return
-        if self.schedule == "native" and self.min_rate:
-            raise InvalidValueError(
-                f"min_rate={self.min_rate!r} has no meaning for schedule 'native' (the "
-                "library's own rule sets every rate); leave it at 0"
-            )
-        schedule = "uniform" if self.schedule == "native" else self.schedule
-        schedule_rates(schedule, 1, self.max_rate, self.min_rate)
-
-
-def check_arguments(
-    max_rate: float = 0.1,
-    schedule: str = "linear",
-    min_rate: float = 0.0,
-    mode: str = "row",
-    scaling: str = "inverted",
-    per: str = "block",
-) -> None:
-    """Raise :class:`InvalidValueError` for an argument ``inject``/``retune`` would reject,
-    without a model (so a caller can fail before slow work)."""
-    _Request(max_rate, schedule, min_rate, None, mode, scaling, per, False, 0).validate()
-
-
-def _site_rates(
-    model: nn.Module, req: _Request, sites: Sequence[Site]
-) -> tuple[dict[str, float], list[float]]:
-    """Each site's rate and each schedule step's rate."""
-    if req.per == "block":
-        step_of = {s.name: s.block for s in sites}
-        depth = len({s.block for s in sites})
-    else:
-        step_of = {s.name: i for i, s in enumerate(sites)}
-        depth = len(sites)
-    if req.schedule != "native":
-        steps = schedule_rates(req.schedule, depth, req.max_rate, req.min_rate, req.rates)
-        return {s.name: steps[step_of[s.name]] for s in sites}, steps
-    from dpatch.zoo import native_rates
-
-    by_slot = native_rates(model, req.max_rate)
-    rate = {s.name: by_slot.get(s.origin or s.slot, 0.0) for s in sites}
-    steps = [0.0] * depth
-    for s in sites:
-        steps[step_of[s.name]] = max(steps[step_of[s.name]], rate[s.name])
-    return rate, steps
 
 
 def _patch(
     model: nn.Module,
-    req: _Request,
+    req: Request,
     *,
     inplace: bool,
     example_inputs: Sequence[Any] | None,
     allow_empty: bool,
     slots_only: bool,
+    coverage: str,
 ) -> PatchReport:
-    req.validate()
     if not inplace:
         model = copy.deepcopy(model)
-    if req.skip:
-        unpatch_without_skip(model)
+    unpatch_to_redo(model, skip=req.skip, coverage=coverage)
 
-    an = analyze(model, example_inputs)
-    before = {s.name: s for s in an.sites()}
+    an = analyze(model, example_inputs, coverage)
+    before = {s.name: s for s in site_list(an)}
     if not before and not allow_empty:
         raise _empty_error(an, "the model")
     if before and slots_only and not any(s.kind == "native" or s.fused for s in before.values()):
@@ -260,7 +242,7 @@ def _patch(
             "the model has no DropPath slot to retune; use inject to add stochastic depth"
         )
     sites = list(before.values())
-    site_rate, steps = _site_rates(model, req, sites)
+    site_rate, steps = site_rates(model, req, sites)
     settings = {
         s.name: SlotSettings(site_rate[s.name], req.mode, req.scaling, req.seed + i)
         for i, s in enumerate(sites)
@@ -275,9 +257,14 @@ def _patch(
     for loose in an.loose:
         set_slot(model, loose.slot_path, settings[site_of_slot[loose.slot_path]])
         if req.skip:
-            skipped.append(Skipped(loose.slot_path, "skip needs a traced block; this slot masks"))
+            why = (
+                "skip needs a traced block; this slot masks"
+                if loose.residual
+                else "not on a residual addition (it drops the whole value it is given); masks"
+            )
+            skipped.append(Skipped(loose.slot_path, why))
 
-    after = tuple(an.sites())
+    after = tuple(site_list(an))
     changed = tuple(
         s.name for s in after if s.name not in before or _settings(before[s.name]) != _settings(s)
     )
@@ -295,6 +282,8 @@ def _patch(
         rates=tuple(steps),
         expected_depth=expected_depth(steps),
         model=model,
+        example=an.example,
+        recipe=req.recipe,
     )
 
 
@@ -373,6 +362,6 @@ def apply_sites(
 
 def _rate_of(d: Mapping[str, Any], name: str) -> float:
     try:
-        return check_rate(d.get("rate"), f"rate of site {name}")
+        return check_rate(d.get("rate"), f"rate of site {name}", allow_one=True)
     except InvalidValueError as exc:
         raise ManifestError(f"manifest: {exc}") from exc

@@ -15,7 +15,14 @@ from rich.text import Text
 
 from dpatch.patch import PatchReport
 
-__all__ = ["bar", "render_file_summary", "render_list", "render_report", "render_schedule"]
+__all__ = [
+    "bar",
+    "render_file_summary",
+    "render_list",
+    "render_recipes",
+    "render_report",
+    "render_schedule",
+]
 
 _BAR_WIDTH = 24
 
@@ -79,6 +86,14 @@ def render_report(
         f"{report.expected_depth:.2f} of {report.depth}"
     )
     console.print(summary, highlight=False)
+    if report.example is not None:
+        console.print(
+            f"input: {report.example.describe()} ({report.example.source})",
+            highlight=False,
+            markup=False,
+        )
+    if report.recipe:
+        console.print(_recipe_line(report.recipe), highlight=False, markup=False)
     notes = report.skipped if show_all else report.skipped[:5]
     for note in notes:
         console.print(
@@ -89,6 +104,16 @@ def render_report(
             f"note: {len(report.skipped) - len(notes)} more (use --all to list them)",
             highlight=False,
         )
+
+
+def _recipe_line(recipe: dict[str, Any]) -> str:
+    size = f" size {recipe['size']} ({recipe['size_from']})" if recipe.get("size") else ""
+    line = f"recipe: {recipe['recipe']}{size}; {recipe['source']['paper']}"
+    sched = recipe.get("scheduler") or {}
+    if sched.get("kind", "constant") != "constant":
+        args = ", ".join(f"{k}={v!r}" for k, v in sched.items())
+        line += f"; over training time: DropPathScheduler(model, {args})"
+    return line
 
 
 def render_schedule(console: Console, kind: str, rates: Sequence[float], depth_sum: float) -> None:
@@ -115,6 +140,24 @@ def render_list(console: Console, entries: Sequence[Any]) -> None:
         table.add_row(e.spec, "yes" if e.native else "")
     console.print(table)
     console.print(f"{len(entries)} models", highlight=False)
+
+
+def render_recipes(console: Console, recipes: Sequence[Any]) -> None:
+    """One row per published recipe: rates, schedule, time schedule, source."""
+    table = _table(console)
+    for col in ("recipe", "for", "rates", "schedule", "over time", "source"):
+        table.add_column(col, justify="left", overflow="fold")
+    for r in recipes:
+        row = r.summary()
+        table.add_row(
+            row["name"], row["title"], row["rates"], row["schedule"], row["time"], row["source"]
+        )
+    console.print(table)
+    console.print(
+        f"{len(recipes)} recipes; use one with --recipe NAME (and --size S where rates depend "
+        "on the model size)",
+        highlight=False,
+    )
 
 
 def render_file_summary(console: Console, path: str, info: dict[str, Any]) -> None:

@@ -8,6 +8,7 @@ from typing import Any
 
 from torch import nn
 
+from dpatch._inputs import ExampleInputs
 from dpatch.schedule import expected_depth
 from dpatch.sites import Site
 
@@ -35,6 +36,9 @@ class PatchReport:
         rates: the rate of each schedule step.
         expected_depth: ``sum(1 - p)`` over the steps (Huang et al. 2016).
         model: the patched model (a copy when ``inplace=False``).
+        example: the input the model was probed with, and where it came from.
+        recipe: the published recipe the arguments came from (``ResolvedRecipe.to_dict``),
+            with its time schedule for ``DropPathScheduler``.
     """
 
     sites: tuple[Site, ...]
@@ -50,6 +54,8 @@ class PatchReport:
     rates: tuple[float, ...] = ()
     expected_depth: float = 0.0
     model: nn.Module | None = field(default=None, compare=False, repr=False)
+    example: ExampleInputs | None = field(default=None, compare=False, repr=False)
+    recipe: dict[str, Any] | None = field(default=None, compare=False)
 
     @classmethod
     def current(
@@ -57,6 +63,7 @@ class PatchReport:
         sites: Sequence[Site],
         skipped: Sequence[Skipped] = (),
         model: nn.Module | None = None,
+        example: ExampleInputs | None = None,
         **extra: Any,
     ) -> PatchReport:
         """A report of the sites as they are (``schedule="current"``): one step per block,
@@ -76,6 +83,7 @@ class PatchReport:
             rates=tuple(steps),
             expected_depth=expected_depth(steps),
             model=model,
+            example=example,
             **{**defaults, **extra},
         )
 
@@ -115,6 +123,8 @@ class PatchReport:
             "sites": [s.to_dict() for s in self.sites],
             "skipped": [{"path": s.path, "reason": s.reason} for s in self.skipped],
             "changed": list(self.changed),
+            "inputs": self.example.to_dict() if self.example is not None else None,
+            "recipe": self.recipe,
         }
 
 

@@ -30,9 +30,11 @@ from dpatch._codegen import GeneratedCode, generated_class
 from dpatch._marks import block_meta, clear_block_meta, set_block_meta
 from dpatch._meta import meta_execution, to_meta
 from dpatch._probe import Call
+from dpatch._rows import gather_rows
 from dpatch._skip import SITE_TEMPLATE, SkipPlan, branch_graph, is_batched, plan_skip, prune_dead
+from dpatch._source import rewrite_source
 from dpatch._trace import bind_inputs, trace_module
-from dpatch.droppath import DropPath, gather_rows
+from dpatch.droppath import DropPath
 from dpatch.errors import TraceError
 from dpatch.residual import INPLACE_ADDS
 from dpatch.sites import BlockSites
@@ -73,6 +75,8 @@ class PatchMeta:
         replaced_slots: (attr, original value) of the native slots it replaced.
         consts: tensor constants the tracer lifted onto the block.
         code: the generated methods (pickling rebuilds the class from them).
+        coverage: the coverage its sites were chosen under.
+        unslotted: slot names of residual additions left alone under coverage "slots".
     """
 
     orig_cls: type
@@ -81,6 +85,8 @@ class PatchMeta:
     replaced_slots: tuple[tuple[str, Any], ...]
     consts: tuple[str, ...]
     code: GeneratedCode
+    coverage: str = "slots"
+    unslotted: tuple[str, ...] = ()
 
     @property
     def rewritten_without_skip(self) -> bool:
@@ -142,9 +148,26 @@ def _plan_key(bs: BlockSites, skip: bool) -> tuple[int, bool, tuple[str, ...]]:
     return (id(bs.traced.graph), skip, tuple(s.attr for s in bs.sites))
 
 
+_SHAPE_BRANCHES = (
+    "its forward branches on shapes: rewritten at source level, which masks (no skipping)"
+)
+
+
+def _generate_source(bs: BlockSites, skip: bool) -> _Plan:
+    """Edit the block's own forward source (a trace specialised to one shape)."""
+    assert bs.traced is not None
+    src = rewrite_source(bs.module, bs.sites, bs.traced.spans)
+    code = GeneratedCode((("forward", src),), in_place=True)
+    reason = _SHAPE_BRANCHES if skip else _NOT_REQUESTED
+    n = len(bs.sites)
+    return _Plan(generated_class(type(bs.module), code), code, (False,) * n, (reason,) * n)
+
+
 def _generate(bs: BlockSites, skip: bool, env_alt: dict[fx.Node, Any] | None) -> _Plan:
     """Generate the patched methods for a traced block."""
     assert bs.traced is not None
+    if bs.traced.specialised:
+        return _generate_source(bs, skip)
     graph = fx.Graph()
     val_map: dict[fx.Node, fx.Node] = {}
     graph.output(graph.graph_copy(bs.traced.graph, val_map))
@@ -254,8 +277,8 @@ def check_training_invariant(bs: BlockSites) -> None:
     silently keep one mode's behaviour in the other.
     """
     assert bs.traced is not None
-    if not bs.traced.reads_training:
-        return
+    if not bs.traced.reads_training or bs.traced.specialised:
+        return  # a source-level rewrite keeps the forward's own ``self.training`` tests
     other = trace_module(
         bs.module, training=not bs.module.training, concrete_args=bs.traced.concrete or None
     )
@@ -302,7 +325,9 @@ def rewrite_block(
             plan = _Plan(masked.cls, masked.code, masked.skippable, (reason,) * len(bs.sites))
             cache.plans[_plan_key(bs, True)] = plan
     if validate_inputs is not None and plan.cls not in cache.tried:
-        bad = _trial_run(module, plan.cls, slots, validate_inputs, skip=False)
+        bad = _trial_run(
+            module, plan.cls, slots, validate_inputs, skip=False, direct=bs.traced.specialised
+        )
         if bad:
             cache.plans[_plan_key(bs, skip)] = TraceError(bad)
             raise TraceError(f"the rewritten forward failed a trial run ({bad})")
@@ -327,6 +352,8 @@ def rewrite_block(
         replaced_slots=tuple(replaced),
         consts=tuple(bs.traced.consts),
         code=plan.code,
+        coverage=bs.coverage,
+        unslotted=tuple(bs.unslotted),
     )
     for name, value in bs.traced.consts.items():
         object.__setattr__(module, name, value)
@@ -340,10 +367,17 @@ def rewrite_block(
 
 
 def _trial_run(
-    module: nn.Module, cls: type, slots: dict[str, DropPath], call: Call, *, skip: bool
+    module: nn.Module,
+    cls: type,
+    slots: dict[str, DropPath],
+    call: Call,
+    *,
+    skip: bool,
+    direct: bool = False,
 ) -> str:
     """Run a generated forward once on meta tensors, training with rate 0.5 (so a skipping
-    branch really runs on a subset); return an error line or ''."""
+    branch really runs on a subset); return an error line or ''. ``direct``: call it with
+    the recorded call as it was (a source-level rewrite keeps the signature as written)."""
     trial = copy.copy(module)
     trial.__dict__ = dict(module.__dict__)
     trial._modules = dict(module._modules)
@@ -354,9 +388,13 @@ def _trial_run(
     object.__setattr__(trial, "__class__", cls)
     args, kwargs = call
     try:
-        values = [to_meta(v) for v in bind_inputs(module, args, kwargs)]
-        with meta_execution(trial):
-            trial(*values)
+        if direct:
+            with meta_execution(trial):
+                trial(*to_meta(args), **to_meta(kwargs))
+        else:
+            values = [to_meta(v) for v in bind_inputs(module, args, kwargs)]
+            with meta_execution(trial):
+                trial(*values)
     except Exception as exc:
         return f"{type(exc).__name__}: {exc}".splitlines()[0][:160]
     return ""

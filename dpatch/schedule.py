@@ -22,24 +22,28 @@ from collections.abc import Sequence
 from dpatch.errors import InvalidValueError
 
 SCHEDULES: tuple[str, ...] = ("linear", "uniform", "huang", "efficientnet", "cosine", "custom")
+#: What one schedule step covers: a block (its branches share a rate, timm's rule) or a branch.
+PER: tuple[str, ...] = ("block", "branch")
 _USES_MIN = frozenset({"linear", "cosine"})
 
 
-def check_rate(value: object, name: str = "drop rate") -> float:
-    """Return ``value`` as a float in [0, 1), or raise naming the bad value.
+def check_rate(value: object, name: str = "drop rate", *, allow_one: bool = False) -> float:
+    """Return ``value`` as a float in [0, 1) (or [0, 1] with ``allow_one``: one site's own
+    rate, as timm and torchvision accept), or raise naming the bad value.
 
     Raises:
-        InvalidValueError: (a ``ValueError``) for non-numbers, NaN, negatives and values >= 1.
+        InvalidValueError: (a ``ValueError``) for non-numbers, NaN, negatives and values >= 1
+            (> 1 with ``allow_one``).
     """
+    span = "[0, 1]" if allow_one else "[0, 1)"
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise InvalidValueError(
-            f"{name} must be a number in [0, 1), but got {value!r} ({type(value).__name__})"
+            f"{name} must be a number in {span}, but got {value!r} ({type(value).__name__})"
         )
     rate = float(value)
-    if not 0.0 <= rate < 1.0:  # also rejects NaN
-        raise InvalidValueError(
-            f"{name} has to be in [0, 1) (1 would drop every branch), but got {value!r}"
-        )
+    if not (0.0 <= rate <= 1.0 if allow_one else 0.0 <= rate < 1.0):  # also rejects NaN
+        why = "" if allow_one else " (1 would drop every branch of every block)"
+        raise InvalidValueError(f"{name} has to be in {span}{why}, but got {value!r}")
     return rate
 
 
@@ -81,7 +85,7 @@ def schedule_rates(
                 f"custom rates have {len(rates)} values but the model has {depth} "
                 f"{'block' if depth == 1 else 'blocks'}; give exactly {depth}"
             )
-        return [check_rate(r, f"custom rate #{i}") for i, r in enumerate(rates)]
+        return [check_rate(r, f"custom rate #{i}", allow_one=True) for i, r in enumerate(rates)]
     if rates is not None:
         raise InvalidValueError(f"rates=[...] is only used with schedule 'custom', not {kind!r}")
 

@@ -20,29 +20,20 @@ How a site is found (each step in its own module):
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from torch import nn
 
+from dpatch._analysis import COVERAGES, Analysis, BlockSites, LooseSlot, analyze, qualify
 from dpatch._marks import block_meta
-from dpatch._probe import Call, Probe, probe
-from dpatch._slots import (
-    SLOT_ATTRS,
-    assign_slots,
-    forward_source,
-    is_slot_module,
-    owner_of,
-    referenced_none_slots,
-    slot_settings,
-)
-from dpatch._trace import TraceCache, TracedBlock, one_line
+from dpatch._probe import probe
+from dpatch._slots import SLOT_ATTRS, is_slot_module, slot_settings
 from dpatch.droppath import DropPath
-from dpatch.errors import InvalidValueError, TraceError
-from dpatch.residual import BlockSite, find_residual_adds, native_slots_win
 
 __all__ = [
+    "COVERAGES",
     "SLOT_ATTRS",
     "Analysis",
     "BlockSites",
@@ -53,6 +44,7 @@ __all__ = [
     "is_slot_module",
     "probe",
     "qualify",
+    "site_list",
     "slot_settings",
 ]
 
@@ -77,6 +69,8 @@ class Site:
         skip: compute-skipping is on for this site.
         origin: for native sites, the model's own slot this site came from (a slot one
             module shared by two branches is the origin of both); "" for graph sites.
+        residual: False for a native slot its model applies to something other than a
+            residual branch (it drops that whole value; never fused or skipped).
     """
 
     path: str
@@ -90,6 +84,7 @@ class Site:
     fused: bool = False
     skip: bool = False
     origin: str = ""
+    residual: bool = True
 
     @property
     def name(self) -> str:
@@ -110,220 +105,8 @@ class Site:
             "fused": self.fused,
             "skip": self.skip,
             "origin": self.origin,
+            "residual": self.residual,
         }
-
-
-def qualify(path: str, name: str) -> str:
-    """``path.name``, or ``name`` for the root module (path "")."""
-    return f"{path}.{name}" if path else name
-
-
-# --------------------------------------------------------------------------- analysis
-@dataclass
-class BlockSites:
-    """The residual sites of one module's own forward.
-
-    Attributes:
-        path: the module's qualified name.
-        module: the module.
-        order: when it first ran in the probe (its depth order).
-        sites: its sites in graph order.
-        traced: its trace (None for a block dpatch rewrote already: its sites come from
-            its patch metadata).
-    """
-
-    path: str
-    module: nn.Module
-    order: int
-    sites: list[BlockSite]
-    traced: TracedBlock | None = None
-
-    def slot_name(self, attr: str) -> str:
-        """The qualified name of this block's slot attribute ``attr`` (its site's name)."""
-        return qualify(self.path, attr)
-
-
-@dataclass(frozen=True)
-class LooseSlot:
-    """A native slot that runs but not on a traced residual addition (the model's forward
-    calls it; dpatch changes its settings but not the forward around it)."""
-
-    slot_path: str
-    owner_path: str
-    order: int
-
-
-@dataclass
-class Analysis:
-    """Everything :func:`analyze` learned about a model.
-
-    Attributes:
-        model: the analysed model.
-        blocks: blocks with sites, in the order they were found.
-        loose: native slots outside traced blocks.
-        skipped: (path, reason) of what could not be analysed or is not a site.
-        ignored_graph_sites: residual additions left alone because the model has native
-            slots.
-        probe_error: why the probe's forward failed, if it did.
-        example_inputs: the inputs the probe was given (None: the default image).
-        inputs: each module's recorded call, by ``id(module)``.
-    """
-
-    model: nn.Module
-    blocks: list[BlockSites]
-    loose: list[LooseSlot]
-    skipped: list[tuple[str, str]]
-    ignored_graph_sites: int
-    probe_error: str | None
-    example_inputs: tuple[Any, ...] | None
-    inputs: dict[int, Call]
-
-    def sites(self) -> list[Site]:
-        """The public sites, numbered by block in forward order, with current settings."""
-        return _build_sites(self)
-
-
-def _candidates(model: nn.Module, pr: Probe) -> Iterator[tuple[str, nn.Module]]:
-    """Modules whose own forward may add a residual: they ran and have children."""
-    for path, mod in model.named_modules():
-        if id(mod) not in pr.order:
-            continue
-        if not any(True for _ in mod.children()):
-            continue
-        if isinstance(mod, nn.Sequential | nn.ModuleList | nn.ModuleDict):
-            continue
-        if type(mod).__module__.startswith(("torch.nn.", "torch.ao.nn.")):
-            continue  # PyTorch's own layers (MultiheadAttention, Transformer*) are leaves
-        yield path, mod
-
-
-def _check_materialised(model: nn.Module) -> None:
-    lazy = next(
-        (n for n, p in model.named_parameters() if isinstance(p, nn.UninitializedParameter)),
-        None,
-    )
-    if lazy is not None:
-        raise InvalidValueError(
-            f"parameter {lazy!r} is uninitialized (a lazy module); run one forward pass to "
-            "materialize the model before patching it"
-        )
-
-
-def _has_own_add_source(mod: nn.Module, memo: dict[type, str | None]) -> bool:
-    """Whether an untraceable module's forward source could hold an addition (for reports)."""
-    src = forward_source(mod, memo)
-    return src is None or "+" in src or "add" in src
-
-
-def _rewritten_block(path: str, mod: nn.Module, order: int) -> BlockSites:
-    meta = block_meta(mod)
-    assert meta is not None
-    return BlockSites(path, mod, order, [BlockSite(s.attr, s.kind, s.origin) for s in meta.sites])
-
-
-def analyze(model: nn.Module, example_inputs: Sequence[Any] | None = None) -> Analysis:
-    """Probe, trace and classify ``model`` (:func:`find_sites` is the public form).
-
-    Raises:
-        InvalidValueError: the model has lazy modules that were never run.
-    """
-    _check_materialised(model)
-    pr = probe(model, example_inputs)
-    skipped: list[tuple[str, str]] = []
-    if pr.error is not None:
-        skipped.append(("", f"forward on the meta device failed ({pr.error})"))
-    slot_paths_called = {
-        n
-        for n, m in model.named_modules()
-        if id(m) in pr.order and is_slot_module(m, n.rsplit(".", 1)[-1])
-    }
-
-    blocks: list[BlockSites] = []
-    traced_slots: set[str] = set()  # slots a traced forward calls (residual or not)
-    none_loose: list[LooseSlot] = []  # ``None`` slots of blocks that cannot be traced
-    idle_none_slots: set[str] = set()  # ``None`` slots of traced blocks, on no residual
-    traces = TraceCache(pr.ran_once())
-    adds_of: dict[int, list[Any]] = {}  # id(graph) -> its residual adds (shared traces)
-    sources: dict[type, str | None] = {}
-    for path, mod in _candidates(model, pr):
-        order = pr.order[id(mod)]
-        if block_meta(mod) is not None:
-            blocks.append(_rewritten_block(path, mod, order))
-            continue
-        try:
-            traced = traces.get(mod, pr.inputs[id(mod)])
-        except TraceError as exc:
-            if _has_own_add_source(mod, sources):
-                skipped.append((path, one_line(exc)))
-            # timm's ``drop_path = None`` slots still work unfused: the forward calls them
-            # once they hold a module.
-            none_loose += [
-                LooseSlot(qualify(path, a), path, order)
-                for a in referenced_none_slots(mod, sources)
-            ]
-            continue
-        slot_nodes = [
-            n
-            for n in traced.graph.nodes
-            if n.op == "call_module"
-            and is_slot_module(mod.get_submodule(str(n.target)), str(n.target).rsplit(".", 1)[-1])
-        ]
-        traced_slots.update(qualify(path, str(n.target)) for n in slot_nodes)
-        key = id(traced.graph)
-        if key not in adds_of:
-            adds_of[key] = find_residual_adds(mod, traced.graph, traced.env, slot_nodes)
-        sites = assign_slots(mod, adds_of[key])
-        attrs = {s.attr for s in sites}
-        idle_none_slots.update(
-            qualify(path, a) for a in referenced_none_slots(mod, sources) if a not in attrs
-        )
-        if sites:
-            blocks.append(BlockSites(path, mod, order, sites, traced))
-
-    covered_slots = {
-        qualify(b.path, str(s.add.slot_node.target) if s.add and s.add.slot_node else s.attr)
-        for b in blocks
-        for s in b.sites
-        if b.traced is None or (s.add is not None and s.add.slot_node is not None)
-    }
-    # A slot seen in a traced forward but on no residual addition is not a site (timm's
-    # RDNet drops features it concatenates); one never seen in a trace (inside a leaf
-    # nn.Sequential, or in a block that cannot be traced) is taken at its word.
-    not_residual = sorted((traced_slots - covered_slots) | idle_none_slots)
-    loose = [
-        LooseSlot(s, owner_of(s, model), pr.order[id(model.get_submodule(s))])
-        for s in slot_paths_called - covered_slots - traced_slots
-    ]
-    loose = sorted(loose + none_loose, key=lambda s: s.order)
-    native = native_slots_win([b.sites for b in blocks], bool(loose))
-    ignored = 0
-    if native is not None:
-        # Trace failures cannot hide sites here: native slots are found by the probe.
-        skipped = [(p, r) for p, r in skipped if p == "" and r.startswith("forward on the meta")]
-        ignored = sum(len(b.sites) for b in blocks) - sum(len(k) for k in native)
-        for b, kept in zip(blocks, native, strict=True):
-            b.sites = kept
-        blocks = [b for b in blocks if b.sites]
-    skipped += [
-        (
-            s,
-            "slot is not added to a residual branch; left alone"
-            + (
-                " (empty, and this block's forward does not use it)" if s in idle_none_slots else ""
-            ),
-        )
-        for s in not_residual
-    ]
-    return Analysis(
-        model=model,
-        blocks=blocks,
-        loose=loose,
-        skipped=skipped,
-        ignored_graph_sites=ignored,
-        probe_error=pr.error,
-        example_inputs=tuple(example_inputs) if example_inputs else None,
-        inputs=pr.inputs,
-    )
 
 
 # --------------------------------------------------------------------------- public sites
@@ -338,6 +121,7 @@ class _Found:
     order: int  # the owner's first-call order
     in_block: bool  # on a traced residual addition (can be fused)
     origin: str
+    residual: bool = True
 
 
 def _get_or_none(model: nn.Module, path: str) -> nn.Module | None:
@@ -352,7 +136,9 @@ def _is_rewritten(model: nn.Module, path: str) -> bool:
     return mod is not None and block_meta(mod) is not None
 
 
-def _build_sites(an: Analysis) -> list[Site]:
+def site_list(an: Analysis) -> list[Site]:
+    """The public sites of an analysis, numbered by block in forward order, with the
+    settings their slots hold now."""
     found = [
         _Found(
             b.path,
@@ -375,6 +161,7 @@ def _build_sites(an: Analysis) -> list[Site]:
             s.order,
             False,
             s.slot_path,
+            s.residual,
         )
         for s in an.loose
     ]
@@ -414,18 +201,27 @@ def _build_sites(an: Analysis) -> list[Site]:
                 fused=fused,
                 skip=isinstance(module, DropPath) and module.skip and f.in_block,
                 origin=f.origin,
+                residual=f.residual,
             )
         )
     # Stable: by block, then by the order the entries were found (graph order in a block).
     return sorted(sites, key=lambda s: s.block)
 
 
-def find_sites(model: nn.Module, example_inputs: Sequence[Any] | None = None) -> list[Site]:
+def find_sites(
+    model: nn.Module, example_inputs: Sequence[Any] | None = None, coverage: str = "slots"
+) -> list[Site]:
     """Every residual site of ``model`` with its current rate, in forward order. Read-only.
 
     Args:
         model: any ``nn.Module``.
-        example_inputs: positional inputs for one forward pass (shapes only matter: they
-            run on the meta device). Default: one image batch of the model's input size.
+        example_inputs: positional inputs for one forward pass (shapes and dtypes only
+            matter: they run on the meta device). Default: inferred from the model (its
+            library's metadata, else its first layer; see the README).
+        coverage: ``"slots"`` (a model's native slots alone when it has any) or ``"all"``
+            (those plus every residual addition without a slot).
+
+    Raises:
+        ProbeError: the model runs on no input; pass ``example_inputs``.
     """
-    return analyze(model, example_inputs).sites()
+    return site_list(analyze(model, example_inputs, coverage))

@@ -4,12 +4,18 @@ models reproducibly, and the invariants every patch must keep."""
 from __future__ import annotations
 
 import copy
+import os
+import sys
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from typer.testing import CliRunner
+
+from dpatch.cli import app
 
 
 def mlp(c: int = 8) -> nn.Sequential:
@@ -259,16 +265,47 @@ def check_invariants(model: nn.Module, x: Any, patch: Callable[[nn.Module], Any]
 
 
 def zero_native_rates(model: nn.Module) -> None:
-    """Set every timm/torchvision drop-path rate to 0 (a model's own slots, before patching)."""
+    """Set every stochastic-depth rate to 0: timm, torchvision and other libraries' classes
+    (a model's own slots, before patching)."""
     from timm.layers import DropPath as TimmDropPath
     from torchvision.ops import StochasticDepth
+
+    from dpatch._slots import _foreign_rate_attr
 
     for m in model.modules():
         if isinstance(m, TimmDropPath):
             m.drop_prob = 0.0
         elif isinstance(m, StochasticDepth):
             m.p = 0.0
+        elif (attr := _foreign_rate_attr(m)) is not None:
+            setattr(m, attr, 0.0)
 
 
 def clone_model(model: nn.Module) -> nn.Module:
     return copy.deepcopy(model)
+
+
+# --------------------------------------------------------------------------- command line
+runner = CliRunner()
+SCRIPT = str(Path(sys.executable).parent / "dpatch")
+
+
+def cli(*args: str, cwd: Path | None = None) -> tuple[int, str, str]:
+    """Run the dpatch app in-process: (exit code, stdout, stderr)."""
+    old = os.getcwd()
+    if cwd is not None:
+        os.chdir(cwd)
+    try:
+        r = runner.invoke(app, list(args))
+    finally:
+        os.chdir(old)
+    return r.exit_code, r.stdout, r.stderr
+
+
+def one_line_error(err: str, *needles: str) -> None:
+    """Assert ``err`` is one ``error:`` line (notes aside) holding every needle."""
+    lines = [ln for ln in err.splitlines() if ln.strip() and not ln.startswith("note:")]
+    assert len(lines) == 1, err
+    assert lines[0].startswith("error: ") and "Traceback" not in err
+    for n in needles:
+        assert n in lines[0], (n, lines[0])

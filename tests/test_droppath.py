@@ -138,7 +138,7 @@ def test_fused_add_equals_add_of_drop_path_for_same_mask() -> None:
 
 
 # --------------------------------------------------------------------------- validation
-@pytest.mark.parametrize("bad", [1.0, 1.5, -0.1, float("nan"), "0.1", None, True])
+@pytest.mark.parametrize("bad", [1.5, 1.0000001, -0.1, float("nan"), "0.1", None, True])
 def test_bad_rates_raise_value_error_naming_the_value(bad: object) -> None:
     with pytest.raises(ValueError, match=repr(bad).replace("(", r"\(").replace(")", r"\)")):
         drop_path(torch.ones(2, 2), bad, True)  # type: ignore[arg-type]
@@ -166,8 +166,8 @@ def test_rank_zero_rejected_and_rank_one_works() -> None:
 
 def test_mutated_rate_is_checked_when_set() -> None:
     m = DropPath(0.1).train()
-    with pytest.raises(ValueError, match=r"1\.0"):
-        m.drop_prob = 1.0
+    with pytest.raises(ValueError, match=r"\[0, 1\], but got 1\.5"):
+        m.drop_prob = 1.5
     assert m.drop_prob == 0.1
     m.drop_prob = 0.25
     assert m._rate.item() == 0.25  # the tensor copy compiled graphs read follows
@@ -284,7 +284,7 @@ def test_keep_count_and_subset_scatter() -> None:
 def test_subset_gather_and_scatter_match_plain_indexing(fmt: torch.memory_format) -> None:
     """The skip path's row gather/scatter: same values and gradients as plain indexing,
     memory format kept (BatchNorm/conv backward are slow on mismatched layouts)."""
-    from dpatch.droppath import gather_rows
+    from dpatch._rows import gather_rows
 
     torch.manual_seed(0)
     idx = torch.tensor([6, 0, 3, 5, 1])
@@ -311,3 +311,167 @@ def test_subset_gather_and_scatter_match_plain_indexing(fmt: torch.memory_format
         assert torch.allclose(a, r, atol=1e-6)
     if fmt == torch.channels_last:
         assert all(t.is_contiguous(memory_format=fmt) for t in ours)
+
+
+# --------------------------------------------------------------------------- rate 1
+# timm and torchvision accept p = 1: training always drops the branch, with no division by
+# zero; eval follows the scaling (identity, or branch * (1 - p) = 0 for "expected").
+SCALINGS = ["inverted", "expected", "none"]
+
+
+@pytest.mark.parametrize("mode", ["row", "batch"])
+@pytest.mark.parametrize("scaling", SCALINGS)
+def test_rate_one_always_drops_in_training(mode: str, scaling: str) -> None:
+    torch.manual_seed(12)
+    x = torch.randn(64, 5, requires_grad=True)
+    b = torch.randn(64, 5, requires_grad=True)
+    for _ in range(3):
+        assert torch.equal(drop_path(b, 1.0, True, mode=mode, scaling=scaling), torch.zeros(64, 5))
+        out = drop_add(x, b, 1.0, True, mode=mode, scaling=scaling, alpha=0.5)
+        assert torch.equal(out, x)
+    out.sum().backward()
+    assert x.grad is not None and b.grad is not None
+    assert torch.equal(x.grad, torch.ones_like(x))
+    assert torch.equal(b.grad, torch.zeros_like(b))  # connected (DDP), zero, not NaN
+
+
+@pytest.mark.parametrize("scaling", SCALINGS)
+def test_rate_one_eval_follows_the_scaling(scaling: str) -> None:
+    x, b = torch.randn(8, 3), torch.randn(8, 3)
+    path, add = (
+        drop_path(b, 1.0, False, scaling=scaling),
+        drop_add(x, b, 1.0, False, scaling=scaling),
+    )
+    if scaling == "expected":  # the branch times its survival probability 0
+        assert torch.equal(path, torch.zeros_like(b)) and torch.equal(add, x)
+    else:
+        assert path is b and torch.equal(add, x + b)
+
+
+@pytest.mark.parametrize("mode", ["row", "batch"])
+@pytest.mark.parametrize("scaling", SCALINGS)
+def test_rate_one_module_both_forms_and_grads(mode: str, scaling: str) -> None:
+    torch.manual_seed(13)
+    m = DropPath(1.0, mode=mode, scaling=scaling).train()
+    assert m.drop_prob == 1.0 and m._rate.item() == 1.0
+    w = nn.Parameter(torch.ones(3))
+    x, r = torch.randn(16, 3), torch.randn(16, 3)
+    assert torch.equal(m(x * w), torch.zeros(16, 3))
+    out = m(x * w, r, 2.0)
+    assert torch.equal(out, r)
+    out.sum().backward()
+    assert w.grad is not None and torch.equal(w.grad, torch.zeros(3))
+    m.eval()
+    expect = r if scaling == "expected" else r + x
+    assert torch.equal(m(x, r), expect)
+
+
+@pytest.mark.parametrize("scaling", SCALINGS)
+def test_rate_one_batch_host_generator_always_drops(scaling: str) -> None:
+    m = DropPath(1.0, mode="batch", scaling=scaling, seed=3).train()
+    w = nn.Parameter(torch.ones(3))
+    x, r = torch.randn(4, 3), torch.randn(4, 3)
+    assert not any(m.keep_batch() for _ in range(100))
+    assert m.batch_scale() == 0.0  # no division by zero, and nothing added if used
+    out = m(x * w, r)
+    assert torch.equal(out, r) and torch.equal(m(x), torch.zeros(4, 3))
+    out.sum().backward()
+    assert w.grad is not None and torch.equal(w.grad, torch.zeros(3))
+
+
+@pytest.mark.parametrize("mode", ["row", "batch"])
+@pytest.mark.parametrize("scaling", SCALINGS)
+def test_rate_one_rate_tensor_path_gives_no_nan(mode: str, scaling: str) -> None:
+    """The compiled graphs' path reads the rate from a tensor: 1/keep is inf there."""
+    from dpatch.droppath import _drop_rate_tensor
+
+    x = torch.randn(32, 4, requires_grad=True)
+    r = torch.randn(32, 4)
+    one = torch.tensor(1.0)
+    assert torch.equal(_drop_rate_tensor(x, r, 1.0, one, mode, scaling), r)
+    assert torch.equal(_drop_rate_tensor(x, None, 0.5, one, mode, scaling), torch.zeros(32, 4))
+    _drop_rate_tensor(x, r, 1.0, one, mode, scaling).sum().backward()
+    assert x.grad is not None and torch.equal(x.grad, torch.zeros(32, 4))
+    # rate 0 is still the plain residual and an intermediate rate still scales kept rows
+    assert torch.equal(_drop_rate_tensor(x, r, 1.0, torch.tensor(0.0), mode, scaling), x + r)
+    half = _drop_rate_tensor(x, None, 1.0, torch.tensor(0.5), "row", scaling).detach()
+    kept = half.ne(0).all(dim=1)
+    scale = 2.0 if scaling == "inverted" else 1.0
+    assert kept.any() and torch.equal(half[kept], x.detach()[kept] * scale)
+
+
+@pytest.mark.slow
+def test_rate_one_under_torch_compile() -> None:
+    torch.manual_seed(14)
+    m = DropPath(0.3).train()
+    compiled = torch.compile(m, fullgraph=True, backend="aot_eager")
+    x, r = torch.randn(16, 4), torch.randn(16, 4)
+    compiled(x, r)
+    m.drop_prob = 1.0  # the rate is read from a tensor: no recompile, no NaN
+    out = compiled(x, r)
+    assert torch.equal(out, r)
+
+
+@pytest.mark.parametrize("mode", ["row", "batch"])
+@pytest.mark.parametrize("scaling", SCALINGS)
+def test_rate_one_scripted(mode: str, scaling: str) -> None:
+    m = DropPath(1.0, mode=mode, scaling=scaling)
+    scripted = torch.jit.script(m)
+    x, r = torch.randn(8, 3), torch.randn(8, 3)
+    scripted.train()
+    assert torch.equal(scripted(x), torch.zeros(8, 3))
+    assert torch.equal(scripted(x, r), r)
+    scripted.eval()
+    assert torch.equal(scripted(x, r), r if scaling == "expected" else r + x)
+    assert torch.equal(scripted(x), torch.zeros(8, 3) if scaling == "expected" else x)
+
+
+def test_rate_one_skip_mode_keeps_no_row() -> None:
+    assert keep_count(10, 1.0) == 0 and keep_count(1, 1.0) == 0 and keep_count(3, 0.99) == 1
+    m = DropPath(1.0, skip=True).train()
+    assert m.skips()
+    r = torch.randn(6, 2, requires_grad=True)
+    idx = m.keep_indices(r)
+    assert idx.shape == (0,) and idx.dtype == torch.long
+    w = nn.Parameter(torch.ones(2))
+    branch = r[idx] * w  # the branch computed on no row
+    out = m.scatter_add(r, branch, idx, 0.5)
+    assert torch.equal(out, r.detach())
+    out.sum().backward()
+    assert w.grad is not None and torch.equal(w.grad, torch.zeros(2))
+    assert r.grad is not None and torch.equal(r.grad, torch.ones(6, 2))
+
+
+class _ConvBlock(nn.Module):
+    def __init__(self, c: int = 4) -> None:
+        super().__init__()
+        self.f = nn.Sequential(nn.Conv2d(c, c, 3, padding=1), nn.BatchNorm2d(c), nn.ReLU())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.f(x)
+
+
+def test_rate_one_skip_patched_model_computes_no_branch_row() -> None:
+    """A skipping site at p = 1 runs its branch on zero rows: the output is the shortcut,
+    BatchNorm's running statistics stay untouched, parameters get zero gradients."""
+    import dpatch
+
+    torch.manual_seed(15)
+    model = nn.Sequential(_ConvBlock(), _ConvBlock())
+    x = torch.randn(4, 4, 6, 6)
+    dpatch.inject(model, 0.5, schedule="uniform", skip=True, example_inputs=(x,))
+    slots = [m for m in model.modules() if isinstance(m, DropPath)]
+    assert len(slots) == 2 and all(m.skip for m in slots)
+    for m in slots:
+        m.drop_prob = 1.0
+    model.train()
+    bn = model[0].f[1]
+    before = bn.running_mean.clone(), bn.running_var.clone()
+    out = model(x)
+    assert torch.equal(out, x)
+    assert torch.equal(bn.running_mean, before[0]) and torch.equal(bn.running_var, before[1])
+    out.sum().backward()
+    conv = model[0].f[0]
+    assert conv.weight.grad is not None and torch.equal(
+        conv.weight.grad, torch.zeros_like(conv.weight)
+    )

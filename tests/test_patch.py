@@ -229,3 +229,21 @@ def test_skip_then_mask_then_skip_again(net: nn.Module) -> None:
     assert not any(s.skip for s in r.sites)
     r = inject(net, 0.3, skip=True, example_inputs=(x,))
     assert all(s.skip for s in r.sites)
+
+
+def test_a_site_rate_of_one_drops_always_and_skipping_computes_nothing() -> None:
+    """timm/torchvision accept p = 1 for one site; a skipping site then runs its branch on
+    no row (nothing computed, every parameter still in the graph for DDP)."""
+    torch.manual_seed(0)
+    x = torch.randn(8, 4, 8)
+    for skip in (False, True):
+        block = PlainRes()
+        report = inject(block, schedule="custom", rates=[1.0], skip=skip, example_inputs=(x[:2],))
+        assert report.sites[0].rate == 1.0 and report.sites[0].skip == skip
+        rows: list[int] = []
+        block.f.register_forward_hook(lambda _m, args, _o, rows=rows: rows.append(args[0].shape[0]))
+        block.train()
+        assert torch.equal(block(x), x)
+        assert rows == ([0] if skip else [8])  # masking computes the branch, then drops it
+    with pytest.raises(InvalidValueError, match=r"max_rate has to be in \[0, 1\)"):
+        inject(PlainRes(), 1.0, example_inputs=(x[:2],))

@@ -11,13 +11,12 @@ import pytest
 import timm
 import torch
 import torchvision
-from helpers import PlainRes, example
+from helpers import PlainRes
 from torch import nn
 
 import dpatch
-from dpatch import DropPath, DropPathScheduler, inject, zoo
+from dpatch import DropPath, inject, zoo
 from dpatch import files as dfiles
-from dpatch.errors import InvalidValueError
 
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -194,50 +193,6 @@ def test_cuda_bf16_train_step(skip: bool) -> None:
     loss.backward()
     assert math.isfinite(loss.item())
     assert all(p.grad is not None for p in model.parameters())
-
-
-# --------------------------------------------------------------------------- schedules
-def test_linear_warmup_scheduler() -> None:
-    model = nn.Sequential(PlainRes(), PlainRes())
-    inject(model, 0.4, schedule="linear", example_inputs=(example(),))
-    sched = DropPathScheduler(model, kind="linear", warmup_steps=4)
-    rates = lambda: [m.drop_prob for m in model.modules() if isinstance(m, DropPath)]  # noqa: E731
-    assert rates() == [0.0, 0.0]
-    sched.step()
-    assert rates() == pytest.approx([0.0, 0.1])
-    for _ in range(10):
-        sched.step()
-    assert rates() == pytest.approx([0.0, 0.4])
-    state = sched.state_dict()
-    again = DropPathScheduler(model, kind="linear", warmup_steps=4)
-    again.load_state_dict(state)
-    assert again.last_step == 11 and rates() == pytest.approx([0.0, 0.4])
-
-
-def test_progressive_layer_drop_matches_deepspeed() -> None:
-    """Layer i of L keeps with 1 - i/L (1 - theta(t)), theta = (1-theta_bar)e^(-gamma t) +
-    theta_bar (Zhang & He 2020), from huang targets with max 1 - theta_bar."""
-    theta_bar, gamma, depth = 0.5, 0.01, 4
-    model = nn.Sequential(*[PlainRes() for _ in range(depth)])
-    inject(model, 1 - theta_bar, schedule="huang", example_inputs=(example(),))
-    sched = DropPathScheduler(model, kind="progressive", gamma=gamma)
-    for t in range(1, 300):
-        sched.step()
-        theta = (1 - theta_bar) * math.exp(-gamma * t) + theta_bar
-        got = [m.drop_prob for m in model.modules() if isinstance(m, DropPath)]
-        want = [i / depth * (1 - theta) for i in range(1, depth + 1)]
-        assert got == pytest.approx(want)
-
-
-def test_scheduler_errors() -> None:
-    with pytest.raises(InvalidValueError, match="inject"):
-        DropPathScheduler(nn.Sequential(PlainRes()), warmup_steps=3)
-    model = nn.Sequential(PlainRes())
-    inject(model, 0.1, example_inputs=(example(),))
-    with pytest.raises(InvalidValueError, match="warmup_steps"):
-        DropPathScheduler(model, kind="linear", warmup_steps=0)
-    with pytest.raises(InvalidValueError, match="'cosine'"):
-        DropPathScheduler(model, kind="cosine")
 
 
 def test_deepcopy_of_patched_model_trains() -> None:

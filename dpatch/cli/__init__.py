@@ -7,7 +7,12 @@ import.
 
 from __future__ import annotations
 
-from dpatch.cli import inspecting, listing, patching  # noqa: F401 - commands register on import
+from dpatch.cli import (  # noqa: F401 - commands register on import
+    inspecting,
+    listing,
+    patching,
+    recipes_cmd,
+)
 from dpatch.cli._app import app
 
 __all__ = ["app", "main"]

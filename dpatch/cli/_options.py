@@ -9,18 +9,24 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated
 
+import torch
 import typer
+from torch import Tensor
 
+from dpatch._inputs import parse_shape
 from dpatch.droppath import MODES, SCALINGS
 from dpatch.errors import InvalidValueError
-from dpatch.patch import PER
-from dpatch.schedule import SCHEDULES, check_rate
+from dpatch.schedule import PER, SCHEDULES, check_rate
+from dpatch.sites import COVERAGES
 
 __all__ = [
     "AllowEmptyOpt",
     "ArchOpt",
+    "CoverageOpt",
     "DryRunOpt",
     "ForceOpt",
+    "InputDtypeOpt",
+    "InputShapeOpt",
     "JsonOpt",
     "MaxRate",
     "MinRate",
@@ -30,10 +36,13 @@ __all__ = [
     "PerOpt",
     "PretrainedOpt",
     "RatesOpt",
+    "RecipeOpt",
     "ScalingOpt",
     "ScheduleOpt",
+    "SizeOpt",
     "SkipOpt",
     "WeightsOpt",
+    "parse_inputs",
     "parse_rate",
     "parse_rates",
 ]
@@ -52,37 +61,73 @@ ModelArg = Annotated[
     ),
 ]
 MaxRate = Annotated[
-    str, typer.Option("--max-rate", metavar="R", help="Rate of the deepest block, in [0, 1).")
+    str | None,
+    typer.Option(
+        "--max-rate", metavar="R", help="Rate of the deepest block, in [0, 1) (default 0.1)."
+    ),
 ]
 MinRate = Annotated[
-    str,
-    typer.Option("--min-rate", metavar="R", help="Rate of the first block (linear, cosine)."),
+    str | None,
+    typer.Option(
+        "--min-rate", metavar="R", help="Rate of the first block (linear, cosine; default 0)."
+    ),
 ]
 ScheduleOpt = Annotated[
-    str,
-    typer.Option("--schedule", metavar="KIND", help=" | ".join((*SCHEDULES, "native")) + "."),
+    str | None,
+    typer.Option(
+        "--schedule",
+        metavar="KIND",
+        help=" | ".join((*SCHEDULES, "native")) + " (default linear).",
+    ),
 ]
 RatesOpt = Annotated[
     str | None,
     typer.Option("--rates", metavar="R,R,...", help="Per-step rates for --schedule custom."),
 ]
 ModeOpt = Annotated[
-    str, typer.Option("--mode", metavar=_bar(MODES), help="Drop per sample or whole batch.")
+    str | None,
+    typer.Option("--mode", metavar=_bar(MODES), help="Drop per sample (default) or whole batch."),
 ]
 ScalingOpt = Annotated[
-    str,
+    str | None,
     typer.Option(
         "--scaling",
         metavar=_bar(SCALINGS),
-        help="inverted: kept/(1-p) in training (timm); expected: x(1-p) in eval (Huang).",
+        help="inverted (default): kept/(1-p) in training (timm); expected: x(1-p) in eval (Huang).",
     ),
 ]
 PerOpt = Annotated[
-    str, typer.Option("--per", metavar=_bar(PER), help="What one schedule step covers.")
+    str | None,
+    typer.Option("--per", metavar=_bar(PER), help="What one schedule step covers (block)."),
 ]
 SkipOpt = Annotated[
-    bool,
-    typer.Option("--skip", help="Compute dropped branches only where kept (training speed-up)."),
+    bool | None,
+    typer.Option(
+        "--skip/--no-skip",
+        help="Compute dropped branches only where kept (training speed-up).",
+        show_default=False,
+    ),
+]
+CoverageOpt = Annotated[
+    str,
+    typer.Option(
+        "--coverage",
+        metavar=_bar(COVERAGES),
+        help="slots: a model's own DropPath slots alone when it has any; all: plus every "
+        "residual addition without one.",
+    ),
+]
+RecipeOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--recipe",
+        metavar="NAME",
+        help="A published recipe (dpatch recipes); options given explicitly win over it.",
+    ),
+]
+SizeOpt = Annotated[
+    str | None,
+    typer.Option("--size", metavar="S", help="Model size for --recipe (default: read off)."),
 ]
 WeightsOpt = Annotated[
     Path | None,
@@ -115,13 +160,75 @@ ArchOpt = Annotated[
 ]
 
 
-def parse_rate(text: str, flag: str) -> float:
-    """A rate option's text as a float in [0, 1), or an error naming the flag and value."""
+InputShapeOpt = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--input-shape",
+        metavar="B,C,...",
+        help="Shape of the model's input, batch first (repeat for several inputs); "
+        "default: inferred from the model.",
+    ),
+]
+InputDtypeOpt = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--input-dtype",
+        metavar="DTYPE",
+        help="dtype of --input-shape (float32, long, ...): once for all inputs, or once each.",
+    ),
+]
+
+_DTYPES = {
+    "float32": torch.float32,
+    "float": torch.float32,
+    "float16": torch.float16,
+    "half": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "float64": torch.float64,
+    "int64": torch.long,
+    "long": torch.long,
+    "int32": torch.int32,
+    "int": torch.int32,
+    "bool": torch.bool,
+}
+
+
+def parse_inputs(shapes: list[str] | None, dtypes: list[str] | None) -> tuple[Tensor, ...] | None:
+    """``--input-shape``/``--input-dtype`` as example inputs (meta tensors), or None."""
+    if not shapes:
+        if dtypes:
+            raise InvalidValueError("--input-dtype needs --input-shape")
+        return None
+    names = list(dtypes or ["float32"])
+    if len(names) == 1:
+        names *= len(shapes)
+    if len(names) != len(shapes):
+        raise InvalidValueError(
+            f"--input-dtype given {len(names)} times for {len(shapes)} --input-shape; give it "
+            "once for all inputs or once per input"
+        )
+    for name in names:
+        if name not in _DTYPES:
+            raise InvalidValueError(
+                f"--input-dtype {name!r} is unknown; choose one of: {', '.join(_DTYPES)}"
+            )
+    return tuple(
+        torch.empty(parse_shape(s), dtype=_DTYPES[d], device="meta")
+        for s, d in zip(shapes, names, strict=True)
+    )
+
+
+def parse_rate(text: str | None, flag: str, *, allow_one: bool = False) -> float | None:
+    """A rate option's text as a float in [0, 1) (or [0, 1]; None when not given), or an
+    error naming the flag and value."""
+    if text is None:
+        return None
     try:
         value = float(text)
     except (TypeError, ValueError):
-        raise InvalidValueError(f"{flag} must be a number in [0, 1), but got {text!r}") from None
-    return check_rate(value, flag)
+        span = "[0, 1]" if allow_one else "[0, 1)"
+        raise InvalidValueError(f"{flag} must be a number in {span}, but got {text!r}") from None
+    return check_rate(value, flag, allow_one=allow_one)
 
 
 def parse_rates(text: str | None) -> list[float] | None:
@@ -132,5 +239,7 @@ def parse_rates(text: str | None) -> list[float] | None:
     for i, tok in enumerate(t.strip() for t in text.split(",")):
         if not tok:
             raise InvalidValueError(f"--rates has an empty entry at position {i}: {text!r}")
-        out.append(parse_rate(tok, f"--rates entry {i}"))
+        rate = parse_rate(tok, f"--rates entry {i}", allow_one=True)
+        assert rate is not None
+        out.append(rate)
     return out

@@ -11,7 +11,18 @@ import typer
 
 from dpatch._version import __version__
 from dpatch.cli._app import about, app, emit, load, out, step
-from dpatch.cli._options import AllowEmptyOpt, ArchOpt, JsonOpt, ModelArg, PretrainedOpt, WeightsOpt
+from dpatch.cli._options import (
+    AllowEmptyOpt,
+    ArchOpt,
+    CoverageOpt,
+    InputDtypeOpt,
+    InputShapeOpt,
+    JsonOpt,
+    ModelArg,
+    PretrainedOpt,
+    WeightsOpt,
+    parse_inputs,
+)
 from dpatch.errors import NoResidualSitesError
 from dpatch.files import load_state_dict_file, read_manifest
 from dpatch.manifest import report_from_manifest
@@ -32,11 +43,15 @@ def inspect_cmd(
     pretrained: PretrainedOpt = False,
     arch: ArchOpt = None,
     allow_empty: AllowEmptyOpt = False,
+    input_shape: InputShapeOpt = None,
+    input_dtype: InputDtypeOpt = None,
+    coverage: CoverageOpt = "slots",
 ) -> None:
     """List every residual site with its rate (model, dpatch file or plain checkpoint).
 
     Example: dpatch inspect out.safetensors --json | jq '.sites[] | .rate'
     """
+    example_inputs = parse_inputs(input_shape, input_dtype)
     path = Path(model)
     if path.is_file() and arch is None:
         manifest = read_manifest(path)
@@ -54,7 +69,9 @@ def inspect_cmd(
         loaded = load(model, weights=weights, pretrained=pretrained, arch=arch, quiet=as_json)
         extra = {"model": loaded.spec.text if loaded.spec else model}
         with step("Tracing residual branches", as_json), about(extra["model"]):
-            report = inspect(loaded.model, allow_empty=allow_empty)
+            report = inspect(
+                loaded.model, example_inputs, allow_empty=allow_empty, coverage=coverage
+            )
     emit(report, as_json, extra, show_all=show_all)
 
 

@@ -18,6 +18,7 @@ from dpatch.cli._options import (
     parse_rates,
 )
 from dpatch.errors import InvalidValueError
+from dpatch.patch import DEFAULTS
 from dpatch.report import render_list, render_schedule
 from dpatch.schedule import expected_depth, schedule_rates
 from dpatch.zoo import SOURCES, list_models
@@ -38,11 +39,13 @@ def schedule_cmd(
 
     Example: dpatch schedule --depth 12 --max-rate 0.2 --schedule cosine
     """
+    hi, lo = parse_rate(max_rate, "--max-rate"), parse_rate(min_rate, "--min-rate")
+    schedule = schedule or DEFAULTS["schedule"]
     values = schedule_rates(
         schedule,
         depth,
-        parse_rate(max_rate, "--max-rate"),
-        parse_rate(min_rate, "--min-rate"),
+        DEFAULTS["max_rate"] if hi is None else hi,
+        DEFAULTS["min_rate"] if lo is None else lo,
         parse_rates(rates),
     )
     if as_json:

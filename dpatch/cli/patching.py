@@ -9,8 +9,11 @@ from dpatch.cli._app import about, app, emit, err, load, step
 from dpatch.cli._options import (
     AllowEmptyOpt,
     ArchOpt,
+    CoverageOpt,
     DryRunOpt,
     ForceOpt,
+    InputDtypeOpt,
+    InputShapeOpt,
     JsonOpt,
     MaxRate,
     MinRate,
@@ -20,10 +23,13 @@ from dpatch.cli._options import (
     PerOpt,
     PretrainedOpt,
     RatesOpt,
+    RecipeOpt,
     ScalingOpt,
     ScheduleOpt,
+    SizeOpt,
     SkipOpt,
     WeightsOpt,
+    parse_inputs,
     parse_rate,
     parse_rates,
 )
@@ -39,14 +45,17 @@ def _patch(
     action: Callable[..., PatchReport],
     target: str,
     *,
-    max_rate: str,
-    min_rate: str,
-    schedule: str,
+    max_rate: str | None,
+    min_rate: str | None,
+    schedule: str | None,
     rates: str | None,
-    mode: str,
-    scaling: str,
-    per: str,
-    skip: bool,
+    mode: str | None,
+    scaling: str | None,
+    per: str | None,
+    skip: bool | None,
+    recipe: str | None,
+    size: str | None,
+    coverage: str,
     weights: Path | None,
     pretrained: bool,
     output: Path | None,
@@ -55,10 +64,13 @@ def _patch(
     as_json: bool,
     allow_empty: bool,
     arch: str | None,
+    input_shape: list[str] | None,
+    input_dtype: list[str] | None,
 ) -> None:
     hi = parse_rate(max_rate, "--max-rate")
     lo = parse_rate(min_rate, "--min-rate")
     rate_list = parse_rates(rates)
+    example_inputs = parse_inputs(input_shape, input_dtype)
     check_arguments(hi, schedule, lo, mode, scaling, per)
     if rate_list is not None and schedule != "custom":
         raise InvalidValueError("--rates needs --schedule custom")
@@ -78,6 +90,10 @@ def _patch(
             per=per,
             skip=skip,
             allow_empty=allow_empty,
+            example_inputs=example_inputs,
+            recipe=recipe,
+            size=size,
+            coverage=coverage,
         )
     written = None
     if output is not None and not dry_run:
@@ -97,14 +113,17 @@ def _register(name: str, action: Callable[..., PatchReport], doc: str) -> None:
 
     def command(
         model: ModelArg,
-        max_rate: MaxRate = "0.1",
-        min_rate: MinRate = "0",
-        schedule: ScheduleOpt = "linear",
+        max_rate: MaxRate = None,
+        min_rate: MinRate = None,
+        schedule: ScheduleOpt = None,
         rates: RatesOpt = None,
-        mode: ModeOpt = "row",
-        scaling: ScalingOpt = "inverted",
-        per: PerOpt = "block",
-        skip: SkipOpt = False,
+        mode: ModeOpt = None,
+        scaling: ScalingOpt = None,
+        per: PerOpt = None,
+        skip: SkipOpt = None,
+        recipe: RecipeOpt = None,
+        size: SizeOpt = None,
+        coverage: CoverageOpt = "slots",
         weights: WeightsOpt = None,
         pretrained: PretrainedOpt = False,
         output: OutOpt = None,
@@ -113,6 +132,8 @@ def _register(name: str, action: Callable[..., PatchReport], doc: str) -> None:
         as_json: JsonOpt = False,
         allow_empty: AllowEmptyOpt = False,
         arch: ArchOpt = None,
+        input_shape: InputShapeOpt = None,
+        input_dtype: InputDtypeOpt = None,
     ) -> None:
         _patch(
             action,
@@ -125,6 +146,9 @@ def _register(name: str, action: Callable[..., PatchReport], doc: str) -> None:
             scaling=scaling,
             per=per,
             skip=skip,
+            recipe=recipe,
+            size=size,
+            coverage=coverage,
             weights=weights,
             pretrained=pretrained,
             output=output,
@@ -133,6 +157,8 @@ def _register(name: str, action: Callable[..., PatchReport], doc: str) -> None:
             as_json=as_json,
             allow_empty=allow_empty,
             arch=arch,
+            input_shape=input_shape,
+            input_dtype=input_dtype,
         )
 
     command.__doc__ = doc

@@ -1,0 +1,182 @@
+"""Inputs inferred for the probe, and never a silent no-op when a model cannot run."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import torchvision
+from helpers import PlainRes, cli, one_line_error
+from torch import nn
+
+import dpatch
+from dpatch import ProbeError, find_sites, inject, inspect
+from dpatch._probe import probe
+
+
+class VecBlock(nn.Module):
+    def __init__(self, c: int = 16) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(c, c), nn.Linear(c, c)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.b(torch.relu(self.a(x)))
+
+
+class ConvBlock(nn.Module):
+    def __init__(self, conv: type[nn.Module], c: int = 8) -> None:
+        super().__init__()
+        self.f = conv(c, c, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.f(x)
+
+
+class Tokens(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(100, 16)
+        self.blocks = nn.Sequential(VecBlock(), VecBlock(), VecBlock())
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.blocks(self.embed(ids))
+
+
+class TwoInputs(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.block = VecBlock()
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return self.block(x) * y
+
+
+def _conv_net(conv: type[nn.Module]) -> nn.Module:
+    return nn.Sequential(conv(3, 8, 1), ConvBlock(conv), ConvBlock(conv))
+
+
+CASES = {
+    "vector MLP (B, D)": (lambda: nn.Sequential(VecBlock(), VecBlock()), 2, "2x16 float32"),
+    "Conv1d audio net": (lambda: _conv_net(nn.Conv1d), 2, "2x3x1024 float32"),
+    "Conv3d video net": (lambda: _conv_net(nn.Conv3d), 2, "2x3x16x112x112 float32"),
+    "token model (nn.Embedding)": (Tokens, 3, "2x16 int64"),
+}
+
+
+@pytest.mark.parametrize(("build", "sites", "shape"), list(CASES.values()), ids=list(CASES))
+def test_first_layer_inference(build: object, sites: int, shape: str) -> None:
+    model = build()  # type: ignore[operator]
+    report = inject(model, 0.2)
+    assert len(report.sites) == sites and all(s.fused for s in report.sites)
+    assert report.example is not None and report.example.describe() == shape
+    assert report.example.source.startswith("first layer")
+    assert report.to_dict()["inputs"]["source"] == report.example.source
+
+
+def test_torchvision_video_builder_gets_a_video_clip() -> None:
+    model = torchvision.models.video.r3d_18()
+    report = inspect(model)
+    assert len(report.sites) == 8 and report.example is not None
+    assert report.example.describe() == "2x3x16x112x112 float32"
+    assert report.example.source.startswith("torchvision video")
+
+
+def test_timm_pretrained_cfg_comes_first() -> None:
+    import timm
+
+    model = timm.create_model("vit_tiny_patch16_224", img_size=32)
+    assert probe(model).example.describe() == "2x3x32x32 float32"  # type: ignore[union-attr]
+
+
+def test_transformers_config_gives_the_input() -> None:
+    from transformers import ViTConfig, ViTModel
+
+    config = ViTConfig(
+        image_size=32, patch_size=8, hidden_size=16, num_hidden_layers=2,
+        num_attention_heads=2, intermediate_size=32, num_channels=1,
+    )  # fmt: skip
+    example = probe(ViTModel(config)).example
+    assert example is not None and example.describe() == "2x1x32x32 float32"
+    assert example.source == "transformers config (pixel_values)"
+
+
+def test_given_inputs_win_and_are_reported() -> None:
+    model = nn.Sequential(PlainRes(), PlainRes())
+    x = torch.randn(3, 5, 8)
+    report = inspect(model, (x,))
+    assert report.example is not None and report.example.source == "given"
+    assert report.example.describe() == "3x5x8 float32"
+
+
+def test_a_model_that_runs_on_nothing_raises_never_empty() -> None:
+    model = TwoInputs()
+    for call in (find_sites, inspect, inject, lambda m: dpatch.retune(m, 0.1)):
+        with pytest.raises(ProbeError, match="missing 1 required positional argument"):
+            call(model)
+    # given inputs that do not fit: the error names them
+    with pytest.raises(ProbeError, match="does not run on the given input \\(2x7 float32\\)"):
+        inspect(model, (torch.randn(2, 7),))
+    # two inputs given: it runs
+    assert len(inspect(model, (torch.randn(2, 16), torch.randn(2, 16))).sites) == 1
+
+
+def test_model_that_ran_with_no_residual_is_empty_not_an_error() -> None:
+    report = inject(nn.Sequential(nn.Linear(4, 4), nn.ReLU()), 0.2)
+    assert report.sites == () and report.example is not None
+
+
+def test_detector_in_training_mode_is_probed_in_eval() -> None:
+    model = torchvision.models.detection.fasterrcnn_mobilenet_v3_large_320_fpn(
+        weights=None, weights_backbone=None
+    )
+    assert model.training
+    report = inspect(model)
+    assert report.sites and model.training  # probed in eval, mode restored
+    assert all(m.training for m in model.modules())
+
+
+# --------------------------------------------------------------------------- command line
+def test_cli_input_shape_and_dtype(tmp_path: object) -> None:
+    code, out, err = cli("inspect", "tv:r3d_18", "--input-shape", "1,3,8,32,32", "--json")
+    assert code == 0, err
+    doc = json.loads(out)
+    assert doc["inputs"] == {
+        "source": "given",
+        "shapes": [[1, 3, 8, 32, 32]],
+        "dtypes": ["float32"],
+    }
+    assert doc["summary"]["sites"] == 8
+    code, out, err = cli("inspect", "tv:r3d_18")
+    assert code == 0 and "input: 2x3x16x112x112 float32 (torchvision video" in out
+
+
+@pytest.mark.parametrize(
+    ("args", "needles"),
+    [
+        (["--input-shape", "1,a"], ["--input-shape", "'1,a'"]),
+        (["--input-shape", "0,3"], ["--input-shape", "'0,3'"]),
+        (["--input-shape", "1,3,8,8", "--input-dtype", "complex"], ["'complex'", "long"]),
+        (["--input-dtype", "long"], ["--input-dtype needs --input-shape"]),
+        (["--input-shape", "1,3,64,64"], ["VideoResNet does not run on the given input"]),
+    ],
+)
+def test_cli_bad_input_shape(args: list[str], needles: list[str], tmp_path: object) -> None:
+    out = f"{tmp_path}/x.safetensors"
+    code, stdout, err = cli("inject", "tv:r3d_18", *args, "-o", out)
+    assert code == 1 and stdout == ""
+    one_line_error(err, *needles)
+    import os
+
+    assert not os.path.exists(out)
+
+
+def test_cli_two_input_model_says_what_to_do() -> None:
+    code, _, err = cli("inspect", "tv:raft_small")
+    assert code == 1
+    one_line_error(err, "could not run RAFT", "image2", "--input-shape")
+    code, out, err = cli(
+        "inspect", "tv:raft_small", "--input-shape", "1,3,128,128", "--input-shape", "1,3,128,128"
+    )
+    assert code == 0, err
+    assert "sites in" in out

@@ -1,0 +1,196 @@
+"""Blocks whose forward branches on shapes: traced with value-carrying proxies, rewritten at
+source level, control flow kept for every input shape."""
+
+from __future__ import annotations
+
+import pickle
+
+import pytest
+import torch
+import torch.nn.functional as F
+from helpers import mlp, run
+from torch import nn
+
+from dpatch import DropPath, inject, strip
+from dpatch._marks import block_meta
+
+
+class Windowed(nn.Module):
+    """TinyViT-style: shape unpacking, a branch on the sequence length, a native slot."""
+
+    def __init__(self, c: int = 8, window: int = 4) -> None:
+        super().__init__()
+        self.window = window
+        self.f, self.g = mlp(c), mlp(c)
+        self.drop_path = nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        _, N, _ = x.shape  # unpacking a shape: plain torch.fx cannot trace this
+        shortcut = x
+        if N % self.window:
+            pad = self.window - N % self.window
+            x = F.pad(x, (0, 0, 0, pad))
+            x = self.f(x)[:, :N]
+        else:
+            x = self.f(x)
+        x = shortcut + self.drop_path(x)
+        out = self.g(x)
+        out += x
+        return out
+
+
+class TupleChild(nn.Module):
+    def __init__(self, c: int = 8) -> None:
+        super().__init__()
+        self.proj = nn.Linear(c, c)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.proj(x), x.mean()
+
+
+class HFStyle(nn.Module):
+    """Hugging Face style: a child returning a tuple, unpacked; ``**kwargs``; in-place add."""
+
+    def __init__(self, c: int = 8) -> None:
+        super().__init__()
+        self.attention = TupleChild(c)
+        self.mlp = mlp(c)
+
+    def forward(self, hidden: torch.Tensor, mask: torch.Tensor | None = None, **kwargs: object):
+        residual = hidden
+        hidden, _ = self.attention(hidden)
+        hidden = hidden + residual
+        residual = hidden
+        hidden = self.mlp(hidden)
+        return hidden.add_(residual)
+
+
+class Base(nn.Module):
+    def __init__(self, c: int = 8) -> None:
+        super().__init__()
+        self.f = mlp(c)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.f(x)
+
+
+class UsesSuper(Base):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[0] > 0:
+            return x + super().forward(x)
+        return x
+
+
+def test_shape_branching_block_is_rewritten_and_keeps_both_paths() -> None:
+    torch.manual_seed(0)
+    block = Windowed()
+    even, odd = torch.randn(3, 8, 8), torch.randn(3, 6, 8)
+    ref_even, ref_odd = run(block, even, train=False), run(block, odd, train=False)
+    report = inject(block, 0.5, schedule="uniform", coverage="all", example_inputs=(even,))
+    assert [(s.branch, s.kind, s.fused) for s in report.sites] == [
+        ("drop_path", "native", True),
+        ("drop_path1", "graph", True),
+    ]
+    meta = block_meta(block)
+    assert meta is not None and meta.code.in_place
+    src = meta.code.functions[0][1]
+    assert "if N % self.window:" in src  # the control flow is still there
+    assert "x = self.drop_path(x, shortcut)" in src
+    assert "out = self.drop_path1(self.g(x), out)" not in src  # out += x: branch is `out`
+    assert "out = self.drop_path1(out, x)" in src
+    # eval is the unpatched computation, on the probed shape and on the other path
+    assert torch.equal(run(block, even, train=False), ref_even)
+    assert torch.equal(run(block, odd, train=False), ref_odd)
+    # training drops: some samples lose the branches on the other path too
+    block.train()
+    torch.manual_seed(1)
+    with torch.no_grad():
+        out = block(torch.randn(64, 6, 8))
+    assert out.shape == (64, 6, 8) and not torch.isnan(out).any()
+
+
+def test_skip_is_declined_with_a_reason() -> None:
+    block = Windowed()
+    report = inject(block, 0.3, skip=True, coverage="all", example_inputs=(torch.randn(2, 8, 8),))
+    assert not any(s.skip for s in report.sites) and all(s.fused for s in report.sites)
+    assert all("branches on shapes" in s.reason for s in report.skipped)
+
+
+def test_hf_style_tuple_unpacking_kwargs_and_inplace_add() -> None:
+    torch.manual_seed(0)
+    block = HFStyle()
+    x = torch.randn(2, 5, 8)
+    ref = run(block, x, train=False)
+    report = inject(block, 0.2, example_inputs=(x,))
+    assert [(s.branch, s.fused) for s in report.sites] == [
+        ("drop_path1", True),
+        ("drop_path2", True),
+    ]
+    src = block_meta(block).code.functions[0][1]  # type: ignore[union-attr]
+    assert "(hidden := self.drop_path2(hidden, residual))" in src  # add_ kept in place
+    assert torch.equal(run(block, x, train=False), ref)
+    assert torch.equal(run(block, x, train=False), run(block, (x,), train=False))
+
+
+def test_zero_argument_super_still_works() -> None:
+    torch.manual_seed(0)
+    block = UsesSuper()
+    x = torch.randn(4, 8)
+    ref = run(block, x, train=False)
+    report = inject(block, 0.5, example_inputs=(x,))
+    assert report.sites[0].fused and block_meta(block).code.in_place  # type: ignore[union-attr]
+    assert torch.equal(run(block, x, train=False), ref)
+    block.train()
+    torch.manual_seed(2)
+    out = block(torch.randn(64, 8))
+    out.sum().backward()
+    assert all(p.grad is not None for p in block.parameters())
+
+
+def test_source_rewritten_blocks_pickle_and_strip() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(Windowed(), Windowed())
+    x = torch.randn(2, 6, 8)
+    ref = run(model, x, train=False)
+    inject(model, 0.3, coverage="all", example_inputs=(torch.randn(2, 8, 8),))
+    again = pickle.loads(pickle.dumps(model))
+    assert type(again[0]) is type(model[0])  # one class for both, rebuilt once
+    assert torch.equal(run(again, x, train=False), ref)
+    assert isinstance(again[1].drop_path1, DropPath)
+    strip(again)
+    assert type(again[0]) is Windowed and torch.equal(run(again, x, train=False), ref)
+
+
+def _helper_add(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return x + y
+
+
+class AddInHelper(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.f = mlp()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[0]:
+            return _helper_add(x, self.f(x))
+        return x
+
+
+def test_an_addition_in_a_helper_function_is_reported_not_patched() -> None:
+    block = AddInHelper()
+    report = inject(block, 0.2, example_inputs=(torch.randn(2, 8),))
+    assert report.sites and not report.sites[0].fused
+    assert any("not an addition written in its forward" in s.reason for s in report.skipped)
+
+
+@pytest.mark.zoo
+def test_timm_tiny_vit_every_site_fused() -> None:
+    import timm
+
+    torch.manual_seed(0)
+    model = timm.create_model("tiny_vit_5m_224").eval()
+    x = torch.randn(1, 3, 224, 224)
+    ref = run(model, x, train=False)
+    report = inject(model, 0.2)
+    assert len(report.sites) == 22 and all(s.fused for s in report.sites)
+    assert torch.equal(run(model, x, train=False), ref)
