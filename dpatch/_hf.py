@@ -72,8 +72,6 @@ _WEIGHT_FILES = (
     "pytorch_model.bin",
     "pytorch_model.bin.index.json",
 )
-#: Attributes that hold a foreign stochastic-depth module's drop probability.
-_RATE_ATTRS = ("drop_prob", "p", "drop_rate")
 
 
 def require() -> ModuleType:
@@ -360,26 +358,11 @@ def _has_drop_path_rate(config_cls: Any) -> bool:
 
 
 # --------------------------------------------------------------------------- native rates
-def _foreign_rate(module: nn.Module) -> float | None:
-    """The drop probability of a transformers-style DropPath (``BeitDropPath.drop_prob``)."""
-    if not type(module).__name__.endswith(("DropPath", "StochasticDepth")):
-        return None
-    for attr in _RATE_ATTRS:
-        value = getattr(module, attr, None)
-        if isinstance(value, int | float) and not isinstance(value, bool):
-            return float(value)
-    return None
-
-
 def hf_slot_rates(model: nn.Module) -> dict[str, float]:
     """Qualified name -> rate of every stochastic-depth module of a transformers model: its
-    own ``*DropPath`` classes and the ``nn.Identity`` slots it builds at rate 0."""
-    rates = slot_rates(model)
-    for name, module in model.named_modules():
-        rate = _foreign_rate(module)
-        if rate is not None:
-            rates[name] = rate
-    return rates
+    own ``*DropPath`` classes (recognised by :mod:`dpatch._slots` by behaviour) and the
+    ``nn.Identity`` slots it builds at rate 0."""
+    return slot_rates(model)
 
 
 def _set_drop_path_rate(config: Any, rate: float) -> None:
@@ -415,6 +398,7 @@ def hf_native_rates(model: nn.Module, max_rate: float) -> dict[str, float]:
     if max_rate > 0 and not any(r > 0 for r in rates.values()):
         raise InvalidValueError(
             f"transformers {cls.__name__} puts config.drop_path_rate in no DropPath module "
-            "(LeViT keeps it on its residual layers); use --schedule uniform or linear"
+            "(it leaves it unused, or keeps it elsewhere as LeViT does); use --schedule "
+            "uniform or linear"
         )
     return rates
