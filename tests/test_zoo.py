@@ -76,16 +76,17 @@ def test_tv_native_rates_of_a_video_model() -> None:
     assert len(rates) == 12
 
 
-# ------------------------------------------------------------------- waits for input inference
+# ------------------------------------------------------------------- inputs of every kind
 def test_cli_inspect_video_model_finds_its_blocks() -> None:
-    """Needs the probe to feed a video model (B, 3, T, H, W) (issue 10 item 1, lead's work)."""
+    """The probe feeds a video model (B, 3, T, H, W) without --input-shape."""
     code, out, err = cli("inspect", "tv:r3d_18", "--json")
     assert code == 0, err
     assert json.loads(out)["summary"]["sites"] == 8
 
 
 def test_cli_inspect_detection_model_finds_its_backbone_blocks() -> None:
-    """Needs the probe to run a detection model in eval mode (training needs targets)."""
+    """Detection models need targets in training; the probe still finds the backbone's
+    blocks without --input-shape."""
     code, out, err = cli("inspect", "tv:fasterrcnn_mobilenet_v3_large_320_fpn", "--json")
     assert code == 0, err
     assert json.loads(out)["summary"]["sites"] == 10

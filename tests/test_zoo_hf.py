@@ -391,6 +391,19 @@ def test_cli_inject_a_directory_and_load_the_file_into_plain_transformers(tmp_pa
     )
 
 
+def test_cli_inspect_a_vit_directory_infers_its_input(tmp_path: Path) -> None:
+    """A 32-px BEiT: the probe reads config.image_size (no --input-shape); BEiT's one
+    drop_path serves both residuals of each of its 3 layers."""
+    transformers.BeitForImageClassification(transformers.BeitConfig(**TINY_BEIT)).save_pretrained(
+        tmp_path / "beit"
+    )
+    code, stdout, err = cli("inspect", f"hf:{tmp_path / 'beit'}", "--json")
+    assert code == 0, err
+    doc = json.loads(stdout)
+    assert doc["summary"]["sites"] == 6
+    assert {s["kind"] for s in doc["sites"]} == {"native"}
+
+
 @pytest.mark.parametrize(
     ("spec", "needles"),
     [
