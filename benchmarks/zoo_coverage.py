@@ -229,6 +229,27 @@ def entries(zoos: set[str]) -> list[Entry]:
     return out
 
 
+def _measure(e: Entry) -> tuple[list[Any], dpatch.PatchReport | None]:
+    """One table row, and the report (None when inject failed: the row says why)."""
+    x = e.inputs()
+
+    def fresh() -> nn.Module:
+        model = build_light(e.build)
+        # torchvision detection needs targets in training; eval is the probe's view of every
+        # non-timm model (timm rows keep the numbers measured before)
+        return model if e.zoo == "timm" else model.eval()
+
+    try:
+        report = dpatch.inject(fresh(), 0.2, skip=True, example_inputs=x)
+    except dpatch.DPatchError as exc:  # a row of its own, never dropped
+        return [e.zoo, e.group, e.name, "-", "-", "-", "-", "-", f"failed: {exc}"[:100]], None
+    sites = report.sites
+    n, fused, skip = len(sites), sum(s.fused for s in sites), sum(s.skip for s in sites)
+    kinds = "/".join(sorted({s.kind for s in sites})) or "-"
+    parity = _native_parity(e, fresh(), x)
+    return [e.zoo, e.group, e.name, n, kinds, fused, skip, parity, len(report.skipped)], report
+
+
 def main() -> None:
     p = base_parser(__doc__ or "")
     p.add_argument("--zoo", action="append", choices=["timm", "torchvision", "transformers"])
@@ -239,59 +260,33 @@ def main() -> None:
     rows, reasons = [], Counter()
     totals: dict[str, Counter[str]] = {}
     for e in entries(zoos):
-        x = e.inputs()
-
-        def fresh(e: Entry = e) -> nn.Module:
-            model = build_light(e.build)
-            # torchvision detection needs targets in training; eval is the probe's view of
-            # every non-timm model (timm rows keep the numbers measured before)
-            return model if e.zoo == "timm" else model.eval()
-
-        report = dpatch.inject(fresh(), 0.2, skip=True, example_inputs=x)
-        sites = report.sites
-        n, fused, skip = len(sites), sum(s.fused for s in sites), sum(s.skip for s in sites)
-        kinds = "/".join(sorted({s.kind for s in sites})) or "-"
-        parity = _native_parity(e, fresh(), x)
-        rows.append([e.zoo, e.group, e.name, n, kinds, fused, skip, parity, len(report.skipped)])
-        for s in report.skipped:
-            reasons[s.reason.split(":")[0][:70]] += 1
+        row, report = _measure(e)
+        rows.append(row)
         t = totals.setdefault(e.zoo, Counter())
         t["models"] += 1
+        if report is None:
+            t["failed"] += 1
+            reasons[str(row[-1])[:70]] += 1
+            continue
+        for s in report.skipped:
+            reasons[s.reason.split(":")[0][:70]] += 1
+        n, parity = len(report.sites), row[7]
         t["with sites"] += bool(n)
         t["sites"] += n
-        t["fused"] += fused
-        t["can skip"] += skip
+        t["fused"] += row[5]
+        t["can skip"] += row[6]
         t["native schedule"] += parity != "-"
         t["native parity"] += parity == "yes"
     env = environment(device)
     env["torchvision"] = torchvision.__version__
     if "transformers" in sys.modules:
         env["transformers"] = sys.modules["transformers"].__version__
-    header = [
-        "zoo",
-        "family/task",
-        "model",
-        "sites",
-        "kind",
-        "fused",
-        "can skip",
-        "native",
-        "notes",
-    ]
-    print_table(
-        f"zoo coverage: {', '.join(f'{k} {v}' for k, v in env.items() if k != 'device')}",
-        header,
-        rows,
-    )
-    cols = [
-        "models",
-        "with sites",
-        "sites",
-        "fused",
-        "can skip",
-        "native schedule",
-        "native parity",
-    ]
+    header = ["zoo", "family/task", "model", "sites", "kind", "fused", "can skip", "native"]
+    header.append("notes")
+    title = ", ".join(f"{k} {v}" for k, v in env.items() if k != "device")
+    print_table(f"zoo coverage: {title}", header, rows)
+    cols = ["models", "with sites", "sites", "fused", "can skip", "native schedule"]
+    cols += ["native parity", "failed"]
     print_table("totals", ["zoo", *cols], [[z, *(t[c] for c in cols)] for z, t in totals.items()])
     print_table("notes by reason", ["reason", "count"], reasons.most_common())
     write_json(

@@ -376,6 +376,29 @@ def test_directory_model_file_loads_without_the_directory(tmp_path: Path) -> Non
     assert spec_of(loaded).text == f"hf:{tmp_path / 'cn'}"
 
 
+def test_tied_weights_are_saved_under_both_names_and_stay_tied(tmp_path: Path) -> None:
+    """BERT's decoder shares the word embeddings: the file holds both names (plain strict
+    loading), and the rebuilt model ties them again."""
+    config = transformers.BertConfig(
+        vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+        intermediate_size=32, max_position_embeddings=16,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = transformers.BertForMaskedLM(config)
+    tied = ("cls.predictions.decoder.weight", "bert.embeddings.word_embeddings.weight")
+    assert model.get_parameter(tied[0]) is model.get_parameter(tied[1])
+    ids = torch.randint(0, 50, (2, 8), generator=torch.Generator().manual_seed(0))
+    report = inject(model, 0.1, example_inputs=(ids,))
+    out = dpatch.save(model, tmp_path / "bert.safetensors", report)
+    tensors = load_file(str(out))
+    assert torch.equal(tensors[tied[0]], tensors[tied[1]])
+    transformers.BertForMaskedLM(config).load_state_dict(tensors, strict=True)
+    loaded = dpatch.load(out)
+    assert loaded.get_parameter(tied[0]) is loaded.get_parameter(tied[1])
+    with torch.no_grad():
+        assert torch.equal(loaded.eval()(ids).logits, model.eval()(ids).logits)
+
+
 # --------------------------------------------------------------------------- CLI
 def test_cli_inject_a_directory_and_load_the_file_into_plain_transformers(tmp_path: Path) -> None:
     config = transformers.ConvNextConfig(**TINY_CONVNEXT)
