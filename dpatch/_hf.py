@@ -167,10 +167,12 @@ def build_hf(spec: ModelSpec, pretrained: bool) -> nn.Module:
         except _config_errors() as exc:
             raise InvalidValueError(_rejected(spec, exc)) from exc
         return cls(config)
-    local = Path(spec.name).expanduser().is_dir()
-    config = _load_config(tf, spec, overrides)
+    path = Path(spec.name).expanduser()
+    local = path.is_dir()
+    source = str(path) if local else spec.name
+    config = _load_config(tf, spec, source, overrides)
     auto = _task_class(tf, config, task, spec)
-    has_weights = local and any((Path(spec.name) / f).is_file() for f in _WEIGHT_FILES)
+    has_weights = local and any((path / f).is_file() for f in _WEIGHT_FILES)
     if pretrained and local and not has_weights:
         raise WeightsError(
             f"directory {spec.name!r} holds no weights ({', '.join(_WEIGHT_FILES[::2])}); "
@@ -179,9 +181,14 @@ def build_hf(spec: ModelSpec, pretrained: bool) -> nn.Module:
     if pretrained or has_weights:
         try:
             with _quiet(tf):
-                return auto.from_pretrained(spec.name, config=config)
+                return auto.from_pretrained(source, config=config)
         except OSError as exc:
             raise DownloadError(_fetch_message(spec, exc, "weights")) from exc
+        except (ValueError, RuntimeError) as exc:  # mismatched sizes, damaged files
+            raise WeightsError(
+                f"the weights of hf:{spec.name} do not load into {auto.__name__} "
+                f"({_first_line(exc)}); check task= and the config overrides"
+            ) from exc
     if auto.__name__.startswith("Auto"):
         return auto.from_config(config)
     return auto(config)
@@ -209,10 +216,10 @@ def _check_overrides(config: Any, overrides: Mapping[str, Any], spec: ModelSpec)
         )
 
 
-def _load_config(tf: ModuleType, spec: ModelSpec, overrides: dict[str, Any]) -> Any:
+def _load_config(tf: ModuleType, spec: ModelSpec, source: str, overrides: dict[str, Any]) -> Any:
     try:
         config, unused = tf.AutoConfig.from_pretrained(
-            spec.name, return_unused_kwargs=True, **overrides
+            source, return_unused_kwargs=True, **overrides
         )
     except OSError as exc:
         if "not a valid model identifier" in str(exc) or "does not appear" in str(exc):

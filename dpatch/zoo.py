@@ -363,9 +363,12 @@ def list_models(pattern: str | None = None, source: str | None = None) -> list[M
     if source in ("hf", "transformers") or (source is None and _hf_installed()):
         from dpatch._hf import hf_entries
 
+        # class names are CamelCase: 'convnext*' finds hf:ConvNextForImageClassification
+        low = pat.lower()
         out += [
             e
             for e in hf_entries()
-            if fnmatch.fnmatch(e.spec[3:], pat) or fnmatch.fnmatch(e.spec, pat)
+            if fnmatch.fnmatchcase(e.spec[3:].lower(), low)
+            or fnmatch.fnmatchcase(e.spec.lower(), low)
         ]
     return out

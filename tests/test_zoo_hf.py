@@ -474,6 +474,8 @@ def test_cli_list_shows_transformers_and_every_torchvision_task() -> None:
     assert rows["hf:BeitForImageClassification"]["native"] is True
     assert rows["hf:ViTForImageClassification"]["native"] is False
     assert rows["hf:SegformerForSemanticSegmentation"]["task"] == "semantic-segmentation"
+    code, stdout, err = cli("list", "convnext*", "--source", "hf", "--json")
+    assert "hf:ConvNextForImageClassification" in {r["model"] for r in json.loads(stdout)}
     code, stdout, err = cli("list", "--source", "tv", "--json")
     tasks = {r["model"]: r["task"] for r in json.loads(stdout)}
     assert tasks["tv:r3d_18"] == "video" and tasks["tv:fasterrcnn_resnet50_fpn"] == "detection"
