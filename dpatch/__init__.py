@@ -12,6 +12,7 @@ from dpatch.errors import (
     InvalidValueError,
     ManifestError,
     ModelNotFoundError,
+    ModelRunError,
     NoResidualSitesError,
     NoSlotsError,
     OutputError,
@@ -20,29 +21,35 @@ from dpatch.errors import (
 )
 from dpatch.files import Target, load, load_target, load_weights, save
 from dpatch.patch import PER, inject, inspect, retune, strip
-from dpatch.results import PatchReport, Skipped
+from dpatch.results import Change, PatchReport, Skipped
 from dpatch.schedule import SCHEDULES, expected_depth, schedule_rates
 from dpatch.scheduler import DropPathScheduler
 from dpatch.sites import Site, find_sites
+from dpatch.verify import Finding, SiteCheck, VerifyReport, verify
 
 __all__ = [
     "PER",
     "SCHEDULES",
+    "Change",
     "DPatchError",
     "DownloadError",
     "DropPath",
     "DropPathScheduler",
+    "Finding",
     "InvalidValueError",
     "ManifestError",
     "ModelNotFoundError",
+    "ModelRunError",
     "NoResidualSitesError",
     "NoSlotsError",
     "OutputError",
     "PatchReport",
     "ProbeError",
     "Site",
+    "SiteCheck",
     "Skipped",
     "Target",
+    "VerifyReport",
     "WeightsError",
     "__version__",
     "drop_add",
@@ -58,6 +65,7 @@ __all__ = [
     "save",
     "schedule_rates",
     "strip",
+    "verify",
 ]
 
 

@@ -7,7 +7,8 @@ turns into public :class:`~dpatch.sites.Site` records and :mod:`dpatch.patch` ap
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+import copy
+from collections.abc import Hashable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -15,6 +16,7 @@ from torch import nn
 
 from dpatch._inputs import ExampleInputs
 from dpatch._marks import block_meta
+from dpatch._metatrace import meta_trace
 from dpatch._probe import Call, Probe, probe
 from dpatch._slots import (
     assign_slots,
@@ -23,7 +25,7 @@ from dpatch._slots import (
     owner_of,
     referenced_none_slots,
 )
-from dpatch._trace import TraceCache, TracedBlock, one_line
+from dpatch._trace import TracedBlock, config_key, one_line, trace_and_run, trace_module
 from dpatch.errors import InvalidValueError, TraceError
 from dpatch.residual import BlockSite, find_residual_adds, native_slots_win
 
@@ -145,6 +147,61 @@ def _rewritten_block(path: str, mod: nn.Module, order: int) -> BlockSites:
     return BlockSites(path, mod, order, sites, None, meta.coverage, list(meta.unslotted))
 
 
+class TraceCache:
+    """Traces shared by blocks of one configuration; failures are remembered too."""
+
+    def __init__(self, known: dict[int, Any]) -> None:
+        self._known = known
+        self._traces: dict[Hashable, TracedBlock | TraceError] = {}
+
+    def get(self, mod: nn.Module, call: Call) -> TracedBlock:
+        """The trace of ``mod`` run on ``call``.
+
+        Raises:
+            TraceError: the block cannot be traced or its trace does not run.
+        """
+        key = config_key(mod, call)
+        hit = self._traces.get(key) if key is not None else None
+        if hit is None:
+            hit = self._trace(mod, call)
+            if key is not None:
+                self._traces[key] = hit
+        if isinstance(hit, TraceError):
+            raise hit
+        return hit
+
+    def _trace(self, mod: nn.Module, call: Call) -> TracedBlock | TraceError:
+        """A plain trace; failing that, one with value-carrying proxies (a forward that
+        branches on shapes or unpacks a child's tuple); failing that, the first error."""
+        try:
+            return trace_and_run(mod, call, self._known)
+        except TraceError as exc:
+            first = exc
+        try:
+            return meta_trace(mod, call, self._known)
+        except TraceError:
+            return first
+
+
+def _called_when_filled(
+    mod: nn.Module, call: Call, attrs: list[str], known: dict[int, Any]
+) -> list[str]:
+    """Which empty (``None``) slots ``mod``'s forward calls once they hold a module: a trace
+    of a shallow copy whose slots hold ``nn.Identity``."""
+    shadow = copy.copy(mod)
+    shadow.__dict__ = dict(mod.__dict__)
+    shadow._modules = dict(mod._modules)
+    for attr in attrs:
+        del shadow.__dict__[attr]
+        shadow._modules[attr] = nn.Identity()
+    try:
+        graph = trace_module(shadow).graph
+    except Exception:  # the filled copy does not trace: the slots stay empty, as reported
+        return []
+    called = {str(n.target) for n in graph.nodes if n.op == "call_module"}
+    return [a for a in attrs if a in called]
+
+
 def analyze(
     model: nn.Module,
     example_inputs: Sequence[Any] | ExampleInputs | None = None,
@@ -210,9 +267,14 @@ def analyze(
             adds_of[key] = find_residual_adds(mod, traced.graph, traced.env, slot_nodes)
         sites = assign_slots(mod, adds_of[key])
         attrs = {s.attr for s in sites}
-        idle_none_slots.update(
-            qualify(path, a) for a in referenced_none_slots(mod, sources) if a not in attrs
-        )
+        idle = [a for a in referenced_none_slots(mod, sources) if a not in attrs]
+        if idle and not sites:
+            # timm's VoVNet keeps ``drop_path = None`` at rate 0 and calls it, on the block
+            # output, once it holds a module: such a slot is a site that drops that output.
+            filled = _called_when_filled(mod, pr.inputs[id(mod)], idle, pr.ran_once())
+            none_loose += [LooseSlot(qualify(path, a), path, order, residual=False) for a in filled]
+            idle = [a for a in idle if a not in filled]
+        idle_none_slots.update(qualify(path, a) for a in idle)
         if sites:
             blocks.append(BlockSites(path, mod, order, sites, traced, coverage))
 

@@ -66,15 +66,19 @@ def set_slot(model: nn.Module, path: str, s: SlotSettings) -> None:
     setattr(parent, attr, dp)
 
 
-def unpatch_to_redo(model: nn.Module, *, skip: bool, coverage: str) -> None:
+def unpatch_to_redo(model: nn.Module, *, skip: bool, coverage: str) -> int:
     """Restore the blocks a patch must rewrite anew: rewritten without the skipping form
-    when skipping is asked for, or under another coverage (other sites)."""
+    when skipping is asked for, or under another coverage (other sites). Returns how
+    many."""
+    restored = 0
     for mod in model.modules():
         meta = block_meta(mod)
         if meta is None:
             continue
         if (skip and meta.rewritten_without_skip) or meta.coverage != coverage:
             unpatch_block(mod)
+            restored += 1
+    return restored
 
 
 def second_probe(model: nn.Module, an: Analysis) -> dict[int, Call]:
@@ -100,11 +104,14 @@ def apply_block(
     mod = b.module
     meta = block_meta(mod)
     notes: list[Skipped] = []
-    if meta is not None:  # rewritten earlier: only settings change
+    if meta is not None:  # rewritten earlier: only settings change, each site's own skip
         for ps in meta.sites:
             name = b.slot_name(ps.attr)
-            configure_slot(getattr(mod, ps.attr), _with_skip(settings[name], skip and ps.skippable))
-            if skip and not ps.skippable:
+            wants = settings[name].skip
+            configure_slot(
+                getattr(mod, ps.attr), _with_skip(settings[name], wants and ps.skippable)
+            )
+            if wants and not ps.skippable:
                 notes.append(Skipped(name, f"skip unavailable: {ps.skip_reason}"))
         return notes
 
@@ -134,8 +141,9 @@ def apply_block(
     except (TraceError, fx.proxy.TraceError, RuntimeError, TypeError, ValueError) as exc:
         return _fallback(b, settings, str(exc), skip)
     for ps in new_meta.sites:
-        slots[ps.attr].skip = skip and ps.skippable
-        if skip and not ps.skippable:
+        wants = skip and settings[b.slot_name(ps.attr)].skip
+        slots[ps.attr].skip = wants and ps.skippable
+        if wants and not ps.skippable:
             notes.append(Skipped(b.slot_name(ps.attr), f"skip unavailable: {ps.skip_reason}"))
     return notes
 

@@ -52,10 +52,10 @@ def materialise(value: Any, device: torch.device) -> Any:
 # Meta kernels of common layers are slow Python decompositions (batch norm ~4 ms, linear
 # ~1 ms, attention ~2.5 ms per call); on meta inputs they are answered from shapes.
 _F = torch.nn.functional
-_SHAPE_PRESERVING: frozenset[Any] = frozenset(
+# Answered from shapes, after the shape checks the real kernel would make: a probe on a
+# wrong input must fail here as it would for real, or dpatch would infer a wrong input.
+_ELEMENTWISE: frozenset[Any] = frozenset(
     {
-        torch.batch_norm, _F.batch_norm, _F.layer_norm, torch.layer_norm, _F.group_norm,
-        torch.group_norm, _F.instance_norm, torch.instance_norm, _F.rms_norm,
         _F.gelu, _F.relu, _F.relu6, _F.silu, _F.mish, _F.hardswish, _F.hardsigmoid,
         _F.leaky_relu, _F.elu, _F.selu, _F.celu, _F.softplus, _F.dropout, _F.dropout1d,
         _F.dropout2d, _F.softmax, _F.log_softmax, torch.sigmoid, torch.tanh, torch.relu,
@@ -64,16 +64,67 @@ _SHAPE_PRESERVING: frozenset[Any] = frozenset(
 )  # fmt: skip
 
 
+def _same(x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
+    return torch.empty_like(x)
+
+
+def _check(ok: bool, what: str) -> None:
+    if not ok:
+        raise RuntimeError(what)
+
+
 def _fast_linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+    _check(
+        x.dim() >= 1 and x.shape[-1] == weight.shape[-1],
+        f"mat1 and mat2 shapes cannot be multiplied ({tuple(x.shape)} and "
+        f"{tuple(weight.shape[::-1])})",
+    )
     return x.new_empty((*x.shape[:-1], weight.shape[0]))
 
 
+def _fast_layer_norm(x: Tensor, normalized_shape: Any, *args: Any, **kwargs: Any) -> Tensor:
+    shape = tuple(normalized_shape)
+    _check(
+        tuple(x.shape[len(x.shape) - len(shape) :]) == shape,
+        f"layer norm over {list(shape)} got an input of shape {list(x.shape)}",
+    )
+    return torch.empty_like(x)
+
+
+def _channels(x: Tensor, n: int, what: str) -> None:
+    _check(x.dim() >= 2 and x.shape[1] == n, f"{what} of {n} channels got input {list(x.shape)}")
+
+
+def _fast_batch_norm(x: Tensor, running_mean: Tensor | None, *args: Any, **kwargs: Any) -> Tensor:
+    weight = kwargs.get("weight", args[1] if len(args) > 1 else None)
+    ref = running_mean if running_mean is not None else weight
+    if ref is not None:
+        _channels(x, ref.shape[0], "batch norm")
+    return torch.empty_like(x)
+
+
+def _fast_group_norm(x: Tensor, num_groups: int, *args: Any, **kwargs: Any) -> Tensor:
+    _check(x.dim() >= 2 and x.shape[1] % num_groups == 0, "group norm: channels % groups != 0")
+    weight = kwargs.get("weight", args[0] if args else None)
+    if weight is not None:
+        _channels(x, weight.shape[0], "group norm")
+    return torch.empty_like(x)
+
+
 def _fast_sdpa(q: Tensor, k: Tensor, v: Tensor, *args: Any, **kwargs: Any) -> Tensor:
+    _check(q.shape[-1] == k.shape[-1], "attention: query and key sizes differ")
     return q.new_empty((*q.shape[:-1], v.shape[-1]))
 
 
 _SHAPE_RULES: dict[Any, Callable[..., Tensor]] = {
+    **dict.fromkeys(_ELEMENTWISE, _same),
     _F.linear: _fast_linear,
+    _F.layer_norm: _fast_layer_norm,
+    torch.layer_norm: _fast_layer_norm,
+    _F.batch_norm: _fast_batch_norm,
+    torch.batch_norm: _fast_batch_norm,
+    _F.group_norm: _fast_group_norm,
+    torch.group_norm: _fast_group_norm,
     _F.scaled_dot_product_attention: _fast_sdpa,
 }
 
@@ -91,8 +142,6 @@ class MetaMode(torch.overrides.TorchFunctionMode):
     ) -> Any:
         kwargs = kwargs or {}
         if args and isinstance(args[0], Tensor) and args[0].is_meta:
-            if func in _SHAPE_PRESERVING:
-                return torch.empty_like(args[0])
             rule = _SHAPE_RULES.get(func)
             if rule is not None:
                 return rule(*args, **kwargs)

@@ -14,7 +14,7 @@ from dpatch.errors import InvalidValueError
 from dpatch.schedule import PER, SCHEDULES, schedule_rates
 from dpatch.sites import Site
 
-__all__ = ["DEFAULTS", "Request", "check_arguments", "site_rates"]
+__all__ = ["DEFAULTS", "KEPT", "Request", "check_arguments", "site_rates"]
 
 
 def _check_choice(value: object, name: str, choices: Sequence[str]) -> str:
@@ -22,6 +22,9 @@ def _check_choice(value: object, name: str, choices: Sequence[str]) -> str:
         raise InvalidValueError(f"unknown {name} {value!r}; choose one of: {', '.join(choices)}")
     return str(value)
 
+
+#: What ``retune`` keeps, site by site, unless given (or set by a recipe).
+KEPT: tuple[str, ...] = ("mode", "scaling", "skip", "seed")
 
 #: What ``inject``/``retune`` use for an argument neither given nor set by a recipe.
 DEFAULTS: dict[str, Any] = {
@@ -39,17 +42,18 @@ DEFAULTS: dict[str, Any] = {
 
 @dataclasses.dataclass(frozen=True)
 class Request:
-    """What a patch asks for (the arguments of ``inject``/``retune``, after the recipe)."""
+    """What a patch asks for (the arguments of ``inject``/``retune``, after the recipe);
+    None in ``mode``, ``scaling``, ``skip`` or ``seed`` keeps each site's own setting."""
 
     max_rate: float
     schedule: str
     min_rate: float
     rates: Sequence[float] | None
-    mode: str
-    scaling: str
+    mode: str | None
+    scaling: str | None
     per: str
-    skip: bool
-    seed: int
+    skip: bool | None
+    seed: int | None
     recipe: dict[str, Any] | None = None  # the resolved recipe (``ResolvedRecipe.to_dict``)
 
     @classmethod
@@ -60,9 +64,12 @@ class Request:
         recipe: str | None,
         size: str | None,
         example_inputs: Sequence[Any] | None,
+        *,
+        keep: Sequence[str] = (),
     ) -> Request:
-        """Defaults, then the recipe, then what the caller gave (not None); validated."""
-        args = dict(DEFAULTS)
+        """Defaults (those in ``keep``: None), then the recipe, then what the caller gave
+        (not None); validated."""
+        args: dict[str, Any] = {k: None if k in keep else v for k, v in DEFAULTS.items()}
         resolved = None
         if recipe is not None:
             from dpatch.recipes import resolve_recipe
@@ -80,8 +87,10 @@ class Request:
         """Check every argument before any work is done (custom rates: once the depth is
         known)."""
         _check_choice(self.schedule, "schedule", (*SCHEDULES, "native"))
-        _check_choice(self.mode, "mode", MODES)
-        _check_choice(self.scaling, "scaling", SCALINGS)
+        if self.mode is not None:
+            _check_choice(self.mode, "mode", MODES)
+        if self.scaling is not None:
+            _check_choice(self.scaling, "scaling", SCALINGS)
         _check_choice(self.per, "per", PER)
         if self.schedule == "custom":
             return

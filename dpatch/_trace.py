@@ -27,10 +27,10 @@ from dpatch.residual import add_operands
 __all__ = [
     "LeafTracer",
     "Span",
-    "TraceCache",
     "TracedBlock",
     "bind_inputs",
     "concrete_candidates",
+    "config_key",
     "one_line",
     "run_graph_meta",
     "trace_and_run",
@@ -283,7 +283,7 @@ def one_line(exc: BaseException) -> str:
     return (text[0] if text else type(exc).__name__)[:200]
 
 
-# --------------------------------------------------------------------------- sharing traces
+# --------------------------------------------------------------------------- trace keys
 _MODULE_INTERNALS = frozenset(
     {
         "_parameters",
@@ -323,7 +323,7 @@ def _freeze(value: Any) -> Hashable:
     raise TypeError(type(value).__name__)
 
 
-def _config_key(mod: nn.Module, call: Call) -> Hashable | None:
+def config_key(mod: nn.Module, call: Call) -> Hashable | None:
     """What a trace of ``mod`` depends on: its class, plain attributes, children's classes,
     parameter and buffer names, and which recorded arguments are None or constants. None
     when the module holds something a trace could capture by value (a tensor attribute)."""
@@ -347,41 +347,3 @@ def _config_key(mod: nn.Module, call: Call) -> Hashable | None:
         tuple(mod._buffers),
         arguments,
     )
-
-
-class TraceCache:
-    """Traces shared by blocks of one configuration; failures are remembered too."""
-
-    def __init__(self, known: dict[int, Any]) -> None:
-        self._known = known
-        self._traces: dict[Hashable, TracedBlock | TraceError] = {}
-
-    def get(self, mod: nn.Module, call: Call) -> TracedBlock:
-        """The trace of ``mod`` run on ``call``.
-
-        Raises:
-            TraceError: the block cannot be traced or its trace does not run.
-        """
-        key = _config_key(mod, call)
-        hit = self._traces.get(key) if key is not None else None
-        if hit is None:
-            hit = self._trace(mod, call)
-            if key is not None:
-                self._traces[key] = hit
-        if isinstance(hit, TraceError):
-            raise hit
-        return hit
-
-    def _trace(self, mod: nn.Module, call: Call) -> TracedBlock | TraceError:
-        """A plain trace; failing that, one with value-carrying proxies (a forward that
-        branches on shapes or unpacks a child's tuple); failing that, the first error."""
-        from dpatch._metatrace import meta_trace  # it builds on this module
-
-        try:
-            return trace_and_run(mod, call, self._known)
-        except TraceError as exc:
-            first = exc
-        try:
-            return meta_trace(mod, call, self._known)
-        except TraceError:
-            return first

@@ -55,3 +55,8 @@ class NoSlotsError(NoResidualSitesError):
 
 class TraceError(DPatchError):
     """A block's forward could not be traced or rewritten (reported as skipped, not raised)."""
+
+
+class ModelRunError(DPatchError):
+    """The model could not be run on the inputs given (or inferred) for it: ``verify``
+    runs real forward passes."""

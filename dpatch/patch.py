@@ -11,29 +11,32 @@ from torch import nn
 
 from dpatch._apply import (
     apply_block,
-    configure_slot,
     restore_slots,
     second_probe,
     set_slot,
     unpatch_to_redo,
 )
+from dpatch._keep import SETTINGS, changes, common, current_seed
+from dpatch._listed import configure_sites
 from dpatch._marks import block_meta
-from dpatch._request import DEFAULTS, Request, check_arguments, site_rates
+from dpatch._request import DEFAULTS, KEPT, Request, check_arguments, site_rates
 from dpatch._slots import SlotSettings
-from dpatch.droppath import DropPath
-from dpatch.errors import InvalidValueError, ManifestError, NoResidualSitesError, NoSlotsError
-from dpatch.results import PatchReport, Skipped, block_rates
+from dpatch.errors import InvalidValueError, NoResidualSitesError, NoSlotsError
+from dpatch.results import PatchReport, Skipped
 from dpatch.rewrite import RewriteCache, unpatch_block
-from dpatch.schedule import PER, check_rate, expected_depth
-from dpatch.sites import Analysis, Site, analyze, qualify, site_list
+from dpatch.schedule import PER, expected_depth
+from dpatch.sites import Analysis, Site, analyze, site_list
 
 __all__ = [
     "DEFAULTS",
+    "KEPT",
     "PER",
+    "SETTINGS",
     "PatchReport",
     "Skipped",
     "apply_sites",
     "check_arguments",
+    "configure_sites",
     "inject",
     "inspect",
     "retune",
@@ -182,10 +185,18 @@ def retune(
     recipe: str | None = None,
     size: str | None = None,
     coverage: str = "slots",
+    analysis: Analysis | None = None,
 ) -> PatchReport:
     """Change the rates of a model that already has slots (native or from ``inject``).
 
-    Same arguments as :func:`inject`.
+    Same arguments as :func:`inject`, but ``mode``, ``scaling``, ``skip`` and ``seed`` left
+    at None (and not set by the recipe) keep each site's own setting: a retune changes the
+    rates and what its arguments name, nothing else (``report.changes`` lists what changed).
+
+    Args:
+        analysis: :func:`dpatch.sites.analyze` of this same model from an earlier call
+            (patching by dpatch and loading weights keep it valid): the model is not probed
+            again, as for many checkpoints of one architecture (:mod:`dpatch.batch`).
 
     Raises:
         NoSlotsError: the model has no slot at all (use ``inject`` to add them).
@@ -207,6 +218,7 @@ def retune(
         recipe,
         size,
         example_inputs,
+        keep=KEPT,
     )
     return _patch(
         model,
@@ -216,6 +228,7 @@ def retune(
         allow_empty=allow_empty,
         slots_only=True,
         coverage=coverage,
+        analysis=analysis,
     )
 
 
@@ -228,12 +241,18 @@ def _patch(
     allow_empty: bool,
     slots_only: bool,
     coverage: str,
+    analysis: Analysis | None = None,
 ) -> PatchReport:
+    if analysis is not None and (not inplace or analysis.model is not model):
+        raise InvalidValueError(
+            "analysis= must come from analyze() of this same model, patched in place (inplace=True)"
+        )
     if not inplace:
         model = copy.deepcopy(model)
-    unpatch_to_redo(model, skip=req.skip, coverage=coverage)
+    if unpatch_to_redo(model, skip=bool(req.skip), coverage=coverage):
+        analysis = None  # blocks went back to their classes: their traces are needed
 
-    an = analyze(model, example_inputs, coverage)
+    an = analysis if analysis is not None else analyze(model, example_inputs, coverage)
     before = {s.name: s for s in site_list(an)}
     if not before and not allow_empty:
         raise _empty_error(an, "the model")
@@ -244,19 +263,29 @@ def _patch(
     sites = list(before.values())
     site_rate, steps = site_rates(model, req, sites)
     settings = {
-        s.name: SlotSettings(site_rate[s.name], req.mode, req.scaling, req.seed + i)
+        s.name: SlotSettings(
+            site_rate[s.name],
+            s.mode if req.mode is None else req.mode,
+            s.scaling if req.scaling is None else req.scaling,
+            current_seed(model, s, i) if req.seed is None else req.seed + i,
+            s.skip if req.skip is None else req.skip,
+        )
         for i, s in enumerate(sites)
     }
 
     skipped = list(_skipped(an))
-    skip_inputs = second_probe(model, an) if req.skip else None
+    # New rewrites get the skipping form only when skip was asked for; blocks rewritten
+    # earlier keep their form, and each site its own setting.
+    rewrite_skip = bool(req.skip)
+    skip_inputs = second_probe(model, an) if rewrite_skip else None
     cache = RewriteCache()
     for b in an.blocks:
-        skipped += apply_block(b, settings, req.skip, skip_inputs, cache, an)
+        skipped += apply_block(b, settings, rewrite_skip, skip_inputs, cache, an)
     site_of_slot = {s.slot: s.name for s in sites}
     for loose in an.loose:
-        set_slot(model, loose.slot_path, settings[site_of_slot[loose.slot_path]])
-        if req.skip:
+        wanted = settings[site_of_slot[loose.slot_path]]
+        set_slot(model, loose.slot_path, dataclasses.replace(wanted, skip=False))
+        if wanted.skip and req.skip is not None:
             why = (
                 "skip needs a traced block; this slot masks"
                 if loose.residual
@@ -276,19 +305,24 @@ def _patch(
         per=req.per,
         max_rate=float(req.max_rate),
         min_rate=float(req.min_rate),
-        mode=req.mode,
-        scaling=req.scaling,
-        skip=req.skip,
+        mode=req.mode if req.mode is not None else common((s.mode for s in after), "row"),
+        scaling=(
+            req.scaling
+            if req.scaling is not None
+            else common((s.scaling for s in after), "inverted")
+        ),
+        skip=req.skip if req.skip is not None else any(s.skip for s in after),
         rates=tuple(steps),
         expected_depth=expected_depth(steps),
         model=model,
         example=an.example,
         recipe=req.recipe,
+        changes=changes(before, after),
     )
 
 
 def _settings(s: Site) -> tuple[Any, ...]:
-    return (s.rate, s.mode, s.scaling, s.skip, s.fused)
+    return tuple(getattr(s, field) for field in SETTINGS)
 
 
 def strip(model: nn.Module) -> int:
@@ -316,52 +350,7 @@ def apply_sites(
         ManifestError: a listed site does not exist in the model, or the model has sites
             the list does not mention.
     """
-    wanted = {qualify(d["path"], d["branch"]): d for d in sites}
     report = inject(
         model, 0.0, schedule="uniform", skip=skip, seed=seed, example_inputs=example_inputs
     )
-    have = {s.name: s for s in report.sites}
-    missing = sorted(set(wanted) - set(have))
-    extra = sorted(set(have) - set(wanted))
-    if missing or extra:
-        raise ManifestError(
-            f"the file's sites do not fit the model: {len(missing)} listed but absent "
-            f"(e.g. {', '.join(missing[:3]) or '-'}), {len(extra)} present but unlisted "
-            f"(e.g. {', '.join(extra[:3]) or '-'}); was it made for another model or dpatch?"
-        )
-    updated = []
-    for i, (name, site) in enumerate(have.items()):
-        d = wanted[name]
-        dp = model.get_submodule(site.slot)
-        if isinstance(dp, DropPath):
-            configure_slot(
-                dp,
-                SlotSettings(
-                    _rate_of(d, name),
-                    str(d.get("mode", "row")),
-                    str(d.get("scaling", "inverted")),
-                    seed + i,
-                    dp.skip and bool(d.get("skip", False)),
-                ),
-            )
-            site = dataclasses.replace(
-                site, rate=dp.drop_prob, mode=dp.mode, scaling=dp.scaling, skip=dp.skip
-            )
-        updated.append(site)
-    steps = block_rates(updated)
-    # The sites are known from the inject above: no second probe of the model.
-    return dataclasses.replace(
-        report,
-        sites=tuple(updated),
-        changed=(),
-        schedule="current",
-        rates=tuple(steps),
-        expected_depth=expected_depth(steps),
-    )
-
-
-def _rate_of(d: Mapping[str, Any], name: str) -> float:
-    try:
-        return check_rate(d.get("rate"), f"rate of site {name}", allow_one=True)
-    except InvalidValueError as exc:
-        raise ManifestError(f"manifest: {exc}") from exc
+    return configure_sites(model, report, sites, seed=seed)

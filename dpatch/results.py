@@ -12,7 +12,7 @@ from dpatch._inputs import ExampleInputs
 from dpatch.schedule import expected_depth
 from dpatch.sites import Site
 
-__all__ = ["PatchReport", "Skipped", "block_rates"]
+__all__ = ["Change", "PatchReport", "Skipped", "block_rates"]
 
 
 @dataclass(frozen=True)
@@ -21,6 +21,23 @@ class Skipped:
 
     path: str
     reason: str
+
+
+@dataclass(frozen=True)
+class Change:
+    """One setting of one site that an operation changed.
+
+    Attributes:
+        site: the site's name (``Site.name``).
+        setting: ``rate``, ``mode``, ``scaling``, ``skip`` or ``fused``.
+        before: its value before.
+        after: its value after.
+    """
+
+    site: str
+    setting: str
+    before: Any
+    after: Any
 
 
 @dataclass(frozen=True)
@@ -36,6 +53,8 @@ class PatchReport:
         rates: the rate of each schedule step.
         expected_depth: ``sum(1 - p)`` over the steps (Huang et al. 2016).
         model: the patched model (a copy when ``inplace=False``).
+        changes: every setting the operation changed, site by site (``changed`` names
+            the sites).
         example: the input the model was probed with, and where it came from.
         recipe: the published recipe the arguments came from (``ResolvedRecipe.to_dict``),
             with its time schedule for ``DropPathScheduler``.
@@ -54,6 +73,7 @@ class PatchReport:
     rates: tuple[float, ...] = ()
     expected_depth: float = 0.0
     model: nn.Module | None = field(default=None, compare=False, repr=False)
+    changes: tuple[Change, ...] = ()
     example: ExampleInputs | None = field(default=None, compare=False, repr=False)
     recipe: dict[str, Any] | None = field(default=None, compare=False)
 
@@ -123,9 +143,20 @@ class PatchReport:
             "sites": [s.to_dict() for s in self.sites],
             "skipped": [{"path": s.path, "reason": s.reason} for s in self.skipped],
             "changed": list(self.changed),
+            "changes": [
+                {"site": c.site, "setting": c.setting, "before": c.before, "after": c.after}
+                for c in self.changes
+            ],
             "inputs": self.example.to_dict() if self.example is not None else None,
             "recipe": self.recipe,
         }
+
+    def changed_settings(self) -> dict[str, int]:
+        """How many sites each setting changed on, e.g. ``{"rate": 15}``."""
+        counts: dict[str, int] = {}
+        for c in self.changes:
+            counts[c.setting] = counts.get(c.setting, 0) + 1
+        return counts
 
 
 def block_rates(sites: Sequence[Site]) -> list[float]:

@@ -335,13 +335,16 @@ def _hf_installed() -> bool:
 
 def list_models(pattern: str | None = None, source: str | None = None) -> list[ModelEntry]:
     """timm models, every torchvision builder and the transformers vision model classes
-    (when transformers is installed) matching an fnmatch ``pattern``.
+    (when transformers is installed) matching ``pattern``: an fnmatch glob (``vit_small*``),
+    or a bare word (no ``*?[``), which matches anywhere in the name.
 
     ``native`` is true when the model's library takes a drop-path argument (timm
     ``drop_path_rate``, torchvision ``stochastic_depth_prob``, transformers
     ``config.drop_path_rate``).
     """
     pat = pattern or "*"
+    if not any(c in pat for c in "*?["):
+        pat = f"*{pat}*"  # a search word, as people expect from a search
     out: list[ModelEntry] = []
     memo: dict[str, bool] = {}
     if source in (None, "timm"):

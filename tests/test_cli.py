@@ -295,3 +295,12 @@ def test_installed_script_error_exit_codes(tmp_path: Path) -> None:
     assert r.returncode == 3 and r.stderr.count("\n") == 1
     r = subprocess.run([SCRIPT, "inspect"], capture_output=True, text=True, check=False)
     assert r.returncode == 2 and r.stderr.startswith("error: ")
+
+
+def test_list_bare_word_is_a_substring() -> None:
+    code, out, _ = cli("list", "vit_small", "--source", "timm", "--json")
+    names = [e["model"] for e in json.loads(out)]
+    assert code == 0 and "timm:vit_small_patch16_224" in names
+    assert all("vit_small" in n for n in names)
+    code, out, _ = cli("list", "vit_small_patch16_22?", "--source", "timm", "--json")
+    assert [e["model"] for e in json.loads(out)] == ["timm:vit_small_patch16_224"]

@@ -180,3 +180,15 @@ def test_cli_two_input_model_says_what_to_do() -> None:
     )
     assert code == 0, err
     assert "sites in" in out
+
+
+@pytest.mark.parametrize(
+    "first", [nn.LayerNorm(16), nn.Linear(16, 16), nn.BatchNorm1d(16), nn.GroupNorm(4, 16)]
+)
+def test_layers_answered_from_shapes_still_check_them(first: nn.Module) -> None:
+    """The meta probe answers these layers from shapes; a wrong input must still fail, or
+    dpatch would report a model as running on an input it rejects."""
+    model = nn.Sequential(first, VecBlock())
+    with pytest.raises(ProbeError, match="does not run on the given input"):
+        inspect(model, (torch.randn(2, 7),))
+    assert len(inspect(model, (torch.randn(2, 16),)).sites) == 1

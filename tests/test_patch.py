@@ -231,6 +231,68 @@ def test_skip_then_mask_then_skip_again(net: nn.Module) -> None:
     assert all(s.skip for s in r.sites)
 
 
+# --------------------------------------------------------------------------- retune keeps
+def _seeds(model: nn.Module) -> list[int | None]:
+    return [dp.seed for dp in slots(model).values()]
+
+
+def test_retune_keeps_what_it_is_not_told_to_change(net: nn.Module) -> None:
+    x = example()
+    inject(net, 0.2, mode="batch", scaling="expected", skip=True, seed=7, example_inputs=(x,))
+    before = {s.name: s for s in dpatch.find_sites(net, (x,))}
+    seeds = _seeds(net)
+    assert any(s.skip for s in before.values())
+    report = retune(net, 0.1, schedule="uniform", example_inputs=(x,))
+    for s in report.sites:
+        assert s.rate == pytest.approx(0.1)
+        assert (s.mode, s.scaling, s.skip) == (
+            before[s.name].mode,
+            before[s.name].scaling,
+            before[s.name].skip,
+        )
+    assert _seeds(net) == seeds
+    assert (report.mode, report.scaling, report.skip) == ("batch", "expected", True)
+    assert {c.setting for c in report.changes} == {"rate"}
+    moved = sum(before[s.name].rate != s.rate for s in report.sites)
+    assert moved > 0 and report.changed_settings() == {"rate": moved}
+    assert report.to_dict()["changes"][0]["setting"] == "rate"
+
+
+def test_retune_changes_what_it_names(net: nn.Module) -> None:
+    x = example()
+    inject(net, 0.2, mode="batch", skip=True, example_inputs=(x,))
+    report = retune(net, 0.2, mode="row", skip=False, example_inputs=(x,))
+    assert all(s.mode == "row" and not s.skip for s in report.sites)
+    assert {c.setting for c in report.changes} == {"mode", "skip"}
+    assert all(s.scaling == "inverted" for s in report.sites)
+    again = retune(net, 0.2, skip=True, seed=3, example_inputs=(x,))
+    assert any(s.skip for s in again.sites) and all(s.mode == "row" for s in again.sites)
+    assert _seeds(net) == [None] * len(slots(net))  # row mode keeps no host generator
+
+
+def test_retune_mixed_settings_are_kept_site_by_site(net: nn.Module) -> None:
+    x = example()
+    inject(net, 0.2, example_inputs=(x,))
+    first = next(iter(slots(net).values()))
+    first.mode, first.scaling = "batch", "none"
+    report = retune(net, 0.3, schedule="uniform", example_inputs=(x,))
+    assert (report.mode, report.scaling) == ("mixed", "mixed")
+    assert (first.mode, first.scaling, first.drop_prob) == ("batch", "none", 0.3)
+    assert sum(s.mode == "batch" for s in report.sites) == 1
+
+
+def test_retune_reuses_an_analysis(net: nn.Module) -> None:
+    x = example()
+    inject(net, 0.2, example_inputs=(x,))
+    ref = copy.deepcopy(net)
+    an = dpatch.sites.analyze(net, (x,))
+    fast = retune(net, 0.4, schedule="cosine", analysis=an)
+    slow = retune(ref, 0.4, schedule="cosine", example_inputs=(x,))
+    assert fast.sites == slow.sites and fast.changes == slow.changes
+    with pytest.raises(InvalidValueError, match="same model"):
+        retune(ref, 0.1, analysis=an)
+
+
 def test_a_site_rate_of_one_drops_always_and_skipping_computes_nothing() -> None:
     """timm/torchvision accept p = 1 for one site; a skipping site then runs its branch on
     no row (nothing computed, every parameter still in the graph for DDP)."""

@@ -12,6 +12,7 @@ from dpatch.cli import (  # noqa: F401 - commands register on import
     listing,
     patching,
     recipes_cmd,
+    verifying,
 )
 from dpatch.cli._app import app
 

@@ -10,6 +10,7 @@ from typing import Annotated, Any
 import typer
 
 from dpatch._version import __version__
+from dpatch.batch import FileResult, inspect_many, is_many
 from dpatch.cli._app import about, app, emit, load, out, step
 from dpatch.cli._options import (
     AllowEmptyOpt,
@@ -18,23 +19,24 @@ from dpatch.cli._options import (
     InputDtypeOpt,
     InputShapeOpt,
     JsonOpt,
-    ModelArg,
     PretrainedOpt,
     WeightsOpt,
     parse_inputs,
 )
+from dpatch.cli.batching import KeepGoingOpt, ModelsArg, check_single_only, prepare, run_batch
 from dpatch.errors import NoResidualSitesError
 from dpatch.files import load_state_dict_file, read_manifest
 from dpatch.manifest import report_from_manifest
 from dpatch.patch import inspect
 from dpatch.report import render_file_summary
+from dpatch.results import PatchReport
 
 __all__: list[str] = []
 
 
 @app.command("inspect")
 def inspect_cmd(
-    model: ModelArg,
+    models: ModelsArg,
     as_json: JsonOpt = False,
     show_all: Annotated[
         bool, typer.Option("--all", help="List every note (skipped blocks and why).")
@@ -46,12 +48,29 @@ def inspect_cmd(
     input_shape: InputShapeOpt = None,
     input_dtype: InputDtypeOpt = None,
     coverage: CoverageOpt = "slots",
+    keep_going: KeepGoingOpt = False,
 ) -> None:
     """List every residual site with its rate (model, dpatch file or plain checkpoint).
+
+    Many inputs print one line each (JSON Lines with --json).
 
     Example: dpatch inspect out.safetensors --json | jq '.sites[] | .rate'
     """
     example_inputs = parse_inputs(input_shape, input_dtype)
+    if is_many(models):
+        check_single_only(weights=weights, pretrained=pretrained)
+        batch = prepare(models, None, None, False, writes=False)
+        results = inspect_many(
+            batch,
+            model=arch,
+            keep_going=keep_going,
+            allow_empty=allow_empty,
+            example_inputs=example_inputs,
+            coverage=coverage,
+        )
+        run_batch(results, len(batch.inputs), as_json=as_json, describe=_line)
+        return
+    model = models[0]
     path = Path(model)
     if path.is_file() and arch is None:
         manifest = read_manifest(path)
@@ -73,6 +92,23 @@ def inspect_cmd(
                 loaded.model, example_inputs, allow_empty=allow_empty, coverage=coverage
             )
     emit(report, as_json, extra, show_all=show_all)
+
+
+def _line(result: FileResult) -> str:
+    """One line for one inspected input."""
+    report = result.report
+    if not isinstance(report, PatchReport):
+        info = result.info or {}
+        return (
+            f"{result.input}: no dpatch manifest ({info.get('tensors')} tensors, "
+            f"{info.get('parameters', 0):,} values); pass --model NAME to list its sites"
+        )
+    top = max((s.rate for s in report.sites), default=0.0)
+    return (
+        f"{result.input}: {result.model or '?'}: {len(report.sites)} sites in "
+        f"{report.blocks} blocks, mean rate {report.mean_rate:.4f}, max {top:.4f}, expected "
+        f"depth {report.expected_depth:.2f} of {report.depth}"
+    )
 
 
 def _plain_file(path: Path, as_json: bool) -> None:

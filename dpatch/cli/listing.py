@@ -63,7 +63,10 @@ def schedule_cmd(
 @app.command("list")
 def list_cmd(
     pattern: Annotated[
-        str | None, typer.Argument(metavar="PATTERN", help="fnmatch filter, e.g. 'resnet*'.")
+        str | None,
+        typer.Argument(
+            metavar="PATTERN", help="A word (matched anywhere) or a glob, e.g. 'resnet*'."
+        ),
     ] = None,
     source: Annotated[
         str | None, typer.Option("--source", metavar="timm|tv|hf", help="Only one library.")

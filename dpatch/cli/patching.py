@@ -1,11 +1,14 @@
-"""``dpatch inject`` and ``dpatch retune``: one set of options, two library calls."""
+"""``dpatch inject`` and ``dpatch retune``: one set of options, two library calls; many
+inputs go through :mod:`dpatch.batch`."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
-from dpatch.cli._app import about, app, emit, err, load, step
+from dpatch.batch import FileResult, is_many, patch_many
+from dpatch.cli._app import about, app, emit, err, load, out, step
 from dpatch.cli._options import (
     AllowEmptyOpt,
     ArchOpt,
@@ -17,7 +20,6 @@ from dpatch.cli._options import (
     JsonOpt,
     MaxRate,
     MinRate,
-    ModelArg,
     ModeOpt,
     OutOpt,
     PerOpt,
@@ -32,6 +34,14 @@ from dpatch.cli._options import (
     parse_inputs,
     parse_rate,
     parse_rates,
+)
+from dpatch.cli.batching import (
+    KeepGoingOpt,
+    ModelsArg,
+    TemplateOpt,
+    check_single_only,
+    prepare,
+    run_batch,
 )
 from dpatch.errors import InvalidValueError
 from dpatch.files import check_output, save
@@ -101,6 +111,8 @@ def _patch(
             save(loaded.model, output, report, spec=loaded.spec, force=force)
         written = str(output)
     emit(report, as_json, {"model": name, "output": written, "dry_run": dry_run}, show_all=False)
+    if not as_json and action is retune:
+        out().print(_changes_line(report), markup=False, highlight=False)
     if not as_json:
         if written:
             err().print(f"wrote {written}", markup=False)
@@ -108,11 +120,69 @@ def _patch(
             err().print(f"dry run: would write {output}", markup=False)
 
 
+def _summary(result: FileResult, dry_run: bool = False) -> str:
+    """One line for one patched checkpoint."""
+    report = result.report
+    assert isinstance(report, PatchReport)
+    where = f" -> {result.output}" if result.output else ""
+    if where and dry_run:
+        where = f" (dry run: would write {result.output})"
+    line = (
+        f"{result.input}{where}: {len(report.sites)} sites, mean rate {report.mean_rate:.4f}, "
+        f"max {max((s.rate for s in report.sites), default=0.0):.4f}, expected depth "
+        f"{report.expected_depth:.2f} of {report.depth}"
+    )
+    changed = report.changed_settings()
+    if report.schedule != "current" and changed:
+        line += "; changed " + ", ".join(f"{k} on {n}" for k, n in changed.items())
+    return f"{line} ({result.seconds:.2f} s)"
+
+
+def _many(
+    action: str,
+    models: list[str],
+    request: dict[str, Any],
+    output: Path | None,
+    template: str | None,
+    force: bool,
+    dry_run: bool,
+    as_json: bool,
+    allow_empty: bool,
+    arch: str | None,
+    keep_going: bool,
+) -> None:
+    """Many inputs: ``-o`` is a folder; one line (or JSON object) per input."""
+    batch = prepare(models, output, template, force, writes=output is not None)
+    results = patch_many(
+        action,
+        batch,
+        model=arch,
+        dry_run=dry_run,
+        keep_going=keep_going,
+        allow_empty=allow_empty,
+        **request,
+    )
+    run_batch(
+        results,
+        len(batch.inputs),
+        as_json=as_json,
+        describe=lambda result: _summary(result, dry_run),
+    )
+
+
+def _changes_line(report: PatchReport) -> str:
+    """What a retune changed and kept, for people."""
+    changed = report.changed_settings()
+    kept = [k for k in ("mode", "scaling", "skip") if k not in changed]
+    did = ", ".join(f"{k} on {n} of {len(report.sites)} sites" for k, n in changed.items())
+    return f"changed: {did or 'nothing'}" + (f"; kept: {', '.join(kept)}" if kept else "")
+
+
 def _register(name: str, action: Callable[..., PatchReport], doc: str) -> None:
     """``inject`` and ``retune`` take the same options; only the library call differs."""
 
     def command(
-        model: ModelArg,
+        models: ModelsArg,
         max_rate: MaxRate = None,
         min_rate: MinRate = None,
         schedule: ScheduleOpt = None,
@@ -134,10 +204,34 @@ def _register(name: str, action: Callable[..., PatchReport], doc: str) -> None:
         arch: ArchOpt = None,
         input_shape: InputShapeOpt = None,
         input_dtype: InputDtypeOpt = None,
+        template: TemplateOpt = None,
+        keep_going: KeepGoingOpt = False,
     ) -> None:
+        if is_many(models) or template is not None:
+            check_single_only(weights=weights, pretrained=pretrained)
+            rate_list = parse_rates(rates)
+            if rate_list is not None and schedule != "custom":
+                raise InvalidValueError("--rates needs --schedule custom")
+            request = {
+                "max_rate": parse_rate(max_rate, "--max-rate"),
+                "min_rate": parse_rate(min_rate, "--min-rate"),
+                "schedule": schedule,
+                "rates": rate_list,
+                "mode": mode,
+                "scaling": scaling,
+                "per": per,
+                "skip": skip,
+                "recipe": recipe,
+                "size": size,
+                "coverage": coverage,
+                "example_inputs": parse_inputs(input_shape, input_dtype),
+            }
+            _many(name, models, request, output, template, force, dry_run, as_json,
+                  allow_empty, arch, keep_going)  # fmt: skip
+            return
         _patch(
             action,
-            model,
+            models[0],
             max_rate=max_rate,
             min_rate=min_rate,
             schedule=schedule,
@@ -171,6 +265,8 @@ _register(
     inject,
     """Put DropPath on every residual branch with a per-layer schedule, and save.
 
+    Many inputs (files, folders, globs) take -o DIR; each architecture is built once.
+
     Example: dpatch inject resnet50 --max-rate 0.2 -o resnet50-dp.safetensors
     """,
 )
@@ -178,6 +274,8 @@ _register(
     "retune",
     retune,
     """Change the rates of an existing patch (a dpatch file) or of native slots, and save.
+
+    Mode, scaling, skipping and seeds stay as each site has them unless given.
 
     Example: dpatch retune resnet50-dp.safetensors --max-rate 0.3 -o resnet50-dp3.safetensors
     """,

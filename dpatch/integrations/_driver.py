@@ -16,23 +16,12 @@ from torch import nn
 
 from dpatch import PatchReport, inject, retune
 from dpatch.errors import InvalidValueError
+from dpatch.patch import DEFAULTS
 from dpatch.recipes import Recipe, ResolvedRecipe, get_recipe, resolve_recipe
 from dpatch.scheduler import DropPathScheduler, FactorFn, check_config
 
 ACTIONS: tuple[str, ...] = ("inject", "retune")
 
-# inject's defaults, the base that a recipe and then explicit arguments override.
-_INJECT_DEFAULTS: dict[str, Any] = {
-    "max_rate": 0.1,
-    "schedule": "linear",
-    "min_rate": 0.0,
-    "rates": None,
-    "mode": "row",
-    "scaling": "inverted",
-    "per": "block",
-    "skip": False,
-    "seed": 0,
-}
 # A stand-in run length to check a cutoff_fraction's other arguments before the real one
 # is known (the real check runs in ``start``).
 _PROBE_TOTAL = 1_000_000
@@ -105,7 +94,7 @@ class DropPathDriver:
     def inject_kwargs(self) -> dict[str, Any]:
         """The arguments ``patch`` passes to ``inject``/``retune`` (after ``patch``, with
         the recipe's size resolved)."""
-        out = dict(_INJECT_DEFAULTS)
+        out = dict(DEFAULTS)  # inject's defaults, then the recipe's, then the caller's
         if self.resolved is not None:
             out.update(self.resolved.inject_kwargs)
         out.update(self._inject_args)

@@ -1,0 +1,197 @@
+"""``dpatch verify``: run a model and show, site by site, the rate it declares and the rate
+that really runs; exit 1 with one line per mismatch."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from dpatch._version import __version__
+from dpatch.batch import FileResult, is_many, verify_many
+from dpatch.cli._app import app, load, out, step
+from dpatch.cli._options import (
+    ArchOpt,
+    InputDtypeOpt,
+    InputShapeOpt,
+    JsonOpt,
+    PretrainedOpt,
+    WeightsOpt,
+    parse_inputs,
+)
+from dpatch.cli.batching import KeepGoingOpt, ModelsArg, check_single_only, prepare, run_batch
+from dpatch.files import read_manifest
+from dpatch.manifest import report_from_manifest
+from dpatch.verify import CODES, VerifyReport, verify
+
+__all__: list[str] = []
+
+StepsOpt = Annotated[
+    int, typer.Option("--steps", metavar="N", help="Training forward passes of the model.")
+]
+BatchOpt = Annotated[
+    int, typer.Option("--batch", metavar="N", help="Rows of the random input (at least 2).")
+]
+DrawsOpt = Annotated[
+    int,
+    typer.Option(
+        "--draws",
+        metavar="N",
+        help="Per slot, rows replayed on the slot alone after the forward passes (0: none).",
+    ),
+]
+SeedOpt = Annotated[int, typer.Option("--seed", metavar="N", help="Seed of the whole check.")]
+IgnoreOpt = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--ignore",
+        metavar="CODE",
+        help="Report findings of this code as warnings (repeatable): " + ", ".join(CODES) + ".",
+    ),
+]
+
+
+@app.command("verify")
+def verify_cmd(
+    models: ModelsArg,
+    steps: StepsOpt = 1,
+    batch: BatchOpt = 2,
+    draws: DrawsOpt = 2048,
+    seed: SeedOpt = 0,
+    ignore: IgnoreOpt = None,
+    as_json: JsonOpt = False,
+    weights: WeightsOpt = None,
+    pretrained: PretrainedOpt = False,
+    arch: ArchOpt = None,
+    input_shape: InputShapeOpt = None,
+    input_dtype: InputDtypeOpt = None,
+    keep_going: KeepGoingOpt = False,
+) -> None:
+    """Prove the stochastic depth that runs is the one declared (exit 1 on a mismatch).
+
+    Per site: declared rate, realised drop share (Wilson interval), scale of kept branches.
+
+    Also: eval output, slots never called or on no residual, the schedule (a file: its manifest).
+
+    Example: dpatch verify resnet50-dp.safetensors
+    """
+    options: dict[str, Any] = {
+        "steps": steps,
+        "batch": batch,
+        "draws": draws,
+        "seed": seed,
+        "ignore": tuple(ignore or ()),
+        "example_inputs": parse_inputs(input_shape, input_dtype),
+    }
+    if is_many(models):
+        check_single_only(weights=weights, pretrained=pretrained)
+        prepared = prepare(models, None, None, False, writes=False)
+        results = verify_many(prepared, model=arch, keep_going=keep_going, **options)
+        run_batch(
+            results, len(prepared.inputs), as_json=as_json, describe=_line, details=_mismatches
+        )
+        return
+    target = models[0]
+    loaded = load(target, weights=weights, pretrained=pretrained, arch=arch, quiet=as_json)
+    name = loaded.spec.text if loaded.spec else target
+    path = Path(target)
+    manifest = read_manifest(path) if path.is_file() and arch is None else None
+    declared = report_from_manifest(manifest) if manifest is not None else None
+    with step("Running the model", as_json):
+        report = verify(loaded.model, declared=declared, **options)
+    if as_json:
+        doc = {"dpatch": __version__, "model": name, "file": str(path) if manifest else None}
+        typer.echo(json.dumps({**doc, **report.to_dict()}, indent=2))
+    else:
+        render_verify(out(), report, title=name)
+        for finding in report.findings:
+            label = "mismatch" if finding.severity == "error" else "warning"
+            typer.echo(f"{label}: {finding.line()}", err=True)
+    raise typer.Exit(0 if report.ok else 1)
+
+
+def _table(console: Console, title: str | None) -> Table:
+    if console.is_terminal:
+        return Table(title=title, header_style="bold")
+    return Table(title=title, box=None, show_edge=False, pad_edge=False, header_style="")
+
+
+def render_verify(console: Console, report: VerifyReport, *, title: str | None = None) -> None:
+    """One row per site: declared rate, realised share and interval, kept-branch scale."""
+    table = _table(console, title)
+    for col, justify in (
+        ("block", "right"),
+        ("module", "left"),
+        ("branch", "left"),
+        ("rate", "right"),
+        ("realised", "right"),
+        ("interval", "left"),
+        ("scale", "right"),
+        ("", "left"),
+    ):
+        table.add_column(col, justify=justify)  # type: ignore[arg-type]
+    for c in report.sites:
+        s = c.site
+        realised = "-" if c.share is None else f"{c.share:.4f}"
+        if c.exact:
+            interval = f"exact ({c.draws} rows)"
+        elif c.low is None:
+            interval = "no slot" if not c.slot_present else "not called"
+        else:
+            interval = f"[{c.low:.4f}, {c.high:.4f}] of {c.draws} {c.unit}s"
+        scale = "-" if c.scale is None else f"{c.scale:.3f}/{c.expected_scale:.3f}"
+        table.add_row(
+            str(s.block),
+            s.path or "(root)",
+            s.branch,
+            f"{s.rate:.4f}",
+            realised,
+            interval,
+            scale,
+            "ok" if c.ok else "FAIL",
+        )
+    if report.sites:
+        console.print(table)
+    console.print(_summary(report), markup=False, highlight=False, soft_wrap=True)
+
+
+def _summary(report: VerifyReport) -> str:
+    sites = report.sites
+    measured = sum(c.draws > 0 for c in sites)
+    verdict = "ok" if report.ok else f"{len(report.errors)} mismatches"
+    eval_text = (
+        ("equals" if report.eval_equal else "DIFFERS from")
+        + " the model without stochastic depth"
+        + (" (bit for bit)" if report.eval_check == "bitwise" else " (to float tolerance)")
+    )
+    return (
+        f"{len(sites)} sites, {measured} measured: {verdict}; eval output {eval_text}; "
+        f"schedule {report.schedule}; {report.steps} training passes on {report.inputs} "
+        f"+ {report.draws} replayed draws per slot; Wilson {report.confidence:.1%} intervals "
+        f"(Bonferroni over sites); {report.seconds:.1f} s"
+    )
+
+
+def _line(result: FileResult) -> str:
+    report = result.report
+    assert isinstance(report, VerifyReport)
+    verdict = "ok" if report.ok else "FAIL"
+    return (
+        f"{result.input}: {verdict}: {len(report.sites)} sites, {len(report.errors)} "
+        f"mismatches, {len(report.warnings)} warnings; schedule {report.schedule} "
+        f"({report.seconds:.1f} s)"
+    )
+
+
+def _mismatches(result: FileResult) -> list[str]:
+    report = result.report
+    if not isinstance(report, VerifyReport):
+        return []
+    return [
+        f"{'mismatch' if f.severity == 'error' else 'warning'}: {result.input}: {f.line()}"
+        for f in report.findings
+    ]
