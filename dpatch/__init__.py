@@ -5,8 +5,14 @@ from __future__ import annotations
 from typing import Any
 
 from dpatch._version import __version__
+from dpatch.depth.data import Data, load_data
+from dpatch.depth.fold import FoldedSite, FoldReport, fold
+from dpatch.depth.measure import PruneStats, measure_pruning
+from dpatch.depth.prune import prune, prune_order
+from dpatch.depth.sensitivity import SensitivityReport, SiteSensitivity, sensitivity, suggest_rates
 from dpatch.droppath import DropPath, drop_add, drop_path
 from dpatch.errors import (
+    DataError,
     DownloadError,
     DPatchError,
     InvalidValueError,
@@ -17,6 +23,7 @@ from dpatch.errors import (
     NoSlotsError,
     OutputError,
     ProbeError,
+    UnsupportedSiteError,
     WeightsError,
 )
 from dpatch.files import Target, load, load_target, load_weights, save
@@ -32,10 +39,14 @@ __all__ = [
     "SCHEDULES",
     "Change",
     "DPatchError",
+    "Data",
+    "DataError",
     "DownloadError",
     "DropPath",
     "DropPathScheduler",
     "Finding",
+    "FoldReport",
+    "FoldedSite",
     "InvalidValueError",
     "ManifestError",
     "ModelNotFoundError",
@@ -45,10 +56,14 @@ __all__ = [
     "OutputError",
     "PatchReport",
     "ProbeError",
+    "PruneStats",
+    "SensitivityReport",
     "Site",
     "SiteCheck",
+    "SiteSensitivity",
     "Skipped",
     "Target",
+    "UnsupportedSiteError",
     "VerifyReport",
     "WeightsError",
     "__version__",
@@ -56,15 +71,22 @@ __all__ = [
     "drop_path",
     "expected_depth",
     "find_sites",
+    "fold",
     "inject",
     "inspect",
     "load",
+    "load_data",
     "load_target",
     "load_weights",
+    "measure_pruning",
+    "prune",
+    "prune_order",
     "retune",
     "save",
     "schedule_rates",
+    "sensitivity",
     "strip",
+    "suggest_rates",
     "verify",
 ]
 

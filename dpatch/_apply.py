@@ -73,7 +73,7 @@ def unpatch_to_redo(model: nn.Module, *, skip: bool, coverage: str) -> int:
     restored = 0
     for mod in model.modules():
         meta = block_meta(mod)
-        if meta is None:
+        if meta is None or meta.pruned:  # redoing a pruned block would lose its pruning
             continue
         if (skip and meta.rewritten_without_skip) or meta.coverage != coverage:
             unpatch_block(mod)

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from torch import nn
 
-    from dpatch.rewrite import PatchMeta
+    from dpatch._patchmeta import PatchMeta
     from dpatch.zoo import ModelSpec
 
 __all__ = [

@@ -17,7 +17,7 @@ from dpatch.sites import Site
 __all__ = ["DEFAULTS", "KEPT", "Request", "check_arguments", "site_rates"]
 
 
-def _check_choice(value: object, name: str, choices: Sequence[str]) -> str:
+def check_choice(value: object, name: str, choices: Sequence[str]) -> str:
     if value not in choices:
         raise InvalidValueError(f"unknown {name} {value!r}; choose one of: {', '.join(choices)}")
     return str(value)
@@ -86,12 +86,12 @@ class Request:
     def validate(self) -> None:
         """Check every argument before any work is done (custom rates: once the depth is
         known)."""
-        _check_choice(self.schedule, "schedule", (*SCHEDULES, "native"))
+        check_choice(self.schedule, "schedule", (*SCHEDULES, "native"))
         if self.mode is not None:
-            _check_choice(self.mode, "mode", MODES)
+            check_choice(self.mode, "mode", MODES)
         if self.scaling is not None:
-            _check_choice(self.scaling, "scaling", SCALINGS)
-        _check_choice(self.per, "per", PER)
+            check_choice(self.scaling, "scaling", SCALINGS)
+        check_choice(self.per, "per", PER)
         if self.schedule == "custom":
             return
         if self.schedule == "native" and self.min_rate:

@@ -57,6 +57,15 @@ class TraceError(DPatchError):
     """A block's forward could not be traced or rewritten (reported as skipped, not raised)."""
 
 
+class DataError(DPatchError):
+    """Data for a measurement is missing, empty or malformed (a folder without images, a
+    tensor file without ``inputs``)."""
+
+
+class UnsupportedSiteError(DPatchError):
+    """A site cannot be pruned or folded; the message names the site and why."""
+
+
 class ModelRunError(DPatchError):
     """The model could not be run on the inputs given (or inferred) for it: ``verify``
     runs real forward passes."""

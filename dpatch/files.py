@@ -15,7 +15,7 @@ import os
 import pickle
 import tempfile
 import zipfile
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,10 +24,11 @@ import torch
 from torch import Tensor, nn
 
 from dpatch.errors import ManifestError, OutputError, WeightsError
-from dpatch.manifest import MANIFEST_KEY, build_manifest, parse_manifest
+from dpatch.manifest import DEPTH_KEY, MANIFEST_KEY, build_manifest, parse_manifest
 from dpatch.patch import apply_sites
 from dpatch.patch import inspect as inspect_model
 from dpatch.results import PatchReport
+from dpatch.sites import qualify
 from dpatch.zoo import ModelSpec, create_model, parse_spec, rebuild, rebuild_info, spec_of
 
 __all__ = [
@@ -110,8 +111,11 @@ def save(
     *,
     spec: ModelSpec | None = None,
     force: bool = False,
+    depth: Mapping[str, Any] | None = None,
 ) -> Path:
     """Write ``model``'s weights and its patch manifest to a safetensors file, atomically.
+
+    Tensors that only pruned branches use are left out; the manifest lists their keys.
 
     Args:
         model: the patched (or plain) model.
@@ -121,8 +125,11 @@ def save(
             recorded, timm's architecture name, or a transformers model's class; the
             manifest of a transformers model also holds its class and full config).
         force: overwrite an existing file.
+        depth: extra records for the manifest's ``depth`` entry (folded sites).
     """
     from safetensors.torch import save_file
+
+    from dpatch.depth.prune import unused_state_keys
 
     out = check_output(path, force)
     if spec is None:
@@ -131,6 +138,12 @@ def save(
         report if report is not None else inspect_model(model), spec, rebuild_info(model)
     )
     tensors = _plain_tensors(model)
+    pruned_keys = unused_state_keys(model)
+    if pruned_keys:  # tensors only pruned branches use (see dpatch.prune)
+        tensors = {k: v for k, v in tensors.items() if k not in set(pruned_keys)}
+    depth = {**(depth or {}), **({"pruned_keys": list(pruned_keys)} if pruned_keys else {})}
+    if depth:
+        manifest[DEPTH_KEY] = depth
     metadata = {MANIFEST_KEY: json.dumps(manifest, sort_keys=True), "format": "pt"}
     return atomic_write(out, lambda tmp: save_file(tensors, tmp, metadata=metadata), force=force)
 
@@ -277,8 +290,16 @@ def _match_prefixes(state: dict[str, Tensor], expected: set[str]) -> dict[str, T
     return best
 
 
-def load_weights(model: nn.Module, path: str | os.PathLike[str], *, what: str = "") -> None:
+def load_weights(
+    model: nn.Module,
+    path: str | os.PathLike[str],
+    *,
+    what: str = "",
+    missing_ok: Collection[str] = (),
+) -> None:
     """Load a weights file into ``model`` strictly, with one clear line on any mismatch.
+
+    ``missing_ok`` names keys the file may lack (a pruned file's manifest lists them).
 
     Raises:
         WeightsError: unreadable file or weights of another architecture (missing,
@@ -287,7 +308,8 @@ def load_weights(model: nn.Module, path: str | os.PathLike[str], *, what: str = 
     state = load_state_dict_file(path)
     own = model.state_dict()
     state = _match_prefixes(state, set(own))
-    missing = [k for k in own if k not in state]
+    allowed = set(missing_ok)
+    missing = [k for k in own if k not in state and k not in allowed]
     unexpected = [k for k in state if k not in own]
     shapes = [
         f"{k}: file {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
@@ -307,7 +329,7 @@ def load_weights(model: nn.Module, path: str | os.PathLike[str], *, what: str = 
             f"weights in {str(path)!r} do not fit{target}: {'; '.join(parts)}; "
             "are they for another architecture or size?"
         )
-    model.load_state_dict(state, strict=True)
+    model.load_state_dict(state, strict=not allowed)
 
 
 def load(path: str | os.PathLike[str], model: nn.Module | None = None) -> nn.Module:
@@ -332,9 +354,29 @@ def load(path: str | os.PathLike[str], model: nn.Module | None = None) -> nn.Mod
                 "dpatch.load(path, model=...)"
             )
         model = rebuild(entry)
-    load_weights(model, path)
+    pruned_keys = [str(k) for k in (manifest.get(DEPTH_KEY) or {}).get("pruned_keys") or []]
+    load_weights(model, path, missing_ok=pruned_keys)
     apply_sites(model, manifest["sites"], skip=bool(manifest.get("schedule", {}).get("skip")))
+    pruned = [qualify(d["path"], d["branch"]) for d in manifest["sites"] if d.get("pruned")]
+    if pruned:
+        _prune_again(model, pruned, pruned_keys, path)
     return model
+
+
+def _prune_again(
+    model: nn.Module, names: list[str], keys: list[str], path: str | os.PathLike[str]
+) -> None:
+    """Prune a rebuilt model's branches as its file says; the keys the file left out must
+    be exactly ones the pruned model does not use."""
+    from dpatch.depth.prune import prune, unused_state_keys
+
+    prune(model, names)
+    used = sorted(set(keys) - set(unused_state_keys(model)))
+    if used:
+        raise ManifestError(
+            f"{str(path)!r} leaves out {len(used)} tensor(s) the pruned model uses (e.g. "
+            f"{used[0]}); the file was made by another dpatch or for another model"
+        )
 
 
 @dataclass(frozen=True)

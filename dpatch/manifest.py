@@ -21,10 +21,20 @@ from dpatch.results import PatchReport
 from dpatch.schedule import expected_depth
 from dpatch.sites import Site
 
-__all__ = ["FORMAT", "MANIFEST_KEY", "build_manifest", "parse_manifest", "report_from_manifest"]
+__all__ = [
+    "DEPTH_KEY",
+    "FORMAT",
+    "MANIFEST_KEY",
+    "build_manifest",
+    "parse_manifest",
+    "report_from_manifest",
+]
 
 FORMAT = "dpatch/1"
 MANIFEST_KEY = "dpatch.manifest"
+#: The manifest entry of depth operations: ``pruned_keys`` (tensors a pruned file leaves
+#: out, see :mod:`dpatch.prune`) and ``folded`` (sites whose eval scaling was folded).
+DEPTH_KEY = "depth"
 _SCHEDULE_KEYS = ("schedule", "per", "max_rate", "min_rate", "mode", "scaling", "skip", "rates")
 
 

@@ -19,19 +19,20 @@ from dpatch._apply import (
 from dpatch._keep import SETTINGS, changes, common, current_seed
 from dpatch._listed import configure_sites
 from dpatch._marks import block_meta
-from dpatch._request import DEFAULTS, KEPT, Request, check_arguments, site_rates
+from dpatch._request import DEFAULTS, KEPT, Request, check_arguments, check_choice, site_rates
 from dpatch._slots import SlotSettings
 from dpatch.errors import InvalidValueError, NoResidualSitesError, NoSlotsError
 from dpatch.results import PatchReport, Skipped
 from dpatch.rewrite import RewriteCache, unpatch_block
 from dpatch.schedule import PER, expected_depth
-from dpatch.sites import Analysis, Site, analyze, site_list
+from dpatch.sites import Analysis, Site, analyze, qualify, site_list
 
 __all__ = [
     "DEFAULTS",
     "KEPT",
     "PER",
     "SETTINGS",
+    "STRIP_PRUNED",
     "PatchReport",
     "Skipped",
     "apply_sites",
@@ -325,14 +326,39 @@ def _settings(s: Site) -> tuple[Any, ...]:
     return tuple(getattr(s, field) for field in SETTINGS)
 
 
-def strip(model: nn.Module) -> int:
+#: What :func:`strip` does with a block whose branches were pruned.
+STRIP_PRUNED: tuple[str, ...] = ("error", "keep", "restore")
+
+
+def strip(model: nn.Module, *, pruned: str = "error") -> int:
     """Undo dpatch: rewritten blocks get their original class and slots back, replaced slot
-    modules their original module. Returns the number of modules restored."""
+    modules their original module. Returns the number of modules restored.
+
+    Args:
+        pruned: a block with pruned branches: ``"error"`` (raise, naming them: stripping
+            would run those branches again, and a pruned file left their weights out),
+            ``"keep"`` (leave such blocks as they are), or ``"restore"`` (bring the
+            branches back, with whatever weights they hold).
+
+    Raises:
+        InvalidValueError: pruned blocks and ``pruned="error"``, or an unknown choice.
+    """
+    check_choice(pruned, "pruned", STRIP_PRUNED)
+    blocks = [(n, m, block_meta(m)) for n, m in model.named_modules() if block_meta(m)]
+    with_pruned = [qualify(n, a) for n, _, meta in blocks if meta for a in meta.pruned]
+    if with_pruned and pruned == "error":
+        raise InvalidValueError(
+            f"the model has pruned branches ({', '.join(with_pruned[:3])}"
+            f"{', ...' if len(with_pruned) > 3 else ''}); strip would run them again, with "
+            "weights a pruned file does not hold: pass pruned='keep' to leave those blocks "
+            "pruned, or pruned='restore'"
+        )
     restored = 0
-    for mod in list(model.modules()):
-        if block_meta(mod) is not None:
-            unpatch_block(mod)
-            restored += 1
+    for _, mod, meta in blocks:
+        if meta is not None and meta.pruned and pruned == "keep":
+            continue
+        unpatch_block(mod)
+        restored += 1
     return restored + restore_slots(model)
 
 

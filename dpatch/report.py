@@ -66,6 +66,7 @@ def render_report(
         flags = (
             s.mode + (" skip" if s.skip else "") + ("" if s.fused or s.rate == 0 else " unfused")
         )
+        flags += " pruned" if s.pruned else ""
         table.add_row(
             str(s.block),
             s.path or "(root)",

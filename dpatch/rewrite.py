@@ -7,6 +7,8 @@ generated from the block's traced graph (:mod:`dpatch._trace`) with each residua
 
 - *masking* form: ``self.<slot>(b, x)``, i.e. ``DropPath.forward(branch, residual)``: the
   fused ``drop_add``; eval is exactly ``x + b``.
+- *pruned* form (:mod:`dpatch._prune_graph`): the addition becomes its shortcut and the
+  branch's nodes are left out of the generated forward (never computed, in any mode).
 - *skipping* form (:mod:`dpatch._skip`): the branch's own nodes move into a generated method
   ``_dpatch_branch<j>`` and the addition becomes ``self._dpatch_site<j>(x, inputs...)``,
   which in training runs the branch on a fixed-size random subset of rows (row mode) or not
@@ -29,7 +31,9 @@ from torch import nn
 from dpatch._codegen import GeneratedCode, generated_class
 from dpatch._marks import block_meta, clear_block_meta, set_block_meta
 from dpatch._meta import meta_execution, to_meta
+from dpatch._patchmeta import NOT_REQUESTED, PatchedSite, PatchMeta
 from dpatch._probe import Call
+from dpatch._prune_graph import Pruning, referenced
 from dpatch._rows import gather_rows
 from dpatch._skip import SITE_TEMPLATE, SkipPlan, branch_graph, is_batched, plan_skip, prune_dead
 from dpatch._source import rewrite_source
@@ -41,60 +45,6 @@ from dpatch.sites import BlockSites
 
 __all__ = ["PatchMeta", "PatchedSite", "RewriteCache", "rewrite_block", "unpatch_block"]
 
-_NOT_REQUESTED = "skip not requested"
-
-
-@dataclass(frozen=True)
-class PatchedSite:
-    """One site of a rewritten block.
-
-    Attributes:
-        attr: the slot attribute holding its DropPath.
-        kind: ``"native"`` or ``"graph"``.
-        origin: the model's own slot attribute it came from ("" for graph sites).
-        skippable: the generated forward has the compute-skipping form for it.
-        skip_reason: why not, when it has not ("" otherwise).
-    """
-
-    attr: str
-    kind: str
-    origin: str
-    skippable: bool = False
-    skip_reason: str = ""
-
-
-@dataclass(frozen=True)
-class PatchMeta:
-    """What dpatch did to one block (kept on the instance, see :mod:`dpatch._marks`).
-
-    Attributes:
-        orig_cls: the block's class before the rewrite.
-        sites: its sites, in graph order.
-        added_attrs: DropPath children dpatch created (graph sites, second uses of a shared
-            slot).
-        replaced_slots: (attr, original value) of the native slots it replaced.
-        consts: tensor constants the tracer lifted onto the block.
-        code: the generated methods (pickling rebuilds the class from them).
-        coverage: the coverage its sites were chosen under.
-        unslotted: slot names of residual additions left alone under coverage "slots".
-    """
-
-    orig_cls: type
-    sites: tuple[PatchedSite, ...]
-    added_attrs: tuple[str, ...]
-    replaced_slots: tuple[tuple[str, Any], ...]
-    consts: tuple[str, ...]
-    code: GeneratedCode
-    coverage: str = "slots"
-    unslotted: tuple[str, ...] = ()
-
-    @property
-    def rewritten_without_skip(self) -> bool:
-        """Rewritten by a masking-only patch (so a skipping patch must redo it)."""
-        return not any(s.skippable for s in self.sites) and any(
-            s.skip_reason == _NOT_REQUESTED for s in self.sites
-        )
-
 
 @dataclass(frozen=True)
 class _Plan:
@@ -104,13 +54,18 @@ class _Plan:
     code: GeneratedCode
     skippable: tuple[bool, ...]
     reasons: tuple[str, ...]
+    dropped: tuple[tuple[str, ...], ...] = ()
+
+
+_PlanKey = tuple[int, bool, tuple[str, ...], tuple[str, ...]]
+_PRUNED = "pruned"
 
 
 @dataclass
 class RewriteCache:
     """Per-patch memo: blocks that share a trace share one plan (and so one class)."""
 
-    plans: dict[tuple[int, bool, tuple[str, ...]], _Plan | TraceError] = field(default_factory=dict)
+    plans: dict[_PlanKey, _Plan | TraceError] = field(default_factory=dict)
     tried: set[type] = field(default_factory=set)  # classes whose trial run passed
 
 
@@ -143,9 +98,9 @@ def _replace_add(graph_add: fx.Node, new: fx.Node, mutated: fx.Node | None) -> N
                 n.replace_input_with(mutated, new)
 
 
-def _plan_key(bs: BlockSites, skip: bool) -> tuple[int, bool, tuple[str, ...]]:
+def _plan_key(bs: BlockSites, skip: bool, pruned: frozenset[str]) -> _PlanKey:
     assert bs.traced is not None
-    return (id(bs.traced.graph), skip, tuple(s.attr for s in bs.sites))
+    return (id(bs.traced.graph), skip, tuple(s.attr for s in bs.sites), tuple(sorted(pruned)))
 
 
 _SHAPE_BRANCHES = (
@@ -158,15 +113,21 @@ def _generate_source(bs: BlockSites, skip: bool) -> _Plan:
     assert bs.traced is not None
     src = rewrite_source(bs.module, bs.sites, bs.traced.spans)
     code = GeneratedCode((("forward", src),), in_place=True)
-    reason = _SHAPE_BRANCHES if skip else _NOT_REQUESTED
+    reason = _SHAPE_BRANCHES if skip else NOT_REQUESTED
     n = len(bs.sites)
-    return _Plan(generated_class(type(bs.module), code), code, (False,) * n, (reason,) * n)
+    cls = generated_class(type(bs.module), code)
+    return _Plan(cls, code, (False,) * n, (reason,) * n, ((),) * n)
 
 
-def _generate(bs: BlockSites, skip: bool, env_alt: dict[fx.Node, Any] | None) -> _Plan:
-    """Generate the patched methods for a traced block."""
+def _generate(
+    bs: BlockSites, skip: bool, env_alt: dict[fx.Node, Any] | None, pruned: frozenset[str]
+) -> _Plan:
+    """Generate the patched methods for a traced block (``pruned``: slot attributes whose
+    branches are left out)."""
     assert bs.traced is not None
     if bs.traced.specialised:
+        if pruned:
+            raise TraceError("its forward branches on shapes; pruning needs a graph rewrite")
         return _generate_source(bs, skip)
     graph = fx.Graph()
     val_map: dict[fx.Node, fx.Node] = {}
@@ -197,11 +158,21 @@ def _generate(bs: BlockSites, skip: bool, env_alt: dict[fx.Node, Any] | None) ->
     globals_: dict[str, Any] = {"torch": torch, "gather_rows": gather_rows}
     skippable: list[bool] = []
     reasons: list[str] = []
+    cut = Pruning(bs.module)
     for j, (e, site) in enumerate(zip(edits, bs.sites, strict=True)):
         mutated = e.node.args[0] if e.node.target in INPLACE_ADDS else None
         mutated = mutated if isinstance(mutated, fx.Node) else None
+        if site.attr in pruned:
+            new = cut.shortcut(e.node, e.shortcut, env, alt)
+            _replace_add(e.node, new, mutated)
+            _retarget(edits[j + 1 :], e.node, new)
+            graph.erase_node(e.node)
+            cut.erase(j, e.branch)
+            skippable.append(False)
+            reasons.append(_PRUNED)
+            continue
         plan: SkipPlan | str = (
-            plan_skip(e.node, e.shortcut, e.branch, env) if skip else _NOT_REQUESTED
+            plan_skip(e.node, e.shortcut, e.branch, env) if skip else NOT_REQUESTED
         )
         if isinstance(plan, str):
             with graph.inserting_before(e.node):
@@ -233,38 +204,49 @@ def _generate(bs: BlockSites, skip: bool, env_alt: dict[fx.Node, Any] | None) ->
                 new = graph.call_module(site_fn, (e.shortcut, *plan.externals))
             skippable.append(True)
             reasons.append("")
+            cut.moved |= referenced(plan.nodes)
         env[new] = env.get(e.node)
         if alt is not None:
             alt[new] = alt.get(e.node)
         _replace_add(e.node, new, mutated)
-        for later in edits[j + 1 :]:  # a later site may add onto this one's result
-            if later.shortcut is e.node:
-                later.shortcut = new
-            if later.branch is e.node:
-                later.branch = new
+        _retarget(edits[j + 1 :], e.node, new)
         graph.erase_node(e.node)
         if not isinstance(plan, str):
             for n in reversed(plan.nodes):
                 if n in plan.moved and not n.users:
                     graph.erase_node(n)
 
+    dropped = cut.finish(graph, len(edits))
     graph.lint()
     name, src, g = _graph_source(graph, "forward")
     functions[name] = src
     globals_.update(g)
     code = GeneratedCode.of(functions, globals_)
     cls = generated_class(type(bs.module), code)
-    return _Plan(cls, code, tuple(skippable), tuple(reasons))
+    return _Plan(cls, code, tuple(skippable), tuple(reasons), dropped)
+
+
+def _retarget(later_edits: list[_Edit], old: fx.Node, new: fx.Node) -> None:
+    """A later site may add onto this one's result."""
+    for later in later_edits:
+        if later.shortcut is old:
+            later.shortcut = new
+        if later.branch is old:
+            later.branch = new
 
 
 def _plan(
-    bs: BlockSites, skip: bool, env_alt: dict[fx.Node, Any] | None, cache: RewriteCache
+    bs: BlockSites,
+    skip: bool,
+    env_alt: dict[fx.Node, Any] | None,
+    cache: RewriteCache,
+    pruned: frozenset[str] = frozenset(),
 ) -> _Plan:
     """The (shared) plan of a block's class; a failure remembered for its trace is raised."""
-    key = _plan_key(bs, skip)
+    key = _plan_key(bs, skip, pruned)
     hit = cache.plans.get(key)
     if hit is None:
-        hit = cache.plans[key] = _generate(bs, skip, env_alt)
+        hit = cache.plans[key] = _generate(bs, skip, env_alt, pruned)
     if isinstance(hit, TraceError):
         raise TraceError(f"the rewritten forward failed a trial run ({hit})")
     return hit
@@ -298,6 +280,7 @@ def rewrite_block(
     env_alt: dict[fx.Node, Any] | None,
     cache: RewriteCache,
     validate_inputs: Call | None = None,
+    pruned: frozenset[str] = frozenset(),
 ) -> PatchMeta:
     """Rewrite one traced block in place so its residual branches go through ``slots``.
 
@@ -308,6 +291,8 @@ def rewrite_block(
         env_alt: node values at a second batch size (tells batched inputs apart).
         cache: plans shared by blocks of one trace, within one patch.
         validate_inputs: a recorded call to run the new forward once on meta.
+        pruned: slot attributes whose branches are left out (the block returns their
+            shortcut); their slots stay, uncalled.
 
     Raises:
         TraceError: the block cannot be rewritten faithfully (it is left unchanged).
@@ -315,21 +300,22 @@ def rewrite_block(
     assert bs.traced is not None
     module = bs.module
     check_training_invariant(bs)
-    plan = _plan(bs, skip, env_alt, cache)
+    plan = _plan(bs, skip, env_alt, cache, pruned)
     # A class tried once (for an identical block) need not be tried again.
     if validate_inputs is not None and plan.cls not in cache.tried and any(plan.skippable):
         bad = _trial_run(module, plan.cls, slots, validate_inputs, skip=True)
         if bad:
-            masked = _plan(bs, False, env_alt, cache)
+            masked = _plan(bs, False, env_alt, cache, pruned)
             reason = f"skip failed a trial run ({bad})"
-            plan = _Plan(masked.cls, masked.code, masked.skippable, (reason,) * len(bs.sites))
-            cache.plans[_plan_key(bs, True)] = plan
+            reasons = tuple(_PRUNED if r == _PRUNED else reason for r in masked.reasons)
+            plan = _Plan(masked.cls, masked.code, masked.skippable, reasons, masked.dropped)
+            cache.plans[_plan_key(bs, True, pruned)] = plan
     if validate_inputs is not None and plan.cls not in cache.tried:
         bad = _trial_run(
             module, plan.cls, slots, validate_inputs, skip=False, direct=bs.traced.specialised
         )
         if bad:
-            cache.plans[_plan_key(bs, skip)] = TraceError(bad)
+            cache.plans[_plan_key(bs, skip, pruned)] = TraceError(bad)
             raise TraceError(f"the rewritten forward failed a trial run ({bad})")
         cache.tried.add(plan.cls)
 
@@ -345,8 +331,10 @@ def rewrite_block(
     meta = PatchMeta(
         orig_cls=type(module),
         sites=tuple(
-            PatchedSite(s.attr, s.kind, s.origin, can, why)
-            for s, can, why in zip(bs.sites, plan.skippable, plan.reasons, strict=True)
+            PatchedSite(s.attr, s.kind, s.origin, can, why, s.attr in pruned, gone)
+            for s, can, why, gone in zip(
+                bs.sites, plan.skippable, plan.reasons, plan.dropped, strict=True
+            )
         ),
         added_attrs=tuple(added),
         replaced_slots=tuple(replaced),

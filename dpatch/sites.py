@@ -71,6 +71,8 @@ class Site:
             module shared by two branches is the origin of both); "" for graph sites.
         residual: False for a native slot its model applies to something other than a
             residual branch (it drops that whole value; never fused or skipped).
+        pruned: the branch was removed (:func:`dpatch.prune`): the block returns its
+            shortcut and never computes the branch.
     """
 
     path: str
@@ -85,6 +87,7 @@ class Site:
     skip: bool = False
     origin: str = ""
     residual: bool = True
+    pruned: bool = False
 
     @property
     def name(self) -> str:
@@ -106,6 +109,7 @@ class Site:
             "skip": self.skip,
             "origin": self.origin,
             "residual": self.residual,
+            "pruned": self.pruned,
         }
 
 
@@ -134,6 +138,12 @@ def _get_or_none(model: nn.Module, path: str) -> nn.Module | None:
 def _is_rewritten(model: nn.Module, path: str) -> bool:
     mod = _get_or_none(model, path)
     return mod is not None and block_meta(mod) is not None
+
+
+def _is_pruned(model: nn.Module, path: str, attr: str) -> bool:
+    mod = _get_or_none(model, path)
+    meta = block_meta(mod) if mod is not None else None
+    return meta is not None and any(s.attr == attr and s.pruned for s in meta.sites)
 
 
 def site_list(an: Analysis) -> list[Site]:
@@ -202,6 +212,7 @@ def site_list(an: Analysis) -> list[Site]:
                 skip=isinstance(module, DropPath) and module.skip and f.in_block,
                 origin=f.origin,
                 residual=f.residual,
+                pruned=f.in_block and rewritten and _is_pruned(model, f.owner, f.branch),
             )
         )
     # Stable: by block, then by the order the entries were found (graph order in a block).

@@ -47,11 +47,12 @@ from dpatch._verdict import (
     plateaus,
     schedule_shape,
 )
+from dpatch.droppath import DropPath
 from dpatch.errors import InvalidValueError, ModelRunError
 from dpatch.patch import strip
 from dpatch.results import PatchReport, block_rates
 from dpatch.schedule import schedule_rates
-from dpatch.sites import Analysis, Site, analyze, site_list
+from dpatch.sites import Analysis, Site, analyze, qualify, site_list
 
 __all__ = ["CODES", "Finding", "SiteCheck", "VerifyReport", "verify"]
 
@@ -160,9 +161,22 @@ def _slots(model: nn.Module) -> dict[str, nn.Module]:
 
 
 def _remove_stochastic_depth(model: nn.Module) -> None:
-    """Undo dpatch and make every stochastic-depth module an ``nn.Identity``, in place."""
-    strip(model)
+    """Undo dpatch and make every stochastic-depth module an ``nn.Identity``, in place.
+    Blocks with pruned branches stay pruned (the branches are gone for good); their other
+    slots become plain additions (rate 0)."""
+    kept: set[str] = set()
+    for path, mod in model.named_modules():
+        meta = block_meta(mod)
+        if meta is not None and meta.pruned:
+            for site in meta.sites:
+                slot = mod._modules.get(site.attr)
+                if isinstance(slot, DropPath):
+                    slot.drop_prob, slot.scaling = 0.0, "inverted"
+                kept.add(qualify(path, site.attr))
+    strip(model, pruned="keep")
     for name in list(_slots(model)):
+        if name in kept:
+            continue
         parent_path, _, attr = name.rpartition(".")
         setattr(model.get_submodule(parent_path), attr, nn.Identity())
 
@@ -274,7 +288,10 @@ def verify(
     _check_arguments(steps, batch, draws, rows, confidence, ignore)
     started = time.perf_counter()
     an = analysis if analysis is not None else analyze(model, example_inputs)
-    sites = site_list(an)
+    # A pruned branch never runs: there is nothing of it to verify.
+    every = site_list(an)
+    sites = [s for s in every if not s.pruned]
+    pruned_slots = {s.slot for s in every if s.pruned}
     wanted = _declared_settings(model, sites, declared, schedule, max_rate, min_rate, per)
     inputs = _real_inputs(model, example_inputs, an, batch)
     device = _device_and_dtype(model)[0]
@@ -319,6 +336,8 @@ def verify(
     tally_of = {name: observer.tallies[id(m)] for name, m in slots.items()}
     not_residual = {s.slot for s in sites if not s.residual}
     for name, mod in slots.items():
+        if name in pruned_slots:
+            continue
         tally, rate = tally_of[name], slot_settings(mod).rate
         library = _is_library(work, name)
         if tally.eval_bad:

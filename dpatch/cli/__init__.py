@@ -8,6 +8,7 @@ import.
 from __future__ import annotations
 
 from dpatch.cli import (  # noqa: F401 - commands register on import
+    depth,
     inspecting,
     listing,
     patching,

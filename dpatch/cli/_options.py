@@ -35,6 +35,7 @@ __all__ = [
     "OutOpt",
     "PerOpt",
     "PretrainedOpt",
+    "RatesFromOpt",
     "RatesOpt",
     "RecipeOpt",
     "ScalingOpt",
@@ -83,6 +84,15 @@ ScheduleOpt = Annotated[
 RatesOpt = Annotated[
     str | None,
     typer.Option("--rates", metavar="R,R,...", help="Per-step rates for --schedule custom."),
+]
+RatesFromOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--rates-from",
+        metavar="FILE",
+        help="Per-step rates for --schedule custom from a JSON list, or the file "
+        "dpatch sensitivity --suggest writes (with --per branch).",
+    ),
 ]
 ModeOpt = Annotated[
     str | None,

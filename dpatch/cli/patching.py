@@ -24,6 +24,7 @@ from dpatch.cli._options import (
     OutOpt,
     PerOpt,
     PretrainedOpt,
+    RatesFromOpt,
     RatesOpt,
     RecipeOpt,
     ScalingOpt,
@@ -43,6 +44,7 @@ from dpatch.cli.batching import (
     prepare,
     run_batch,
 )
+from dpatch.depth.sensitivity import read_rates
 from dpatch.errors import InvalidValueError
 from dpatch.files import check_output, save
 from dpatch.patch import check_arguments, inject, retune
@@ -76,14 +78,15 @@ def _patch(
     arch: str | None,
     input_shape: list[str] | None,
     input_dtype: list[str] | None,
+    rates_from: Path | None = None,
 ) -> None:
     hi = parse_rate(max_rate, "--max-rate")
     lo = parse_rate(min_rate, "--min-rate")
-    rate_list = parse_rates(rates)
+    rate_list = _rates(rates, rates_from)
     example_inputs = parse_inputs(input_shape, input_dtype)
     check_arguments(hi, schedule, lo, mode, scaling, per)
     if rate_list is not None and schedule != "custom":
-        raise InvalidValueError("--rates needs --schedule custom")
+        raise InvalidValueError("--rates and --rates-from need --schedule custom")
     if output is not None and not dry_run:
         check_output(output, force)  # fail before the slow part
     loaded = load(target, weights=weights, pretrained=pretrained, arch=arch, quiet=as_json)
@@ -178,6 +181,13 @@ def _changes_line(report: PatchReport) -> str:
     return f"changed: {did or 'nothing'}" + (f"; kept: {', '.join(kept)}" if kept else "")
 
 
+def _rates(rates: str | None, rates_from: Path | None) -> list[float] | None:
+    """``--rates R,R,...`` or ``--rates-from FILE`` (a JSON list, or a suggestion file)."""
+    if rates is not None and rates_from is not None:
+        raise InvalidValueError("give --rates or --rates-from, not both")
+    return parse_rates(rates) if rates_from is None else read_rates(rates_from)
+
+
 def _register(name: str, action: Callable[..., PatchReport], doc: str) -> None:
     """``inject`` and ``retune`` take the same options; only the library call differs."""
 
@@ -206,12 +216,13 @@ def _register(name: str, action: Callable[..., PatchReport], doc: str) -> None:
         input_dtype: InputDtypeOpt = None,
         template: TemplateOpt = None,
         keep_going: KeepGoingOpt = False,
+        rates_from: RatesFromOpt = None,
     ) -> None:
         if is_many(models) or template is not None:
             check_single_only(weights=weights, pretrained=pretrained)
-            rate_list = parse_rates(rates)
+            rate_list = _rates(rates, rates_from)
             if rate_list is not None and schedule != "custom":
-                raise InvalidValueError("--rates needs --schedule custom")
+                raise InvalidValueError("--rates and --rates-from need --schedule custom")
             request = {
                 "max_rate": parse_rate(max_rate, "--max-rate"),
                 "min_rate": parse_rate(min_rate, "--min-rate"),
@@ -253,6 +264,7 @@ def _register(name: str, action: Callable[..., PatchReport], doc: str) -> None:
             arch=arch,
             input_shape=input_shape,
             input_dtype=input_dtype,
+            rates_from=rates_from,
         )
 
     command.__doc__ = doc

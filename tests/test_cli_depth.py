@@ -1,0 +1,256 @@
+"""The depth commands: sensitivity, prune, fold, and inject --rates-from."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+import torchvision
+from safetensors.torch import load_file, save_file
+from typer.testing import CliRunner
+
+from dpatch.cli import app
+
+runner = CliRunner()
+
+FACTORY = """
+import torch
+import torch.nn as nn
+from timm.layers import DropPath
+
+
+class Untraceable(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.f = nn.Conv2d(3, 3, 1)
+        self.drop_path = DropPath(0.1)
+
+    def forward(self, x):
+        if float(x.abs().sum()) >= 0:  # data-dependent: torch.fx cannot trace it
+            return x + self.drop_path(self.f(x))
+        return x
+
+
+class Res(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.f = nn.Sequential(nn.Conv2d(3, 3, 3, padding=1), nn.BatchNorm2d(3))
+
+    def forward(self, x):
+        return x + self.f(x)
+
+
+def loose():
+    return nn.Sequential(Untraceable(), Res())
+
+
+def small():
+    torch.manual_seed(0)
+    m = nn.Sequential(Res(), Res(), Res(), nn.Flatten(), nn.LazyLinear(4))
+    m(torch.zeros(1, 3, 8, 8))
+    m.pretrained_cfg = {"input_size": (3, 8, 8)}
+    return m
+"""
+
+
+def cli(*args: str, cwd: Path | None = None) -> tuple[int, str, str]:
+    old = os.getcwd()
+    if cwd is not None:
+        os.chdir(cwd)
+    try:
+        r = runner.invoke(app, list(args))
+    finally:
+        os.chdir(old)
+    return r.exit_code, r.stdout, r.stderr
+
+
+def one_line_error(err: str, *needles: str) -> None:
+    lines = [ln for ln in err.splitlines() if ln.strip() and not ln.startswith("note:")]
+    assert len(lines) == 1, err
+    assert lines[0].startswith("error: ") and "Traceback" not in err
+    for n in needles:
+        assert n in lines[0], (n, lines[0])
+
+
+@pytest.fixture
+def work(tmp_path: Path) -> Path:
+    (tmp_path / "mods.py").write_text(FACTORY)
+    return tmp_path
+
+
+def test_help_has_examples() -> None:
+    for cmd in ("sensitivity", "prune", "fold"):
+        code, out, _ = cli(cmd, "--help")
+        assert code == 0 and "Example: dpatch " + cmd in " ".join(out.split())
+
+
+def test_sensitivity_suggest_and_inject_rates_from(work: Path) -> None:
+    x = torch.randn(6, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    save_file(
+        {"inputs": x, "targets": torch.tensor([0, 1, 2, 3, 0, 1])}, str(work / "d.safetensors")
+    )
+    code, out, err = cli(
+        "sensitivity", "mods:small", "--data", "d.safetensors", "--json",
+        "--suggest", "0.3", "-o", "rates.json", cwd=work,
+    )  # fmt: skip
+    assert code == 0, err
+    doc = json.loads(out)
+    assert doc["metric"] == "ce_increase" and doc["samples"] == 6 and not doc["synthetic"]
+    assert set(doc["scores"]) == {"0.drop_path", "1.drop_path", "2.drop_path"}
+    rates = json.loads((work / "rates.json").read_text())
+    assert rates["model"] == "mods:small" and max(rates["rates"]) == 0.3
+    code, out, err = cli(
+        "inject", "mods:small", "--schedule", "custom", "--per", "branch",
+        "--rates-from", "rates.json", "--json", cwd=work,
+    )  # fmt: skip
+    assert code == 0, err
+    assert [s["rate"] for s in json.loads(out)["sites"]] == pytest.approx(rates["rates"])
+
+
+def test_sensitivity_table_and_synthetic_note(work: Path) -> None:
+    code, out, err = cli("sensitivity", "mods:small", "--synthetic", "4", cwd=work)
+    assert code == 0, err
+    assert "3 of 3 sites measured on 4 samples" in out
+    assert "a smoke test, not a measurement" in out
+    assert out.index("0.drop_path") < out.index("1.drop_path") < out.index("2.drop_path")
+    code, out, err = cli("sensitivity", "mods:small", "--synthetic", "4", "--json", cwd=work)
+    assert code == 0 and json.loads(out)["note"].endswith("not a measurement")
+
+
+def test_sensitivity_bad_data_writes_nothing(work: Path) -> None:
+    (work / "empty" / "cls").mkdir(parents=True)
+    save_file({"x": torch.zeros(2)}, str(work / "noinputs.safetensors"))
+    for data, needle in (("empty", "holds no images"), ("noinputs.safetensors", "no 'inputs'")):
+        code, _, err = cli(
+            "sensitivity", "mods:small", "--data", data, "--suggest", "0.2", "-o", "r.json",
+            cwd=work,
+        )  # fmt: skip
+        assert code == 1
+        one_line_error(err, needle)
+        assert not (work / "r.json").exists()
+    code, _, err = cli(
+        "sensitivity", "mods:small", "--synthetic", "2", "--suggest", "0.2", cwd=work
+    )
+    assert code == 1
+    one_line_error(err, "-o")
+
+
+def test_prune_writes_a_smaller_file_that_loads(work: Path, tmp_path: Path) -> None:
+    full = tmp_path / "full.safetensors"
+    assert (
+        cli("inject", "tv:resnet18", "--schedule", "huang", "--max-rate", "0.5", "-o", str(full))[0]
+        == 0
+    )
+    out = tmp_path / "p.safetensors"
+    code, stdout, err = cli(
+        "prune", str(full), "--drop", "2", "--iterations", "1", "-o", str(out), "--json"
+    )
+    assert code == 0, err
+    doc = json.loads(stdout)
+    assert sorted(doc["changed"]) == ["layer4.0.drop_path", "layer4.1.drop_path"]
+    stats = doc["stats"]
+    assert stats["parameters_after"] < stats["parameters_before"]
+    assert doc["file_bytes"] == out.stat().st_size < full.stat().st_size
+    assert stats["latency_before_ms"] > 0 and stats["device"] == "cpu"
+    code, stdout, err = cli("inspect", str(out))
+    assert code == 0 and stdout.count("pruned") == 2
+    code, stdout, err = cli("prune", str(full), "--keep", "7", "--iterations", "1")
+    assert code == 0 and stdout.count("pruned") == 1 and "eval latency on cpu" in stdout
+    result = torchvision.models.resnet18().load_state_dict(load_file(str(out)), strict=False)
+    assert result.unexpected_keys == [] and "layer4.1.conv1.weight" in result.missing_keys
+
+
+def test_prune_by_sensitivity_file_and_drop_zero(work: Path) -> None:
+    code, out, err = cli("sensitivity", "mods:small", "--synthetic", "4", "--json", cwd=work)
+    assert code == 0, err
+    (work / "sens.json").write_text(out)
+    least = min(json.loads(out)["scores"].items(), key=lambda kv: kv[1])[0]
+    code, out, err = cli(
+        "prune", "mods:small", "--drop", "1", "--by", "sens.json", "--iterations", "1", "--json",
+        cwd=work,
+    )  # fmt: skip
+    assert code == 0, err
+    assert json.loads(out)["changed"] == [least]
+    code, out, err = cli(
+        "prune", "mods:small", "--drop", "0", "--iterations", "1", "-o", "same.safetensors",
+        cwd=work,
+    )  # fmt: skip
+    assert code == 0, err
+    import importlib
+    import sys
+
+    sys.path.insert(0, str(work))
+    try:
+        small = importlib.import_module("mods").small()
+    finally:
+        sys.path.remove(str(work))
+    saved = load_file(str(work / "same.safetensors"))
+    assert set(saved) == set(small.state_dict())
+    assert all(torch.equal(saved[k], v) for k, v in small.state_dict().items())
+
+
+@pytest.mark.parametrize(
+    "args,needle",
+    [
+        (("mods:small", "--sites", "0.drop_path,nope"), "no site named 'nope'"),
+        (("mods:small", "--drop", "4"), "cannot prune 4 branches"),
+        (("mods:small", "--keep", "9"), "cannot keep 9"),
+        (("mods:loose", "--sites", "0.drop_path"), "cannot prune 0.drop_path"),
+        (("mods:small", "--drop", "1", "--keep", "1"), "exactly one"),
+        (("mods:small", "--drop", "1", "--by", "widest"), "--by 'widest'"),
+        (("mods:small", "--sites", "0.drop_path", "--by", "rate"), "--sites names them"),
+    ],
+)
+def test_prune_errors_write_nothing(work: Path, args: tuple[str, ...], needle: str) -> None:
+    code, _, err = cli("prune", *args, "--iterations", "1", "-o", "out.safetensors", cwd=work)
+    assert code == 1
+    one_line_error(err, needle)
+    assert not (work / "out.safetensors").exists()
+
+
+def test_fold_round_trip_and_refusal(work: Path, tmp_path: Path) -> None:
+    a, b = tmp_path / "a.safetensors", tmp_path / "b.safetensors"
+    code, _, err = cli(
+        "inject", "tv:resnet18", "--scaling", "expected", "--max-rate", "0.3", "-o", str(a)
+    )
+    assert code == 0, err
+    code, out, err = cli("fold", str(a), "-o", str(b), "--json")
+    assert code == 0, err
+    doc = json.loads(out)
+    # linear schedule: block 0 has rate 0, nothing to fold there
+    assert len(doc["folded"]) == 7 and doc["folded"][0]["tensors"] == [
+        "layer1.1.bn2.weight",
+        "layer1.1.bn2.bias",
+    ]
+    import dpatch
+
+    x = torch.randn(2, 3, 64, 64)
+    patched = dpatch.load(a).eval()
+    plain = torchvision.models.resnet18().eval()
+    plain.load_state_dict(load_file(str(b)), strict=True)
+    with torch.no_grad():
+        ref, got = patched(x), plain(x)
+    assert float((got - ref).abs().max() / ref.abs().max()) <= 1e-5
+    code, out, _ = cli("inspect", str(b), "--json")
+    assert {s["scaling"] for s in json.loads(out)["sites"]} == {"inverted"}
+
+    (work / "gelu.py").write_text(
+        "import torch.nn as nn, torch.nn.functional as F\n"
+        "class B(nn.Module):\n"
+        "    def __init__(s):\n"
+        "        super().__init__(); s.c = nn.Conv2d(3, 3, 1)\n"
+        "    def forward(s, x):\n"
+        "        return x + F.gelu(s.c(x))\n"
+        "def build():\n"
+        "    return nn.Sequential(B())\n"
+    )
+    c = work / "c.safetensors"
+    assert cli("inject", "gelu:build", "--scaling", "expected", "--max-rate", "0.2",
+               "--schedule", "uniform", "-o", str(c), cwd=work)[0] == 0  # fmt: skip
+    code, _, err = cli("fold", str(c), "-o", "d.safetensors", cwd=work)
+    assert code == 1
+    one_line_error(err, "cannot fold 0.drop_path")
+    assert not (work / "d.safetensors").exists()
