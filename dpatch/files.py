@@ -29,7 +29,7 @@ from dpatch.patch import apply_sites
 from dpatch.patch import inspect as inspect_model
 from dpatch.results import PatchReport
 from dpatch.sites import qualify
-from dpatch.zoo import ModelSpec, create_model, parse_spec, spec_of
+from dpatch.zoo import ModelSpec, create_model, parse_spec, rebuild, rebuild_info, spec_of
 
 __all__ = [
     "Target",
@@ -122,7 +122,8 @@ def save(
         path: output file.
         report: the :class:`~dpatch.PatchReport` of the patch (default: inspect ``model``).
         spec: the model spec to rebuild it (default: what :func:`dpatch.zoo.create_model`
-            recorded, or timm's architecture name).
+            recorded, timm's architecture name, or a transformers model's class; the
+            manifest of a transformers model also holds its class and full config).
         force: overwrite an existing file.
         depth: extra records for the manifest's ``depth`` entry (folded sites).
     """
@@ -133,7 +134,9 @@ def save(
     out = check_output(path, force)
     if spec is None:
         spec = spec_of(model)
-    manifest = build_manifest(report if report is not None else inspect_model(model), spec)
+    manifest = build_manifest(
+        report if report is not None else inspect_model(model), spec, rebuild_info(model)
+    )
     tensors = _plain_tensors(model)
     pruned_keys = unused_state_keys(model)
     if pruned_keys:  # tensors only pruned branches use (see dpatch.prune)
@@ -350,7 +353,7 @@ def load(path: str | os.PathLike[str], model: nn.Module | None = None) -> nn.Mod
                 f"the manifest of {str(path)!r} names no model spec; pass the model: "
                 "dpatch.load(path, model=...)"
             )
-        model = create_model(entry["spec"], **dict(entry.get("kwargs") or {}))
+        model = rebuild(entry)
     pruned_keys = [str(k) for k in (manifest.get(DEPTH_KEY) or {}).get("pruned_keys") or []]
     load_weights(model, path, missing_ok=pruned_keys)
     apply_sites(model, manifest["sites"], skip=bool(manifest.get("schedule", {}).get("skip")))
@@ -401,8 +404,8 @@ def load_target(
     model: str | None = None,
     pretrained: bool = False,
 ) -> Target:
-    """Build the model ``target`` names: a model spec (``timm:NAME``, ``tv:NAME``, a bare
-    name, ``module:factory``), a dpatch file (rebuilt with its patch), or a plain checkpoint
+    """Build the model ``target`` names: a model spec (``timm:NAME``, ``tv:NAME``,
+    ``hf:ORG/NAME``, ``hf:PATH``, a bare name, ``module:factory``), a dpatch file (rebuilt with its patch), or a plain checkpoint
     whose architecture ``model`` names. What ``dpatch inject TARGET`` does first.
 
     Args:

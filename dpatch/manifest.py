@@ -9,6 +9,8 @@ and writes the files.
 from __future__ import annotations
 
 import json
+import sys
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -36,23 +38,33 @@ DEPTH_KEY = "depth"
 _SCHEDULE_KEYS = ("schedule", "per", "max_rate", "min_rate", "mode", "scaling", "skip", "rates")
 
 
-def _versions() -> dict[str, str]:
+def _versions(transformers: bool = False) -> dict[str, str]:
     out = {"dpatch": __version__, "torch": torch.__version__}
     for lib in ("timm", "torchvision"):
         try:
             out[lib] = __import__(lib).__version__
         except ImportError:  # pragma: no cover - both are dependencies
             out[lib] = "absent"
+    if transformers:  # optional: recorded for the transformers models that need it
+        out["transformers"] = str(sys.modules["transformers"].__version__)
     return out
 
 
-def build_manifest(report: PatchReport | None, spec: Any | None) -> dict[str, Any]:
-    """The manifest of a patch report and the model spec that rebuilds the model."""
+def build_manifest(
+    report: PatchReport | None, spec: Any | None, rebuild: Mapping[str, Any] | None = None
+) -> dict[str, Any]:
+    """The manifest of a patch report and the model spec that rebuilds the model.
+
+    ``rebuild`` adds what the spec alone cannot say (a transformers model's ``class`` and
+    full ``config``, see :func:`dpatch.zoo.rebuild_info`) to the model entry.
+    """
     model_entry = None if spec is None else {"spec": spec.text, "kwargs": dict(spec.kwargs)}
+    if model_entry is not None and rebuild:
+        model_entry.update(rebuild)
     body = report.to_dict() if report is not None else {"sites": []}
     return {
         "format": FORMAT,
-        "versions": _versions(),
+        "versions": _versions(bool(model_entry and model_entry.get("config") is not None)),
         "model": model_entry,
         "schedule": {k: body.get(k) for k in _SCHEDULE_KEYS},
         "summary": body.get("summary", {}),

@@ -1,45 +1,60 @@
-"""Model specs: ``timm:NAME``, ``tv:NAME`` / ``torchvision:NAME``, ``hf-hub:ORG/NAME``,
-``package.module:factory`` and bare ``NAME`` (timm first, then torchvision).
+"""Model specs: ``timm:NAME``, ``tv:NAME`` / ``torchvision:NAME`` (every torchvision builder:
+classification, detection, segmentation, video, optical flow, quantization), ``hf:ORG/NAME`` /
+``hf:PATH`` / ``hf:ClassName`` (Hugging Face transformers, :mod:`dpatch._hf`),
+``hf-hub:ORG/NAME`` (timm weights on the hub), ``package.module:factory`` and bare ``NAME``
+(timm first, then torchvision).
 
-Also: listing names, and the native drop-path rates of a library's own recipe, read off the
-same architecture built cheaply (large tensors on the meta device). timm and torchvision are
-imported only when a spec needs them.
+Also: listing names, and what a saved file needs to rebuild its model. timm, torchvision and
+transformers are imported only when a spec needs them; native rates live in
+:mod:`dpatch.native` (re-exported here).
 """
 
 from __future__ import annotations
 
 import difflib
 import fnmatch
-import functools
 import importlib
+import importlib.util
 import inspect
 import os
-import re
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-import torch
 from torch import nn
 
-from dpatch._marks import block_meta, model_spec, set_model_spec
-from dpatch.errors import DownloadError, InvalidValueError, ModelNotFoundError
+from dpatch._marks import model_spec, set_model_spec
+from dpatch.errors import DownloadError, ModelNotFoundError
+from dpatch.native import build_light, library_of, native_rates
 
 __all__ = [
     "SOURCES",
     "ModelEntry",
     "ModelSpec",
+    "build_light",
     "create_model",
     "list_models",
     "native_rates",
     "parse_spec",
+    "rebuild",
+    "rebuild_info",
     "spec_of",
+    "tv_build_kwargs",
 ]
 
-#: Libraries ``list_models`` can list (``tv`` is short for torchvision).
-SOURCES: tuple[str, ...] = ("timm", "tv", "torchvision")
-_SCHEMES = {"timm": "timm", "tv": "torchvision", "torchvision": "torchvision", "hf-hub": "hf-hub"}
+#: Libraries ``list_models`` can list (``tv`` is short for torchvision, ``hf`` for
+#: transformers).
+SOURCES: tuple[str, ...] = ("timm", "tv", "torchvision", "hf", "transformers")
+_SCHEMES = {
+    "timm": "timm",
+    "tv": "torchvision",
+    "torchvision": "torchvision",
+    "hf-hub": "hf-hub",
+    "hf": "transformers",
+    "transformers": "transformers",
+}
+_PREFIXES = {"timm": "timm", "torchvision": "tv", "hf-hub": "hf-hub", "transformers": "hf"}
 
 
 @dataclass(frozen=True)
@@ -47,9 +62,12 @@ class ModelSpec:
     """Where a model comes from.
 
     Attributes:
-        source: ``timm``, ``torchvision``, ``hf-hub`` or ``python``.
-        name: the model name (``ORG/NAME`` for hf-hub, ``module:factory`` for python).
-        kwargs: constructor keyword arguments (JSON-serialisable values).
+        source: ``timm``, ``torchvision``, ``transformers``, ``hf-hub`` (timm weights on the
+            hub) or ``python``.
+        name: the model name (``ORG/NAME`` for hf-hub; a hub name, a directory or a model
+            class for transformers; ``module:factory`` for python).
+        kwargs: constructor keyword arguments (JSON-serialisable values); for transformers,
+            config overrides and ``task``.
     """
 
     source: str
@@ -59,7 +77,7 @@ class ModelSpec:
     @property
     def text(self) -> str:
         """Canonical spec string, e.g. ``timm:resnet50``."""
-        prefix = {"timm": "timm", "torchvision": "tv", "hf-hub": "hf-hub"}.get(self.source)
+        prefix = _PREFIXES.get(self.source)
         return f"{prefix}:{self.name}" if prefix else self.name
 
 
@@ -70,12 +88,19 @@ def _timm_names() -> list[str]:
     return list(timm.list_models())
 
 
-def _tv_names(classification_only: bool = False) -> list[str]:
+def _tv_names() -> list[str]:
+    """Every torchvision builder (classification, detection, segmentation, video, optical
+    flow, quantization)."""
     import torchvision
 
-    if classification_only:
-        return list(torchvision.models.list_models(module=torchvision.models))
     return list(torchvision.models.list_models())
+
+
+def _tv_task(name: str) -> str:
+    import torchvision
+
+    parts = torchvision.models.get_model_builder(name).__module__.split(".")
+    return parts[2] if len(parts) > 3 else "classification"
 
 
 def _is_timm(name: str) -> bool:
@@ -111,19 +136,23 @@ def parse_spec(text: str, **kwargs: Any) -> tuple[ModelSpec, str | None]:
             )
         if source == "hf-hub" and "/" not in rest:
             raise ModelNotFoundError(f"hf-hub spec needs ORG/NAME, but got {rest!r}")
+        if source == "transformers":
+            from dpatch._hf import parse_hf
+
+            return parse_hf(rest, dict(kwargs)), None
         return ModelSpec(source, rest, dict(kwargs)), None
     if sep:
         module, _, factory = text.partition(":")
         if not module or not factory.isidentifier():
             raise ModelNotFoundError(
-                f"model spec {text!r} is neither timm:/tv:/hf-hub: nor package.module:factory"
+                f"model spec {text!r} is neither timm:/tv:/hf:/hf-hub: nor package.module:factory"
             )
         return ModelSpec("python", text, dict(kwargs)), None
     if _is_timm(text):
         return ModelSpec("timm", text, dict(kwargs)), f"resolved {text!r} to timm:{text}"
     if text in _tv_names():
         return ModelSpec("torchvision", text, dict(kwargs)), f"resolved {text!r} to tv:{text}"
-    names = _timm_names() + [f"tv:{n}" for n in _tv_names(classification_only=True)]
+    names = _timm_names() + [f"tv:{n}" for n in _tv_names()]
     raise ModelNotFoundError(f"unknown model {text!r}{_suggest(text, names)}")
 
 
@@ -133,7 +162,8 @@ def create_model(spec: str | ModelSpec, *, pretrained: bool = False, **kwargs: A
 
     Raises:
         ModelNotFoundError: unknown name or unimportable factory.
-        DownloadError: ``pretrained`` (or ``hf-hub:``) needs a download that failed.
+        DownloadError: ``pretrained`` (or ``hf-hub:``, or an ``hf:`` hub name) needs a
+            download that failed.
     """
     if isinstance(spec, str):
         spec, _ = parse_spec(spec, **kwargs)
@@ -163,14 +193,31 @@ def _build(spec: ModelSpec, pretrained: bool) -> Any:
 
         try:
             return torchvision.models.get_model(
-                spec.name, weights="DEFAULT" if pretrained else None, **kw
+                spec.name, **{**tv_build_kwargs(spec.name, pretrained), **kw}
             )
         except OSError as exc:
             raise DownloadError(_download_message(spec, exc)) from exc
+    if spec.source == "transformers":
+        from dpatch._hf import build_hf
+
+        return build_hf(spec, pretrained)
     factory = _import_factory(spec.name)
     if pretrained:
         kw.setdefault("pretrained", True)
     return factory(**kw)
+
+
+def tv_build_kwargs(name: str, pretrained: bool) -> dict[str, Any]:
+    """Keyword arguments that build torchvision model ``name`` with no download unless
+    ``pretrained``: ``weights`` and, for detection and segmentation builders, a
+    ``weights_backbone`` of None (their default is ImageNet weights)."""
+    import torchvision
+
+    kw: dict[str, Any] = {"weights": "DEFAULT" if pretrained else None}
+    params = inspect.signature(torchvision.models.get_model_builder(name)).parameters
+    if not pretrained and "weights_backbone" in params:
+        kw["weights_backbone"] = None
+    return kw
 
 
 def _download_message(spec: ModelSpec, exc: BaseException) -> str:
@@ -204,24 +251,69 @@ def _import_factory(text: str) -> Callable[..., Any]:
 
 
 def spec_of(model: nn.Module) -> ModelSpec | None:
-    """The spec a model was built from: recorded by :func:`create_model`, or timm's
-    ``pretrained_cfg['architecture']`` (without constructor kwargs)."""
+    """The spec a model was built from: recorded by :func:`create_model`, timm's
+    ``pretrained_cfg['architecture']`` (without constructor kwargs), or the class of a
+    transformers model (``hf:ViTForImageClassification``; its config goes in a saved file's
+    manifest, see :func:`rebuild_info`)."""
     spec = model_spec(model)
     if spec is not None:
         return spec
     cfg = getattr(model, "pretrained_cfg", None)
     if isinstance(cfg, dict) and cfg.get("architecture"):
         return ModelSpec("timm", str(cfg["architecture"]))
+    if library_of(model) == "transformers":
+        from dpatch._hf import hf_class_spec
+
+        return hf_class_spec(model)
     return None
+
+
+def rebuild_info(model: nn.Module) -> dict[str, Any]:
+    """What a saved file needs besides its spec to rebuild ``model`` offline and exactly:
+    for a transformers model its class and full config (``{"class", "config"}``); else
+    nothing."""
+    if library_of(model) != "transformers" or "transformers" not in sys.modules:
+        return {}
+    from dpatch._hf import hf_rebuild_info
+
+    return hf_rebuild_info(model)
+
+
+def rebuild(entry: Mapping[str, Any]) -> nn.Module:
+    """The model a manifest's ``model`` entry describes (spec, kwargs, and for transformers
+    models their class and config: no download needed).
+
+    Raises:
+        ModelNotFoundError, DownloadError: see :func:`create_model`.
+        ManifestError: a transformers class or config this transformers cannot rebuild.
+    """
+    if entry.get("config") is not None:
+        from dpatch._hf import hf_rebuild
+
+        model = hf_rebuild(entry)
+        # Recorded as it was, without checking it: a directory may be gone, a hub name
+        # offline; the config made both unnecessary.
+        name = str(entry["spec"]).partition(":")[2]
+        set_model_spec(model, ModelSpec("transformers", name, dict(entry.get("kwargs") or {})))
+        return model
+    return create_model(str(entry["spec"]), **dict(entry.get("kwargs") or {}))
 
 
 # --------------------------------------------------------------------------- listing
 @dataclass(frozen=True)
 class ModelEntry:
-    """A name ``dpatch list`` shows, and whether its library gives it native slots."""
+    """A name ``dpatch list`` shows, and whether its library gives it native slots.
+
+    Attributes:
+        spec: the spec that builds it (``tv:r3d_18``).
+        native: its library sets drop-path rates (timm ``drop_path_rate``, torchvision
+            ``stochastic_depth_prob``, transformers ``config.drop_path_rate``).
+        task: what it does (``classification``, ``detection``, ``video``, ...).
+    """
 
     spec: str
     native: bool
+    task: str = "classification"
 
 
 def _module_mentions(module_name: str, word: str, memo: dict[str, bool]) -> bool:
@@ -234,12 +326,21 @@ def _module_mentions(module_name: str, word: str, memo: dict[str, bool]) -> bool
     return memo[module_name]
 
 
-def list_models(pattern: str | None = None, source: str | None = None) -> list[ModelEntry]:
-    """timm and torchvision classification models matching ``pattern``: an fnmatch glob
-    (``vit_small*``), or a bare word (no ``*?[``), which matches anywhere in the name.
+def _hf_installed() -> bool:
+    try:
+        return importlib.util.find_spec("transformers") is not None
+    except (ImportError, ValueError):  # ValueError: sys.modules["transformers"] is None
+        return False
 
-    ``native`` is true when the model's library module takes a drop-path argument
-    (timm ``drop_path_rate``, torchvision ``stochastic_depth_prob``).
+
+def list_models(pattern: str | None = None, source: str | None = None) -> list[ModelEntry]:
+    """timm models, every torchvision builder and the transformers vision model classes
+    (when transformers is installed) matching ``pattern``: an fnmatch glob (``vit_small*``),
+    or a bare word (no ``*?[``), which matches anywhere in the name.
+
+    ``native`` is true when the model's library takes a drop-path argument (timm
+    ``drop_path_rate``, torchvision ``stochastic_depth_prob``, transformers
+    ``config.drop_path_rate``).
     """
     pat = pattern or "*"
     if not any(c in pat for c in "*?["):
@@ -257,157 +358,20 @@ def list_models(pattern: str | None = None, source: str | None = None) -> list[M
     if source in (None, "torchvision", "tv"):
         import torchvision
 
-        for name in _tv_names(classification_only=True):
+        for name in _tv_names():
             if fnmatch.fnmatch(name, pat) or fnmatch.fnmatch(f"tv:{name}", pat):
                 builder = torchvision.models.get_model_builder(name)
                 native = _module_mentions(builder.__module__, "stochastic_depth_prob", memo)
-                out.append(ModelEntry(f"tv:{name}", native))
+                out.append(ModelEntry(f"tv:{name}", native, _tv_task(name)))
+    if source in ("hf", "transformers") or (source is None and _hf_installed()):
+        from dpatch._hf import hf_entries
+
+        # class names are CamelCase: 'convnext*' finds hf:ConvNextForImageClassification
+        low = pat.lower()
+        out += [
+            e
+            for e in hf_entries()
+            if fnmatch.fnmatchcase(e.spec[3:].lower(), low)
+            or fnmatch.fnmatchcase(e.spec.lower(), low)
+        ]
     return out
-
-
-# --------------------------------------------------------------------------- native rates
-class _LightBuild(torch.overrides.TorchFunctionMode):
-    """Build big tensors on the meta device and small ones on the CPU.
-
-    Parameters (large) cost nothing and their random init is skipped; small tensors such
-    as ``torch.linspace(0, rate, depth)`` stay real, so ``.item()``/``.tolist()`` during
-    construction (timm, torchvision RegNet) still work.
-    """
-
-    _FACTORIES = frozenset(
-        {torch.empty, torch.zeros, torch.ones, torch.full, torch.rand, torch.randn}
-    )
-
-    def __torch_function__(
-        self, func: Any, types: Any, args: Any = (), kwargs: dict[str, Any] | None = None
-    ) -> Any:
-        kwargs = kwargs or {}
-        if func in self._FACTORIES and kwargs.get("device") is None:
-            shape = args[0] if len(args) == 1 and isinstance(args[0], list | tuple) else args
-            numel = 1
-            for d in shape:
-                numel *= int(d) if isinstance(d, int) else 1
-            if numel > 4096:
-                kwargs["device"] = "meta"
-        return func(*args, **kwargs)
-
-
-def build_light(fn: Callable[[], nn.Module]) -> nn.Module:
-    """Call a model constructor cheaply (see ``_LightBuild``), falling back to a full build
-    when the constructor needs the values of a tensor that went to the meta device (timm's
-    Swin-V2 copies into a buffer: ``NotImplementedError``; ``.item()``: ``RuntimeError``).
-    Anything else (a bad argument, a failed download) is the caller's to report."""
-    try:
-        with _LightBuild():
-            return fn()
-    except (NotImplementedError, RuntimeError):
-        return fn()
-
-
-def _library(model: nn.Module) -> str:
-    meta = block_meta(model)
-    mod = (meta.orig_cls if meta is not None else type(model)).__module__
-    if mod.startswith("timm."):
-        return "timm"
-    if mod.startswith("torchvision."):
-        return "torchvision"
-    return "other"
-
-
-def _tv_identify(model: nn.Module) -> str:
-    """The torchvision builder name whose architecture matches ``model``'s parameters."""
-    import torchvision
-
-    shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    cls_module = type(model).__module__
-    for name in _tv_names():
-        builder = torchvision.models.get_model_builder(name)
-        if builder.__module__ != cls_module:
-            continue
-        ref = build_light(functools.partial(builder, weights=None))
-        if {k: tuple(v.shape) for k, v in ref.state_dict().items()} == shapes:
-            return name
-    raise InvalidValueError(
-        f"cannot tell which torchvision builder made this {type(model).__name__}; build it "
-        "with dpatch (tv:NAME) to use schedule 'native'"
-    )
-
-
-def _slot_rates(ref: nn.Module) -> dict[str, float]:
-    from dpatch.sites import is_slot_module, slot_settings
-
-    return {
-        name: slot_settings(mod).rate
-        for name, mod in ref.named_modules()
-        if name and is_slot_module(mod, name.rsplit(".", 1)[-1])
-    }
-
-
-def native_rates(model: nn.Module, max_rate: float) -> dict[str, float]:
-    """Per-slot rates (qualified slot name -> rate) the model's own library would give it
-    for ``max_rate``: timm ``create_model(..., drop_path_rate=)``, torchvision
-    ``stochastic_depth_prob=``.
-
-    Raises:
-        InvalidValueError: the model's library has no such argument for this model, or the
-            model's origin is unknown.
-    """
-    spec = spec_of(model)
-    lib = spec.source if spec is not None else _library(model)
-    if lib == "timm" and spec is not None:
-        import timm
-
-        kw = dict(spec.kwargs)
-        kw.pop("drop_path_rate", None)
-        try:
-            ref = build_light(
-                functools.partial(timm.create_model, spec.name, drop_path_rate=max_rate, **kw)
-            )
-        except TypeError as exc:
-            raise InvalidValueError(
-                f"timm model {spec.name!r} takes no drop_path_rate, so it has no native "
-                "schedule; use --schedule linear (timm's usual rule)"
-            ) from exc
-        rates = _slot_rates(ref)
-        if max_rate > 0 and not any(r > 0 for r in rates.values()):
-            raise InvalidValueError(
-                f"timm model {spec.name!r} ignores drop_path_rate; use --schedule linear"
-            )
-        return rates
-    if lib == "torchvision":
-        name = spec.name if spec is not None else _tv_identify(model)
-        kw = dict(spec.kwargs) if spec is not None else {}
-        kw.pop("stochastic_depth_prob", None)
-        return _tv_native_rates(name, max_rate, kw)
-    raise InvalidValueError(
-        "schedule 'native' needs a timm or torchvision model whose library sets drop-path "
-        "rates; use linear, uniform, huang, efficientnet, cosine or custom"
-    )
-
-
-def _tv_native_rates(name: str, max_rate: float, kw: dict[str, Any]) -> dict[str, float]:
-    import torchvision
-
-    builder = torchvision.models.get_model_builder(name)
-    if "stochastic_depth_prob" not in inspect.getsource(sys.modules[builder.__module__]):
-        raise InvalidValueError(
-            f"torchvision model {name!r} takes no stochastic_depth_prob, so it has no native "
-            "schedule; use --schedule linear"
-        )
-    try:
-        ref = build_light(lambda: builder(weights=None, stochastic_depth_prob=max_rate, **kw))
-        return _slot_rates(ref)
-    except TypeError as exc:
-        if "multiple values" not in str(exc):
-            raise
-    # Swin and MaxViT builders fix the rate themselves. Every torchvision rule is linear in
-    # it (r*i/(N-1), r*i/N), so the builder's rates are scaled from its own default.
-    match = re.search(r"stochastic_depth_prob=([0-9.]+)", inspect.getsource(builder))
-    if match is None or float(match.group(1)) <= 0:
-        raise InvalidValueError(
-            f"cannot read the default stochastic_depth_prob of torchvision {name!r}; "
-            "use --schedule linear"
-        )
-    default = float(match.group(1))
-    ref = build_light(lambda: builder(weights=None, **kw))
-    return {k: v * max_rate / default for k, v in _slot_rates(ref).items()}

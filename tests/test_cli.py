@@ -108,7 +108,10 @@ def test_list_command() -> None:
     names = {e["model"]: e["native"] for e in json.loads(out)}
     assert names["timm:convnext_atto"] is True
     code, out, _ = cli("list", "resnet18", "--source", "tv", "--json")
-    assert {e["model"]: e["native"] for e in json.loads(out)} == {"tv:resnet18": False}
+    assert {e["model"]: e["native"] for e in json.loads(out)} == {
+        "tv:resnet18": False,
+        "tv:quantized_resnet18": False,  # every torchvision builder is listed
+    }
 
 
 def test_python_factory_spec(tmp_path: Path) -> None:

@@ -1,4 +1,5 @@
-"""Static oracle: number of residual additions in torchvision classification models.
+"""Static oracle: number of residual additions in every torchvision model (classification,
+quantization, detection, segmentation, video, optical flow).
 
 No tracing, no forward pass: the count is derived from the *module classes* that
 torchvision uses and the flags those classes store at construction time.  Every
@@ -18,6 +19,10 @@ residual_blocks(model, include_zero=False) -> dict[str, int]
     own forward (the module that owns the ``+``).
 residual_block_classes(model) -> dict[str, str]
     qualified module name -> "module.Class" of the owning block (for reporting).
+
+Detection and segmentation models add no residual of their own: their residual blocks are
+the classification blocks of their backbone (``backbone.body`` / ``backbone``), and their
+FPN, heads and transforms are listed as zero-add classes with the reason.
 
 Classes are matched by class *object* through the MRO (most specific rule wins),
 never by class name: torchvision has two classes called ``InvertedResidual``
@@ -60,6 +65,22 @@ _vgg = _tvm("vgg")
 _vit = _tvm("vision_transformer")
 _ops_misc = importlib.import_module("torchvision.ops.misc")
 _ops_sd = importlib.import_module("torchvision.ops.stochastic_depth")
+_ops_fpn = importlib.import_module("torchvision.ops.feature_pyramid_network")
+_ops_poolers = importlib.import_module("torchvision.ops.poolers")
+_utils = _tvm("_utils")
+_vresnet = _tvm("video.resnet")
+_mvit = _tvm("video.mvit")
+_s3d = _tvm("video.s3d")
+_swin3d = _tvm("video.swin_transformer")
+_raft = _tvm("optical_flow.raft")
+_det = {
+    name: _tvm(f"detection.{name}")
+    for name in (
+        "anchor_utils", "backbone_utils", "faster_rcnn", "fcos", "keypoint_rcnn", "mask_rcnn",
+        "retinanet", "roi_heads", "rpn", "ssd", "ssdlite", "transform",
+    )
+}  # fmt: skip
+_seg = {name: _tvm(f"segmentation.{name}") for name in ("deeplabv3", "fcn", "lraspp")}
 
 
 def _always(n: int) -> Callable[[nn.Module], int]:
@@ -104,6 +125,18 @@ _RULES: dict[type, Callable[[nn.Module], int]] = {
     _maxvit.MBConv: _always(1),
     # maxvit.py PartitionAttentionLayer: two `x = x + self.stochastic_dropout(...)`. 2.
     _maxvit.PartitionAttentionLayer: _always(2),
+    # video/resnet.py: `out += residual`, residual = x or self.downsample(x). Always 1.
+    _vresnet.BasicBlock: _always(1),
+    _vresnet.Bottleneck: _always(1),
+    # video/mvit.py MultiscaleBlock: `x = x_skip + self.stochastic_depth(x_attn)` and
+    # `return x_proj + self.stochastic_depth(self.mlp(x_norm2))`. 2.
+    _mvit.MultiscaleBlock: _always(2),
+    # video/swin_transformer.py builds 2-D swin_transformer.SwinTransformerBlock (rule above)
+    # with ShiftedWindowAttention3d.
+    # optical_flow/raft.py ResidualBlock / BottleneckBlock: `return self.relu(x + y)`,
+    # x = input or self.downsample(input). Always 1.
+    _raft.ResidualBlock: _always(1),
+    _raft.BottleneckBlock: _always(1),
 }
 
 # Classes verified to own no residual add in their forward (documentation +
@@ -169,6 +202,90 @@ _ZERO = {
     _ops_misc.MLP,
     _ops_misc.Permute,
     _ops_sd.StochasticDepth,
+    _ops_misc.Conv3dNormActivation,
+    _ops_misc.FrozenBatchNorm2d,  # `x * scale + bias`: a per-channel affine
+    # ---- video
+    _vresnet.VideoResNet,
+    _vresnet.BasicStem,
+    _vresnet.R2Plus1dStem,
+    _vresnet.Conv3DSimple,
+    _vresnet.Conv2Plus1D,
+    _vresnet.Conv3DNoTemporal,
+    _mvit.MViT,
+    _mvit.PositionalEncoding,  # `x.add_(pos_embedding)`: positional embedding
+    _mvit.Pool,
+    # MultiscaleAttention: `attn + rel_pos` (bias), and MViTv2's pooling residual
+    # `x += q` (residual_pool): a skip inside the attention with no stochastic-depth slot;
+    # torchvision drops only the block's two residuals, and native slots define the sites.
+    _mvit.MultiscaleAttention,
+    _s3d.S3D,
+    _s3d.SepInceptionBlock3D,  # torch.cat
+    _s3d.TemporalSeparableConv,
+    _swin3d.SwinTransformer3d,
+    _swin3d.PatchEmbed3d,
+    _swin3d.ShiftedWindowAttention3d,  # `attn + relative_position_bias`, `attn + attn_mask`
+    # ---- optical flow
+    _raft.RAFT,  # `coords1 = coords1 + delta_flow`: the flow estimate's iterative update
+    _raft.FeatureEncoder,
+    _raft.MotionEncoder,  # torch.cat
+    # ConvGRU: `h = (1 - z) * h + z * q` is a gated interpolation (a GRU update): dropping
+    # `z * q` leaves `(1 - z) * h`, not the input. Not a residual branch.
+    _raft.ConvGRU,
+    _raft.RecurrentBlock,
+    _raft.FlowHead,
+    _raft.UpdateBlock,
+    _raft.MaskPredictor,
+    _raft.CorrBlock,  # `centroids_coords + delta`: coordinates
+    # ---- detection: residual blocks live in the backbone (classification classes above)
+    _utils.IntermediateLayerGetter,
+    _ops_fpn.FeaturePyramidNetwork,  # `inner_lateral + inner_top_down`: top-down merge of two maps
+    _ops_fpn.LastLevelMaxPool,
+    _ops_fpn.LastLevelP6P7,
+    _ops_poolers.MultiScaleRoIAlign,
+    _det["anchor_utils"].AnchorGenerator,
+    _det["anchor_utils"].DefaultBoxGenerator,
+    _det["backbone_utils"].BackboneWithFPN,
+    _det["transform"].GeneralizedRCNNTransform,
+    _det["rpn"].RPNHead,
+    _det["rpn"].RegionProposalNetwork,  # box decoding arithmetic
+    _det["roi_heads"].RoIHeads,  # box and keypoint arithmetic
+    _det["faster_rcnn"].FasterRCNN,
+    _det["faster_rcnn"].TwoMLPHead,
+    _det["faster_rcnn"].FastRCNNConvFCHead,
+    _det["faster_rcnn"].FastRCNNPredictor,
+    _det["mask_rcnn"].MaskRCNN,
+    _det["mask_rcnn"].MaskRCNNHeads,
+    _det["mask_rcnn"].MaskRCNNPredictor,
+    _det["keypoint_rcnn"].KeypointRCNN,
+    _det["keypoint_rcnn"].KeypointRCNNHeads,
+    _det["keypoint_rcnn"].KeypointRCNNPredictor,
+    _det["retinanet"].RetinaNet,
+    _det["retinanet"].RetinaNetHead,
+    _det["retinanet"].RetinaNetClassificationHead,
+    _det["retinanet"].RetinaNetRegressionHead,
+    _det["fcos"].FCOS,
+    _det["fcos"].FCOSHead,
+    _det["fcos"].FCOSClassificationHead,
+    _det["fcos"].FCOSRegressionHead,
+    _det["ssd"].SSD,
+    _det["ssd"].SSDHead,
+    _det["ssd"].SSDClassificationHead,
+    _det["ssd"].SSDRegressionHead,
+    _det["ssd"].SSDFeatureExtractorVGG,
+    _det["ssdlite"].SSDLiteHead,
+    _det["ssdlite"].SSDLiteClassificationHead,
+    _det["ssdlite"].SSDLiteRegressionHead,
+    _det["ssdlite"].SSDLiteFeatureExtractorMobileNet,
+    # ---- segmentation
+    _seg["deeplabv3"].DeepLabV3,
+    _seg["deeplabv3"].DeepLabHead,
+    _seg["deeplabv3"].ASPP,  # torch.cat
+    _seg["deeplabv3"].ASPPConv,
+    _seg["deeplabv3"].ASPPPooling,
+    _seg["fcn"].FCN,
+    _seg["fcn"].FCNHead,
+    _seg["lraspp"].LRASPP,
+    _seg["lraspp"].LRASPPHead,  # `low_classifier(low) + high_classifier(x)`: two heads' sum
 }
 
 
@@ -204,7 +321,7 @@ def residual_blocks(
     """
     out: dict[str, int] = {}
     for name, m in model.named_modules():
-        if strict and type(m).__module__.startswith("torchvision.models") and not _known(m):
+        if strict and type(m).__module__.startswith("torchvision.") and not _known(m):
             raise KeyError(
                 f"unclassified torchvision class {type(m).__module__}.{type(m).__qualname__} at {name!r}"
             )

@@ -69,14 +69,15 @@ def list_cmd(
         ),
     ] = None,
     source: Annotated[
-        str | None, typer.Option("--source", metavar="timm|tv", help="Only one library.")
+        str | None, typer.Option("--source", metavar="timm|tv|hf", help="Only one library.")
     ] = None,
     native_only: Annotated[
         bool, typer.Option("--native", help="Only models with native DropPath slots.")
     ] = False,
     as_json: JsonOpt = False,
 ) -> None:
-    """List model names from timm and torchvision, marking those with native slots.
+    """List model names from timm, torchvision (every task) and transformers (vision
+    classes, when installed), marking those with native slots.
 
     Example: dpatch list 'convnext*' --native
     """
@@ -88,6 +89,7 @@ def list_cmd(
     if native_only:
         entries = [e for e in entries if e.native]
     if as_json:
-        typer.echo(json.dumps([{"model": e.spec, "native": e.native} for e in entries], indent=2))
+        doc = [{"model": e.spec, "native": e.native, "task": e.task} for e in entries]
+        typer.echo(json.dumps(doc, indent=2))
     else:
         render_list(out(), entries)
