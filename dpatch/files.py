@@ -161,7 +161,10 @@ def _check_readable(path: Path) -> None:
 
 
 def _is_safetensors(path: Path) -> bool:
-    """safetensors files start with an 8-byte little-endian header size, then '{'."""
+    """safetensors files start with an 8-byte little-endian header size, then '{'; a file
+    named ``.safetensors`` is read as one (so a damaged one says so)."""
+    if path.suffix == ".safetensors":
+        return True
     with path.open("rb") as f:
         head = f.read(9)
     return len(head) == 9 and head[8:9] == b"{"

@@ -248,11 +248,7 @@ def check_invariants(model: nn.Module, x: Any, patch: Callable[[nn.Module], Any]
     zero_native_rates(model)
     train_ref = run(model, x, train=True)
     patch(model)
-    after = model.state_dict()
-    if list(after) != list(before):
-        yield f"state_dict keys changed: {sorted(set(after) ^ set(before))[:5]}"
-    elif not all(torch.equal(after[k], before[k]) for k in before):
-        yield "state_dict tensors changed"
+    yield from state_changes(before, model.state_dict())
     if not torch.equal(run(model, x, train=False), eval_ref):
         yield "eval output differs"
     from dpatch import DropPath
@@ -262,6 +258,14 @@ def check_invariants(model: nn.Module, x: Any, patch: Callable[[nn.Module], Any]
             m.drop_prob = 0.0
     if not torch.equal(run(model, x, train=True), train_ref):
         yield "train output at rate 0 differs"
+
+
+def state_changes(before: dict[str, torch.Tensor], after: dict[str, torch.Tensor]) -> Iterator[str]:
+    """A message if ``after`` has other state_dict keys or tensors than ``before``."""
+    if list(after) != list(before):
+        yield f"state_dict keys changed: {sorted(set(after) ^ set(before))[:5]}"
+    elif not all(torch.equal(after[k], before[k]) for k in before):
+        yield "state_dict tensors changed"
 
 
 def zero_native_rates(model: nn.Module) -> None:

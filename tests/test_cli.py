@@ -204,6 +204,8 @@ def weights(tmp_path: Path) -> dict[str, Path]:
     files["truncated"].write_bytes(data[: len(data) // 3])
     files["corrupt"] = tmp_path / "corrupt.pth"
     files["corrupt"].write_bytes(b"\x00garbage" * 100)
+    files["garbage"] = tmp_path / "garbage.safetensors"  # no safetensors header at all
+    files["garbage"].write_bytes(bytes(range(256)) * 4)
     files["other"] = tmp_path / "r34.safetensors"
     save_file(torchvision.models.resnet34().state_dict(), str(files["other"]))
     files["unreadable"] = tmp_path / "folder.pt"
@@ -221,6 +223,7 @@ class _Config:
         ("pickle", ["weights-only"]),
         ("truncated", ["corrupt or truncated"]),
         ("corrupt", ["corrupt.pth", "not a readable checkpoint"]),
+        ("garbage", ["garbage.safetensors", "corrupt or truncated"]),
         ("other", ["do not fit tv:resnet18", "unexpected keys"]),
         ("unreadable", ["is a folder"]),
     ],
@@ -234,6 +237,18 @@ def test_weight_errors(
     )
     assert code == 1 and stdout == ""
     one_line_error(err, *needles)
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("command", ["inspect", "retune", "verify"])
+def test_damaged_safetensors_file_is_a_one_line_error(
+    weights: dict[str, Path], tmp_path: Path, command: str
+) -> None:
+    out = tmp_path / "out.safetensors"
+    args = ["--max-rate", "0.1", "-o", str(out)] if command == "retune" else []
+    code, stdout, err = cli(command, str(weights["garbage"]), *args)
+    assert code == 1 and stdout == ""
+    one_line_error(err, "garbage.safetensors", "not a valid safetensors file")
     assert not out.exists()
 
 

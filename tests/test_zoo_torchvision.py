@@ -27,7 +27,7 @@ import pytest
 import torch
 import torchvision
 import tv_oracle
-from helpers import check_invariants, snapshot
+from helpers import check_invariants, snapshot, state_changes
 from torch import Tensor, nn
 from torchvision.ops import StochasticDepth
 
@@ -206,11 +206,7 @@ def check_eval_invariants(
     ref = _eval_outputs(model, x)
     assert ref, "the model returned no tensors"
     patch(model)
-    after = model.state_dict()
-    if list(after) != list(before):
-        yield f"state_dict keys changed: {sorted(set(after) ^ set(before))[:5]}"
-    elif not all(torch.equal(after[k], before[k]) for k in before):
-        yield "state_dict tensors changed"
+    yield from state_changes(before, model.state_dict())
     got = _eval_outputs(model.eval(), x)
     if len(got) != len(ref) or not all(torch.equal(a, b) for a, b in zip(got, ref, strict=True)):
         yield "eval output differs"
