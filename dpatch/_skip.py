@@ -49,7 +49,7 @@ def {name}(self, residual, {params}):
             else:
                 index = slot.keep_indices(residual)
                 return slot.scatter_add(residual, self.{branch}({gathered}), index, {alpha!r})
-    return slot(self.{branch}({params}), residual, {alpha!r})
+    return slot(self.{branch}({params}), residual, {alpha!r}{first})
 """
 
 

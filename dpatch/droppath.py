@@ -202,6 +202,7 @@ def _scripted_drop(
     training: bool,
     mode: str,
     scaling: str,
+    branch_first: bool,
 ) -> Tensor:
     """The op as TorchScript can compile it (no argument checks; same arithmetic)."""
     if residual is None:
@@ -216,7 +217,9 @@ def _scripted_drop(
     if p == 0.0 or not training:
         if p > 0.0 and scaling == "expected":
             return torch.add(residual, x, alpha=alpha * (1.0 - p))
-        return residual + x if alpha == 1.0 else torch.add(residual, x, alpha=alpha)
+        if alpha == 1.0:
+            return x + residual if branch_first else residual + x
+        return torch.add(residual, x, alpha=alpha)
     lead = x.shape[0] if mode == "row" else 1
     shape = [lead] + [1] * (x.dim() - 1)
     mask = torch.empty(shape, dtype=x.dtype, device=x.device).bernoulli_(1.0 - p)
@@ -329,24 +332,38 @@ class DropPath(nn.Module):
         x: Tensor,
         residual: Optional[Tensor] = None,  # noqa: UP045 - TorchScript reads typing.Optional
         alpha: float = 1.0,
+        branch_first: bool = False,
     ) -> Tensor:
+        """``x`` with stochastic depth; with ``residual``, ``residual + alpha * x`` in one pass.
+
+        ``branch_first`` says the model wrote ``x + residual``: where nothing is dropped or
+        scaled (eval, rate 0) the sum keeps that order, and with it the memory layout the
+        model's own addition gives its output.
+        """
         if torch.jit.is_scripting():
             return _scripted_drop(
-                x, residual, alpha, self._p, self.training, self.mode, self.scaling
+                x, residual, alpha, self._p, self.training, self.mode, self.scaling, branch_first
             )
         else:
-            return self._forward(x, residual, alpha)
+            return self._forward(x, residual, alpha, branch_first)
 
     @torch.jit.unused
-    def _forward(self, x: Tensor, residual: Tensor | None, alpha: float) -> Tensor:
+    def _forward(
+        self, x: Tensor, residual: Tensor | None, alpha: float, branch_first: bool = False
+    ) -> Tensor:
         if isinstance(x, torch.fx.Proxy):
             # Any torch.fx tracer (not only dpatch's) keeps this module a leaf, so a traced
             # graph reads ``self.training`` and ``self.drop_prob`` at run time instead of
             # baking in the values they had while tracing.
             tracer = x.tracer
             args = (x,) if residual is None else (x, residual)
-            kwargs = {} if alpha == 1.0 else {"alpha": alpha}
+            kwargs: dict[str, Any] = {} if alpha == 1.0 else {"alpha": alpha}
+            if branch_first:
+                kwargs["branch_first"] = True
             return tracer.create_proxy("call_module", tracer.path_of_module(self), args, kwargs)
+        plain = self._p == 0.0 or (not self.training and self.scaling != "expected")
+        if branch_first and plain and residual is not None and alpha == 1.0:
+            return x + residual
         if self.training and torch.compiler.is_compiling():
             return _drop_rate_tensor(x, residual, alpha, self._rate, self.mode, self.scaling)
         if self.training and self.mode == "batch" and self.seed is not None:

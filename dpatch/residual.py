@@ -104,6 +104,13 @@ class ResidualAdd:
     alpha: float = 1.0
     slot_node: fx.Node | None = None
 
+    @property
+    def branch_first(self) -> bool:
+        """Whether the branch is the first operand (``f(x) + x``). A sum takes its first
+        operand's memory layout where the two differ, so the slot call keeps the order."""
+        ops = add_operands(self.node)
+        return ops is not None and ops.first is self.branch
+
 
 @dataclass(frozen=True)
 class BlockSite:

@@ -78,6 +78,7 @@ class _Edit:
     branch: fx.Node
     alpha: float
     slot_node: fx.Node | None
+    branch_first: bool
 
 
 def _graph_source(graph: fx.Graph, name: str) -> tuple[str, str, dict[str, Any]]:
@@ -142,7 +143,14 @@ def _generate(
         a = s.add
         slot_node = val_map[a.slot_node] if a.slot_node is not None else None
         edits.append(
-            _Edit(val_map[a.node], val_map[a.shortcut], val_map[a.branch], a.alpha, slot_node)
+            _Edit(
+                val_map[a.node],
+                val_map[a.shortcut],
+                val_map[a.branch],
+                a.alpha,
+                slot_node,
+                a.branch_first,
+            )
         )
     # Native slots leave the graph: the slot module is re-entered at the addition.
     for e in edits:
@@ -179,7 +187,8 @@ def _generate(
                 args: tuple[Any, ...] = (e.branch, e.shortcut)
                 if e.alpha != 1.0:
                     args = (*args, e.alpha)
-                new = graph.call_module(site.attr, args)
+                kwargs: dict[str, Any] = {"branch_first": True} if e.branch_first else {}
+                new = graph.call_module(site.attr, args, kwargs)
             skippable.append(False)
             reasons.append(plan)
         else:
@@ -199,6 +208,7 @@ def _generate(
                 params=", ".join(params),
                 gathered=", ".join(gathered),
                 alpha=e.alpha,
+                first=", branch_first=True" if e.branch_first else "",
             )
             with graph.inserting_before(e.node):
                 new = graph.call_module(site_fn, (e.shortcut, *plan.externals))

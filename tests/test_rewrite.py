@@ -45,7 +45,7 @@ def forward(self, x : torch.Tensor):
 MASK_IADD = """\
 def forward(self, x : torch.Tensor):
     f = self.f(x)
-    drop_path = self.drop_path(f, x);  f = x = None
+    drop_path = self.drop_path(f, x, branch_first = True);  f = x = None
     return drop_path"""
 
 SKIP_FORWARD = """\
@@ -78,6 +78,51 @@ def test_golden_skipping_source() -> None:
     assert site.startswith("def _dpatch_site0(self, residual, x):\n    slot = self.drop_path")
     assert "self._dpatch_branch0(gather_rows(x, index))" in site  # row subset
     assert site.endswith("return slot(self._dpatch_branch0(x), residual, 1.0)")  # masking
+
+
+class BranchFirst(nn.Module):
+    """``f(y) + y`` with ``y`` a transposed view: the sum takes the branch's layout."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.f = nn.Linear(8, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = x.transpose(1, 2)
+        return self.f(y) + y
+
+
+class BranchFirstShapes(BranchFirst):
+    """The same behind control flow on a shape (rewritten at source level)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = x.transpose(1, 2)
+        if y.shape[-1] == 8:
+            return self.f(y) + y
+        return y
+
+
+@pytest.mark.parametrize("cls", [BranchFirst, BranchFirstShapes])
+@pytest.mark.parametrize("skip", [False, True])
+def test_branch_first_sum_keeps_the_model_layout(cls: type[nn.Module], skip: bool) -> None:
+    # A sum takes its first operand's layout: were the slot call to add in the other
+    # order, outputs would be equal but strided differently, and a reduction downstream
+    # (transformers' VideoMAE mean-pools) would differ in the last bits.
+    model = nn.Sequential(cls())
+    x = torch.randn(2, 8, 5)
+    ref = model.eval()(x)
+    assert not ref.is_contiguous() or ref.stride() != x.transpose(1, 2).stride()
+    report = inject(model, 0.2, skip=skip, example_inputs=(x,))
+    assert [s.fused for s in report.sites] == [True]
+    for m in (model, torch.jit.script(model)):
+        got = m.eval()(x)
+        assert torch.equal(got, ref) and got.stride() == ref.stride()
+        assert torch.equal(got.mean(1), ref.mean(1))
+    for m in model.modules():
+        if isinstance(m, DropPath):
+            m.drop_prob = 0.0
+    got = model.train()(x)
+    assert torch.equal(got, ref) and got.stride() == ref.stride()
 
 
 def test_identical_blocks_share_one_generated_class() -> None:

@@ -108,7 +108,8 @@ def rebuild_blocks(
         env_alt: dict[fx.Node, Any] | None = None
         if before.skip:
             if skip_inputs is None:
-                skip_inputs = second_probe(model, an)
+                second = second_probe(model, an)  # ran when the block got its skipping form
+                skip_inputs = second if isinstance(second, dict) else {}
             call = skip_inputs.get(id(b.module))
             try:
                 env_alt = run_graph_meta(b.module, b.traced, call) if call else None
@@ -138,7 +139,13 @@ class Removed(nn.Module):
     ``slot(branch, residual)`` returns (a copy of) the residual, the plain form
     ``slot(branch)`` returns zeros."""
 
-    def forward(self, x: Tensor, residual: Tensor | None = None, alpha: float = 1.0) -> Tensor:
+    def forward(
+        self,
+        x: Tensor,
+        residual: Tensor | None = None,
+        alpha: float = 1.0,
+        branch_first: bool = False,
+    ) -> Tensor:
         # A copy: the addition it stands for made a new tensor, which the block may write.
         return torch.zeros_like(x) if residual is None else residual.clone()
 
