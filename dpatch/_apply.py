@@ -17,7 +17,7 @@ from dpatch._probe import Call, probe
 from dpatch._slots import SlotSettings
 from dpatch._trace import run_graph_meta
 from dpatch.droppath import DropPath
-from dpatch.errors import TraceError
+from dpatch.errors import ProbeError, TraceError
 from dpatch.results import Skipped
 from dpatch.rewrite import RewriteCache, rewrite_block, unpatch_block
 from dpatch.sites import Analysis, BlockSites
@@ -81,11 +81,19 @@ def unpatch_to_redo(model: nn.Module, *, skip: bool, coverage: str) -> int:
     return restored
 
 
-def second_probe(model: nn.Module, an: Analysis) -> dict[int, Call]:
-    """Block inputs at batch 3, to tell batched tensors from shared ones (skip planning)."""
+def second_probe(model: nn.Module, an: Analysis) -> dict[int, Call] | str:
+    """Block inputs at one more row than the example, to tell batched tensors from shared
+    ones (skip planning); or why the model does not run there (a video model that folds
+    frames into the batch), in which case its branches cannot run on a subset of rows."""
     first = next((v for v in an.example.values if isinstance(v, torch.Tensor) and v.dim()), None)
     batch = 3 if first is None else int(first.shape[0]) + 1
-    return probe(model, an.example.with_batch(batch)).inputs
+    try:
+        return probe(model, an.example.with_batch(batch)).inputs
+    except ProbeError as exc:
+        return (
+            f"the model does not run at batch {batch} ({exc.failure[:120]}), so its "
+            "branches cannot run on a subset of rows; masks instead"
+        )
 
 
 def apply_block(

@@ -74,7 +74,10 @@ def probe(model: nn.Module, example_inputs: Sequence[Any] | ExampleInputs | None
                         return result
                     failures.setdefault(i, result)
     tried = [(c, failures[i]) for i, c in enumerate(candidates)]
-    raise ProbeError(_explain(model, tried, given=candidates[0].source == "given"))
+    raise ProbeError(
+        _explain(model, tried, given=candidates[0].source == "given"),
+        tried[0][1] if tried else "",
+    )
 
 
 @contextmanager

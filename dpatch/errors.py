@@ -39,7 +39,15 @@ class ManifestError(DPatchError):
 
 class ProbeError(DPatchError):
     """The model could not be run on any input dpatch tried (or was given), so its residual
-    branches cannot be found; the message lists what was tried and how to give an input."""
+    branches cannot be found; the message lists what was tried and how to give an input.
+
+    Attributes:
+        failure: the first failure, one line (``RuntimeError: shape ... is invalid``).
+    """
+
+    def __init__(self, message: str, failure: str = "") -> None:
+        super().__init__(message)
+        self.failure = failure
 
 
 class NoResidualSitesError(DPatchError):

@@ -279,6 +279,12 @@ def _patch(
     # earlier keep their form, and each site its own setting.
     rewrite_skip = bool(req.skip)
     skip_inputs = second_probe(model, an) if rewrite_skip else None
+    if isinstance(skip_inputs, str):
+        skipped += [
+            Skipped(n, f"skip unavailable: {skip_inputs}") for n, s in settings.items() if s.skip
+        ]
+        settings = {n: dataclasses.replace(s, skip=False) for n, s in settings.items()}
+        rewrite_skip, skip_inputs = False, None
     cache = RewriteCache()
     for b in an.blocks:
         skipped += apply_block(b, settings, rewrite_skip, skip_inputs, cache, an)

@@ -213,6 +213,31 @@ def test_skip_fixed_seed_reproduces() -> None:
     assert torch.equal(a, b)
 
 
+class FramesInBatch(nn.Module):
+    """A video model that folds its 2 frames into the batch: it runs on even batches only."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.block = PlainRes()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.block(x)
+        return y.reshape(-1, 2, *y.shape[1:]).mean(1)
+
+
+def test_skip_on_a_model_that_runs_on_no_other_batch_masks_and_says_why() -> None:
+    # skip planning probes a second batch size (here 5): a model that cannot run there
+    # cannot run a branch on a subset of rows either, so its sites mask, with the reason
+    model = FramesInBatch()
+    x = example(batch=4)
+    report = inject(model, 0.5, schedule="uniform", skip=True, example_inputs=(x,))
+    assert [(s.fused, s.skip) for s in report.sites] == [(True, False)]
+    (note,) = [s.reason for s in report.skipped]
+    assert note.startswith("skip unavailable: the model does not run at batch 5 (")
+    assert "masks instead" in note
+    model.train()(x).sum().backward()  # masking runs at the model's own batch
+
+
 def test_skip_eval_is_bit_identical(net: nn.Module) -> None:
     x = example()
     problems = list(
