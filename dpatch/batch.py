@@ -164,26 +164,26 @@ _Group = Callable[[list[_Item]], Iterator[FileResult]]
 def _drive(
     items: list[_Item], group: _Group, keep_going: bool, *, by_skip: bool = False
 ) -> Iterator[FileResult]:
-    """Yield one result per item: a problem where it stands, a group at its first item;
-    stop after the first failure unless ``keep_going``."""
-    done: set[tuple[str, str, bool]] = set()
+    """Yield one result per item, in input order; stop after the first failure unless
+    ``keep_going``. Inputs of one architecture share a group (one built model), started at
+    its first input; each of its results is drawn when its input's turn comes, so a
+    stop leaves later inputs untouched."""
+    running: dict[tuple[str, str, bool], Iterator[FileResult]] = {}
     for item in items:
         if item.problem is not None:
-            results: Iterator[FileResult] = iter([_failed(item, item.problem)])
+            result = _failed(item, item.problem)
         elif item.spec is None:
-            results = group([item])
-        elif item.key(by_skip) in done:
-            continue
+            result = next(group([item]))
         else:
             key = item.key(by_skip)
-            done.add(key)
-            results = group(
-                [i for i in items if i.problem is None and i.spec and i.key(by_skip) == key]
-            )
-        for result in results:
-            yield result
-            if result.error is not None and not keep_going:
-                return
+            if key not in running:
+                running[key] = group(
+                    [i for i in items if i.problem is None and i.spec and i.key(by_skip) == key]
+                )
+            result = next(running[key])
+        yield result
+        if result.error is not None and not keep_going:
+            return
 
 
 def _build(members: list[_Item]) -> nn.Module:
