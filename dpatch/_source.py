@@ -36,6 +36,28 @@ def _forward_of(cls: type[nn.Module]) -> Callable[..., Any]:
     return fn
 
 
+#: Decorators that only write a forward's docstring (transformers'): a rewritten forward
+#: may go without them. Any other decorator may change behaviour, so its block is not
+#: rewritten.
+_DOC_DECORATORS = frozenset(
+    {
+        "auto_docstring",
+        "add_start_docstrings",
+        "add_start_docstrings_to_model_forward",
+        "add_code_sample_docstrings",
+        "replace_return_docstrings",
+    }
+)
+
+
+def _decorator_name(node: ast.expr) -> str:
+    """``auto_docstring`` for ``@auto_docstring``, ``@utils.auto_docstring(...)``."""
+    target = node.func if isinstance(node, ast.Call) else node
+    if isinstance(target, ast.Attribute):
+        return target.attr
+    return target.id if isinstance(target, ast.Name) else ""
+
+
 def _parse(fn: Callable[..., Any]) -> tuple[ast.FunctionDef, int, int]:
     """The forward's definition, its first line in the file, and the indent dedent removed."""
     try:
@@ -52,8 +74,10 @@ def _parse(fn: Callable[..., Any]) -> tuple[ast.FunctionDef, int, int]:
     fdef = tree.body[0] if tree.body else None
     if not isinstance(fdef, ast.FunctionDef):
         raise TraceError("its forward is not a plain function definition")
-    if fdef.decorator_list:
-        raise TraceError("its forward is decorated")
+    behaviour = [d for d in fdef.decorator_list if _decorator_name(d) not in _DOC_DECORATORS]
+    if behaviour:
+        raise TraceError(f"its forward is decorated (@{ast.unparse(behaviour[0])})")
+    fdef.decorator_list = []  # documentation only: the rewritten forward needs none
     return fdef, start, indent
 
 
@@ -128,9 +152,12 @@ class _Unwrap(ast.NodeTransformer):
 class _Rewrite(ast.NodeTransformer):
     """Replace each residual addition (by AST node identity) with its slot call."""
 
-    def __init__(self, this: str, plans: dict[int, tuple[BlockSite, bool]]) -> None:
+    def __init__(
+        self, this: str, plans: dict[int, tuple[BlockSite, bool]], unwrapped: set[int]
+    ) -> None:
         self.this = this
         self.plans = plans  # id(ast node) -> (site, branch is the second operand)
+        self.unwrapped = unwrapped  # additions whose slot call was removed where it stood
 
     def _call(self, node: ast.AST) -> ast.expr:
         site, branch_second = self.plans[id(node)]
@@ -138,7 +165,7 @@ class _Rewrite(ast.NodeTransformer):
         assert ops is not None and site.add is not None
         first, second = ops
         branch, shortcut = (second, first) if branch_second else (first, second)
-        if site.add.slot_node is not None:
+        if site.add.slot_node is not None and id(node) not in self.unwrapped:
             unwrap = _Unwrap(f"{self.this}.{site.add.slot_node.target}")
             branch = unwrap.visit(branch)
             if unwrap.found != 1:
@@ -149,7 +176,8 @@ class _Rewrite(ast.NodeTransformer):
         args: list[ast.expr] = [branch, shortcut]
         if site.add.alpha != 1.0:
             args.append(ast.Constant(site.add.alpha))
-        return ast.Call(_attr_chain(self.this, site.attr), args, [])
+        keywords = [] if branch_second else [ast.keyword("branch_first", ast.Constant(True))]
+        return ast.Call(_attr_chain(self.this, site.attr), args, keywords)
 
     def visit_BinOp(self, node: ast.BinOp) -> Any:
         self.generic_visit(node)
@@ -207,9 +235,39 @@ def rewrite_source(module: nn.Module, sites: list[BlockSite], spans: dict[Any, S
                 "written in its forward"
             )
         plans[id(found)] = (site, add.branch is add.node.args[1])
-    rewritten = _Rewrite(this, plans).visit(fdef)
+    unwrapped: set[int] = set()
+    for node in by_span.values():
+        if id(node) in plans and _unwrap_apart(fdef, this, node, *plans[id(node)]):
+            unwrapped.add(id(node))
+    rewritten = _Rewrite(this, plans, unwrapped).visit(fdef)
     ast.fix_missing_locations(rewritten)
     return ast.unparse(rewritten) + "\n"
+
+
+def _unwrap_apart(
+    fdef: ast.FunctionDef, this: str, node: ast.AST, site: BlockSite, branch_second: bool
+) -> bool:
+    """Remove a native slot's call that stands in a statement of its own before the
+    addition (``h = self.drop_path(h)`` then ``h = h + residual``), so the addition can
+    apply it. Only where the trace shows the slot's output feeds that addition alone and
+    the forward calls the slot once; True if removed."""
+    assert site.add is not None
+    slot_node = site.add.slot_node
+    if slot_node is None or list(slot_node.users) != [site.add.node]:
+        return False
+    target = f"{this}.{slot_node.target}"
+    ops = _operands(node)
+    assert ops is not None
+    branch = ops[1] if branch_second else ops[0]
+    if _count_calls(branch, target) != 0 or _count_calls(fdef, target) != 1:
+        return False
+    unwrap = _Unwrap(target)
+    fdef.body = [unwrap.visit(stmt) for stmt in fdef.body]
+    return unwrap.found == 1
+
+
+def _count_calls(tree: ast.AST, target: str) -> int:
+    return sum(isinstance(n, ast.Call) and ast.unparse(n.func) == target for n in ast.walk(tree))
 
 
 def compile_like(src: str, original: Callable[..., Any], filename: str) -> Callable[..., Any]:

@@ -3,6 +3,7 @@ source level, control flow kept for every input shape."""
 
 from __future__ import annotations
 
+import functools
 import pickle
 
 import pytest
@@ -97,7 +98,7 @@ def test_shape_branching_block_is_rewritten_and_keeps_both_paths() -> None:
     assert "if N % self.window:" in src  # the control flow is still there
     assert "x = self.drop_path(x, shortcut)" in src
     assert "out = self.drop_path1(self.g(x), out)" not in src  # out += x: branch is `out`
-    assert "out = self.drop_path1(out, x)" in src
+    assert "out = self.drop_path1(out, x, branch_first=True)" in src
     # eval is the unpatched computation, on the probed shape and on the other path
     assert torch.equal(run(block, even, train=False), ref_even)
     assert torch.equal(run(block, odd, train=False), ref_odd)
@@ -127,9 +128,86 @@ def test_hf_style_tuple_unpacking_kwargs_and_inplace_add() -> None:
         ("drop_path2", True),
     ]
     src = block_meta(block).code.functions[0][1]  # type: ignore[union-attr]
-    assert "(hidden := self.drop_path2(hidden, residual))" in src  # add_ kept in place
+    # add_ kept in place; the branch came first, and keeps its place (its memory layout)
+    assert "(hidden := self.drop_path2(hidden, residual, branch_first=True))" in src
     assert torch.equal(run(block, x, train=False), ref)
     assert torch.equal(run(block, x, train=False), run(block, (x,), train=False))
+
+
+def auto_docstring(fn):  # type: ignore[no-untyped-def]
+    """Stands for transformers' decorator of that name: it only writes a docstring."""
+    wrapper = functools.wraps(fn)(lambda *a, **k: fn(*a, **k))
+    wrapper.__doc__ = "documented"
+    return wrapper
+
+
+def doubles(fn):  # type: ignore[no-untyped-def]
+    """A decorator that changes what the forward returns."""
+    return functools.wraps(fn)(lambda *a, **k: 2 * fn(*a, **k))
+
+
+class SlotApart(nn.Module):
+    """Hugging Face's QianfanOCR layer: the slot in a statement of its own before the sum,
+    a docstring decorator, tuple unpacking."""
+
+    def __init__(self, c: int = 8) -> None:
+        super().__init__()
+        self.attention = TupleChild(c)
+        self.mlp = mlp(c)
+        self.drop_path1 = nn.Identity()
+        self.drop_path2 = nn.Identity()
+
+    @auto_docstring
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        _, n, _ = hidden.shape
+        if n % 2:  # plain torch.fx cannot trace a branch on a shape: rewritten at source level
+            hidden = hidden * 1.0
+        residual = hidden
+        hidden, _ = self.attention(hidden)
+        hidden = self.drop_path1(hidden)
+        hidden = hidden + residual
+        return self.drop_path2(self.mlp(hidden)) + hidden
+
+
+class Doubled(SlotApart):
+    @doubles
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        _, n, _ = hidden.shape
+        if n % 2:
+            hidden = hidden * 1.0
+        residual = hidden
+        hidden, _ = self.attention(hidden)
+        return self.drop_path2(self.mlp(hidden)) + residual
+
+
+def test_slot_in_its_own_statement_and_a_docstring_decorator() -> None:
+    torch.manual_seed(0)
+    block = SlotApart()
+    x = torch.randn(2, 5, 8)
+    ref = run(block, x, train=False)
+    report = inject(block, 0.3, schedule="uniform", example_inputs=(x,))
+    assert [(s.branch, s.kind, s.fused) for s in report.sites] == [
+        ("drop_path1", "native", True),
+        ("drop_path2", "native", True),
+    ]
+    src = block_meta(block).code.functions[0][1]  # type: ignore[union-attr]
+    assert "@" not in src and "hidden = hidden\n" in src
+    assert "hidden = self.drop_path1(hidden, residual, branch_first=True)" in src
+    assert torch.equal(run(block, x, train=False), ref)
+    block.train()
+    torch.manual_seed(0)
+    out = block(torch.randn(64, 5, 8))
+    assert out.shape == (64, 5, 8)
+
+
+def test_a_decorator_that_may_change_behaviour_keeps_the_block_unfused() -> None:
+    block = Doubled()
+    x = torch.randn(2, 5, 8)
+    ref = run(block, x, train=False)
+    report = inject(block, 0.2, example_inputs=(x,))
+    assert [s.fused for s in report.sites] == [False]
+    assert any("decorated (@doubles)" in s.reason for s in report.skipped)
+    assert torch.equal(run(block, x, train=False), ref)
 
 
 def test_zero_argument_super_still_works() -> None:
