@@ -53,6 +53,12 @@ def small():
     m(torch.zeros(1, 3, 8, 8))
     m.pretrained_cfg = {"input_size": (3, 8, 8)}
     return m
+
+
+def unsized():  # runs on 3x8x8 images only, and says so nowhere
+    m = small()
+    del m.pretrained_cfg
+    return m
 """
 
 
@@ -254,3 +260,21 @@ def test_fold_round_trip_and_refusal(work: Path, tmp_path: Path) -> None:
     assert code == 1
     one_line_error(err, "cannot fold 0.drop_path")
     assert not (work / "d.safetensors").exists()
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ("sensitivity", "--synthetic", "4"),
+        ("prune", "--drop", "1", "--iterations", "1"),
+        ("fold", "-o", "folded.safetensors"),
+    ],
+)
+def test_depth_commands_take_the_input_shape(work: Path, args: tuple[str, ...]) -> None:
+    command, *rest = args
+    code, _, err = cli(command, "mods:unsized", *rest, cwd=work)
+    assert code == 1
+    one_line_error(err, "could not run Sequential", "--input-shape")
+    code, out, err = cli(command, "mods:unsized", *rest, "--input-shape", "2,3,8,8", cwd=work)
+    assert code == 0, err
+    assert ("3 sites" in out) if command == "prune" else out

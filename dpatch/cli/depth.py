@@ -11,19 +11,24 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Any
 
+import torch
 import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
+from dpatch._meta import materialise
 from dpatch._version import __version__
 from dpatch.cli._app import about, app, err, load, out, step
 from dpatch.cli._options import (
     ArchOpt,
     ForceOpt,
+    InputDtypeOpt,
+    InputShapeOpt,
     JsonOpt,
     ModelArg,
     OutOpt,
     PretrainedOpt,
     WeightsOpt,
+    parse_inputs,
     parse_rate,
 )
 from dpatch.depth._render import render_fold, render_prune_stats, render_sensitivity
@@ -99,12 +104,15 @@ def sensitivity_cmd(
     weights: WeightsOpt = None,
     pretrained: PretrainedOpt = False,
     arch: ArchOpt = None,
+    input_shape: InputShapeOpt = None,
+    input_dtype: InputDtypeOpt = None,
 ) -> None:
     """Measure what each residual branch is worth: the model with that branch removed.
 
     Example: dpatch sensitivity timm:resnet18 --data val/ --suggest 0.3 -o rates.json
     """
     top = parse_rate(suggest, "--suggest") if suggest is not None else None
+    example = parse_inputs(input_shape, input_dtype)
     if (top is None) != (output is None):
         raise InvalidValueError("--suggest MAX_RATE and -o FILE go together (-o gets the rates)")
     if output is not None:
@@ -112,7 +120,7 @@ def sensitivity_cmd(
     loaded = load(model, weights=weights, pretrained=pretrained, arch=arch, quiet=as_json)
     name = loaded.spec.text if loaded.spec else model
     with step("Loading data", as_json):
-        ds = load_data(data, loaded.model, synthetic=synthetic, limit=limit)
+        ds = load_data(data, loaded.model, synthetic=synthetic, limit=limit, example_inputs=example)
     with _progress("Removing branches", as_json) as update, about(name):
         report = sensitivity(
             loaded.model, ds.inputs, ds.targets, batch_size=batch_size, progress=update
@@ -184,6 +192,8 @@ def prune_cmd(
     weights: WeightsOpt = None,
     pretrained: PretrainedOpt = False,
     arch: ArchOpt = None,
+    input_shape: InputShapeOpt = None,
+    input_dtype: InputDtypeOpt = None,
 ) -> None:
     """Remove residual branches: each pruned block returns its shortcut, and save.
 
@@ -193,17 +203,31 @@ def prune_cmd(
     if sites is not None and by is not None:
         raise InvalidValueError("--by chooses branches for --drop/--keep; --sites names them")
     rule, scores = _by(by)
+    example = parse_inputs(input_shape, input_dtype)
     if output is not None:
         check_output(output, force)
     loaded = load(model, weights=weights, pretrained=pretrained, arch=arch, quiet=as_json)
     name = loaded.spec.text if loaded.spec else model
     with step("Pruning", as_json), about(name):
         report = prune(
-            loaded.model, names, count=drop, keep=keep, by=rule, scores=scores, inplace=False
+            loaded.model,
+            names,
+            count=drop,
+            keep=keep,
+            by=rule,
+            scores=scores,
+            inplace=False,
+            example_inputs=example,
         )
     assert report.model is not None
     with step("Timing", as_json):
-        stats = measure_pruning(loaded.model, report.model, device=device, iterations=iterations)
+        stats = measure_pruning(
+            loaded.model,
+            report.model,
+            device=device,
+            iterations=iterations,
+            example_inputs=None if example is None else materialise(example, torch.device("cpu")),
+        )
     written, size = None, None
     if output is not None:
         with step(f"Saving {output}", as_json):
@@ -232,16 +256,19 @@ def fold_cmd(
     weights: WeightsOpt = None,
     pretrained: PretrainedOpt = False,
     arch: ArchOpt = None,
+    input_shape: InputShapeOpt = None,
+    input_dtype: InputDtypeOpt = None,
 ) -> None:
     """Fold each 'expected'-scaling site's (1 - p) into its branch's weights, and save.
 
     Example: dpatch fold huang-trained.safetensors -o folded.safetensors
     """
     check_output(output, force)
+    example = parse_inputs(input_shape, input_dtype)
     loaded = load(model, weights=weights, pretrained=pretrained, arch=arch, quiet=as_json)
     name = loaded.spec.text if loaded.spec else model
     with step("Folding", as_json), about(name):
-        result = fold(loaded.model)
+        result = fold(loaded.model, example_inputs=example)
     folded = result.to_dict()["folded"]
     depth = {"folded": folded} if folded else None
     with step(f"Saving {output}", as_json):

@@ -16,6 +16,7 @@ from __future__ import annotations
 import os
 import pickle
 import zipfile
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -57,6 +58,7 @@ def load_data(
     *,
     synthetic: int | None = None,
     limit: int | None = None,
+    example_inputs: Sequence[Any] | None = None,
 ) -> Data:
     """Load evaluation data for ``model`` from ``path`` (or make ``synthetic`` inputs).
 
@@ -65,6 +67,8 @@ def load_data(
         model: the model (its input size and, for timm models, its data config).
         synthetic: make this many random inputs instead.
         limit: use at most this many samples (spread evenly over the data).
+        example_inputs: the model's input (any batch size), for ``synthetic`` inputs and
+            the size images are resized to where the model says none.
 
     Raises:
         DataError: a missing path, a folder without images, a file without ``inputs``.
@@ -76,23 +80,27 @@ def load_data(
         if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
             raise InvalidValueError(f"{name} must be a whole number >= 1, but got {n!r}")
     if synthetic is not None:
-        return Data(random_inputs(model, synthetic), None, f"{synthetic} random inputs", True)
+        x = random_inputs(model, synthetic, example_inputs=example_inputs)
+        return Data(x, None, f"{synthetic} random inputs", True)
     assert path is not None
     p = Path(path)
     if not p.exists():
         raise DataError(f"data path {str(p)!r} does not exist")
-    data = _image_folder(p, model) if p.is_dir() else _tensor_file(p)
+    data = _image_folder(p, model, example_inputs) if p.is_dir() else _tensor_file(p)
     return _limited(data, limit)
 
 
-def random_inputs(model: nn.Module, batch: int, seed: int = 0) -> Tensor:
-    """Random inputs of the size the model runs on (the input its probe used), seeded.
+def random_inputs(
+    model: nn.Module, batch: int, seed: int = 0, example_inputs: Sequence[Any] | None = None
+) -> Tensor:
+    """Random inputs of the size the model runs on (``example_inputs``, else the input its
+    probe inferred) at ``batch`` rows, seeded.
 
     Raises:
         ProbeError: the model runs on no input dpatch can infer.
         InvalidValueError: it takes several inputs (give data instead).
     """
-    example = probe(model).example
+    example = probe(model, example_inputs).example
     assert example is not None
     values = example.with_batch(batch).values
     if len(values) != 1 or not isinstance(values[0], Tensor):
@@ -115,14 +123,14 @@ def _limited(data: Data, limit: int | None) -> Data:
     return Data(data.inputs[index], targets, f"{data.source} ({limit} of {n})", data.synthetic)
 
 
-def _transform(model: nn.Module) -> Any:
+def _transform(model: nn.Module, example_inputs: Sequence[Any] | None) -> Any:
     if isinstance(getattr(model, "pretrained_cfg", None), dict):
         from timm.data import create_transform, resolve_data_config
 
         return create_transform(**resolve_data_config({}, model=model))
     from torchvision import transforms
 
-    size = tuple(random_inputs(model, 1).shape[-2:])
+    size = tuple(random_inputs(model, 1, example_inputs=example_inputs).shape[-2:])
     return transforms.Compose(
         [
             transforms.Resize(size),
@@ -133,11 +141,11 @@ def _transform(model: nn.Module) -> Any:
     )
 
 
-def _image_folder(root: Path, model: nn.Module) -> Data:
+def _image_folder(root: Path, model: nn.Module, example_inputs: Sequence[Any] | None) -> Data:
     from torchvision.datasets import ImageFolder
 
     try:
-        ds = ImageFolder(str(root), transform=_transform(model))
+        ds = ImageFolder(str(root), transform=_transform(model, example_inputs))
     except (FileNotFoundError, RuntimeError) as exc:
         raise DataError(
             f"{str(root)!r} holds no images in class folders ({str(exc).splitlines()[0]}); "
