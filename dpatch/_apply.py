@@ -147,7 +147,8 @@ def apply_block(
             validate_inputs=an.inputs.get(id(mod)),
         )
     except (TraceError, fx.proxy.TraceError, RuntimeError, TypeError, ValueError) as exc:
-        return _fallback(b, settings, str(exc), skip)
+        lines = str(exc).strip().splitlines()  # torch's argument errors run to many lines
+        return _fallback(b, settings, lines[0] if lines else type(exc).__name__, skip)
     for ps in new_meta.sites:
         wants = skip and settings[b.slot_name(ps.attr)].skip
         slots[ps.attr].skip = wants and ps.skippable

@@ -316,6 +316,19 @@ def test_directory_spec_loads_its_weights_and_picks_its_architecture(tmp_path: P
         create_model(f"hf:{tmp_path / 'bare'}", task="depth-estimation")
 
 
+def test_levit_with_its_own_inline_drop_is_reported_in_one_line() -> None:
+    # LevitResidualLayer drops its branch itself, with torch.rand on the batch size, when
+    # training at drop_path_rate > 0: the training-mode trace of an eval-mode model fails
+    # there, the block keeps its own forward, and the reason (a many-line torch argument
+    # error) is cut to its first line
+    (fam,) = [f for f in FAMILIES if f["family"] == "levit"]
+    model = build(fam, drop_path_rate=0.3).eval()
+    report = inject(model, 0.2, example_inputs=(example(fam),))
+    assert report.sites and not any(s.fused for s in report.sites)
+    assert report.skipped and all("\n" not in s.reason for s in report.skipped)
+    assert all(s.reason.startswith("not patched: ") for s in report.skipped)
+
+
 def test_unknown_hub_name_offline_is_a_download_error() -> None:
     assert os.environ.get("HF_HUB_OFFLINE") == "1"
     with pytest.raises(dpatch.DownloadError, match=r"offline.*hf:PATH"):
