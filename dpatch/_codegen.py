@@ -115,6 +115,7 @@ def generated_class(orig_cls: type, code: GeneratedCode) -> type:
             "__qualname__": f"{orig_cls.__qualname__}_dpatch",
             "__doc__": orig_cls.__doc__,
             "__reduce_ex__": _reduce_block,
+            "_dpatch_generated_from": (orig_cls, code),
         }
     )
     cls = type(orig_cls.__name__, (orig_cls,), namespace)
@@ -123,11 +124,9 @@ def generated_class(orig_cls: type, code: GeneratedCode) -> type:
 
 
 def _reduce_block(self: nn.Module, protocol: int) -> tuple[Any, ...]:
-    from dpatch._marks import block_meta
-
-    meta = block_meta(self)
-    assert meta is not None, "a generated block class always carries its PatchMeta"
-    return (rebuild_block, (meta.orig_cls, meta.code), self.__getstate__())
+    # A generated class knows what it was generated from: pickle rebuilds it from that.
+    origin: tuple[type, GeneratedCode] = type(self).__dict__["_dpatch_generated_from"]
+    return (rebuild_block, origin, self.__getstate__())
 
 
 def rebuild_block(orig_cls: type, code: GeneratedCode) -> nn.Module:

@@ -24,6 +24,7 @@ from typing import Any
 from torch import nn
 
 from dpatch._marks import block_meta
+from dpatch._spec import ModelEntry, ModelSpec
 from dpatch.errors import (
     DownloadError,
     InvalidValueError,
@@ -32,7 +33,6 @@ from dpatch.errors import (
     WeightsError,
 )
 from dpatch.native import build_light, slot_rates
-from dpatch.zoo import ModelEntry, ModelSpec
 
 __all__ = [
     "TASKS",

@@ -20,7 +20,7 @@ if TYPE_CHECKING:
     from torch import nn
 
     from dpatch._patchmeta import PatchMeta
-    from dpatch.zoo import ModelSpec
+    from dpatch._spec import ModelSpec
 
 __all__ = [
     "block_meta",

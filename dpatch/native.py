@@ -1,7 +1,8 @@
 """Native drop-path rates: the per-slot rates a model's own library would give it for a
 ``drop_path_rate`` (timm), ``stochastic_depth_prob`` (torchvision) or ``config.drop_path_rate``
 (transformers), read off the same architecture built cheaply (large tensors on the meta
-device). What ``schedule="native"`` applies.
+device): the timm and torchvision readers, and the light build every zoo uses.
+:func:`dpatch.zoo.native_rates` picks the reader for a model (``schedule="native"``).
 """
 
 from __future__ import annotations
@@ -17,9 +18,18 @@ import torch
 from torch import nn
 
 from dpatch._marks import block_meta
+from dpatch._slots import is_slot_module, slot_settings
 from dpatch.errors import InvalidValueError
 
-__all__ = ["build_light", "library_of", "native_rates", "slot_rates"]
+__all__ = [
+    "build_light",
+    "library_of",
+    "slot_rates",
+    "timm_native_rates",
+    "tv_build_kwargs",
+    "tv_identify",
+    "tv_native_rates",
+]
 
 
 class _LightBuild(torch.overrides.TorchFunctionMode):
@@ -73,8 +83,6 @@ def library_of(model: nn.Module) -> str:
 
 def slot_rates(ref: nn.Module) -> dict[str, float]:
     """Qualified name -> rate of every stochastic-depth slot of ``ref``."""
-    from dpatch.sites import is_slot_module, slot_settings
-
     return {
         name: slot_settings(mod).rate
         for name, mod in ref.named_modules()
@@ -82,37 +90,20 @@ def slot_rates(ref: nn.Module) -> dict[str, float]:
     }
 
 
-def native_rates(model: nn.Module, max_rate: float) -> dict[str, float]:
-    """Per-slot rates (qualified slot name -> rate) the model's own library would give it
-    for ``max_rate``: timm ``create_model(..., drop_path_rate=)``, torchvision
-    ``stochastic_depth_prob=``, transformers ``from_config(config with drop_path_rate=)``.
+def tv_build_kwargs(name: str, pretrained: bool) -> dict[str, Any]:
+    """Keyword arguments that build torchvision model ``name`` with no download unless
+    ``pretrained``: ``weights`` and, for detection and segmentation builders, a
+    ``weights_backbone`` of None (their default is ImageNet weights)."""
+    import torchvision
 
-    Raises:
-        InvalidValueError: the model's library has no such argument for this model, or the
-            model's origin is unknown.
-    """
-    from dpatch.zoo import spec_of
-
-    spec = spec_of(model)
-    lib = spec.source if spec is not None else library_of(model)
-    if lib == "timm" and spec is not None:
-        return _timm_native_rates(spec.name, max_rate, dict(spec.kwargs))
-    if lib == "torchvision":
-        name = spec.name if spec is not None else _tv_identify(model)
-        kw = dict(spec.kwargs) if spec is not None else {}
-        kw.pop("stochastic_depth_prob", None)
-        return _tv_native_rates(name, max_rate, kw)
-    if lib == "transformers" or library_of(model) == "transformers":
-        from dpatch._hf import hf_native_rates
-
-        return hf_native_rates(model, max_rate)
-    raise InvalidValueError(
-        "schedule 'native' needs a timm, torchvision or transformers model whose library sets "
-        "drop-path rates; use linear, uniform, huang, efficientnet, cosine or custom"
-    )
+    kw: dict[str, Any] = {"weights": "DEFAULT" if pretrained else None}
+    params = inspect.signature(torchvision.models.get_model_builder(name)).parameters
+    if not pretrained and "weights_backbone" in params:
+        kw["weights_backbone"] = None
+    return kw
 
 
-def _timm_native_rates(name: str, max_rate: float, kw: dict[str, Any]) -> dict[str, float]:
+def timm_native_rates(name: str, max_rate: float, kw: dict[str, Any]) -> dict[str, float]:
     import timm
 
     kw.pop("drop_path_rate", None)
@@ -131,11 +122,9 @@ def _timm_native_rates(name: str, max_rate: float, kw: dict[str, Any]) -> dict[s
     return rates
 
 
-def _tv_identify(model: nn.Module) -> str:
+def tv_identify(model: nn.Module) -> str:
     """The torchvision builder name whose architecture matches ``model``'s parameters."""
     import torchvision
-
-    from dpatch.zoo import tv_build_kwargs
 
     shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     cls_module = type(model).__module__
@@ -152,10 +141,8 @@ def _tv_identify(model: nn.Module) -> str:
     )
 
 
-def _tv_native_rates(name: str, max_rate: float, kw: dict[str, Any]) -> dict[str, float]:
+def tv_native_rates(name: str, max_rate: float, kw: dict[str, Any]) -> dict[str, float]:
     import torchvision
-
-    from dpatch.zoo import tv_build_kwargs
 
     builder = torchvision.models.get_model_builder(name)
     if "stochastic_depth_prob" not in inspect.getsource(sys.modules[builder.__module__]):

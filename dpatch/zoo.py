@@ -5,8 +5,8 @@ classification, detection, segmentation, video, optical flow, quantization), ``h
 (timm first, then torchvision).
 
 Also: listing names, and what a saved file needs to rebuild its model. timm, torchvision and
-transformers are imported only when a spec needs them; native rates live in
-:mod:`dpatch.native` (re-exported here).
+transformers are imported only when a spec needs them; ``native_rates`` picks the model's
+library here and reads its rates with :mod:`dpatch.native` or :mod:`dpatch._hf`.
 """
 
 from __future__ import annotations
@@ -19,14 +19,21 @@ import inspect
 import os
 import sys
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
 from typing import Any
 
 from torch import nn
 
 from dpatch._marks import model_spec, set_model_spec
-from dpatch.errors import DownloadError, ModelNotFoundError
-from dpatch.native import build_light, library_of, native_rates
+from dpatch._spec import ModelEntry, ModelSpec
+from dpatch.errors import DownloadError, InvalidValueError, ModelNotFoundError
+from dpatch.native import (
+    build_light,
+    library_of,
+    timm_native_rates,
+    tv_build_kwargs,
+    tv_identify,
+    tv_native_rates,
+)
 
 __all__ = [
     "SOURCES",
@@ -54,31 +61,6 @@ _SCHEMES = {
     "hf": "transformers",
     "transformers": "transformers",
 }
-_PREFIXES = {"timm": "timm", "torchvision": "tv", "hf-hub": "hf-hub", "transformers": "hf"}
-
-
-@dataclass(frozen=True)
-class ModelSpec:
-    """Where a model comes from.
-
-    Attributes:
-        source: ``timm``, ``torchvision``, ``transformers``, ``hf-hub`` (timm weights on the
-            hub) or ``python``.
-        name: the model name (``ORG/NAME`` for hf-hub; a hub name, a directory or a model
-            class for transformers; ``module:factory`` for python).
-        kwargs: constructor keyword arguments (JSON-serialisable values); for transformers,
-            config overrides and ``task``.
-    """
-
-    source: str
-    name: str
-    kwargs: dict[str, Any] = field(default_factory=dict, compare=False)
-
-    @property
-    def text(self) -> str:
-        """Canonical spec string, e.g. ``timm:resnet50``."""
-        prefix = _PREFIXES.get(self.source)
-        return f"{prefix}:{self.name}" if prefix else self.name
 
 
 # --------------------------------------------------------------------------- names
@@ -207,19 +189,6 @@ def _build(spec: ModelSpec, pretrained: bool) -> Any:
     return factory(**kw)
 
 
-def tv_build_kwargs(name: str, pretrained: bool) -> dict[str, Any]:
-    """Keyword arguments that build torchvision model ``name`` with no download unless
-    ``pretrained``: ``weights`` and, for detection and segmentation builders, a
-    ``weights_backbone`` of None (their default is ImageNet weights)."""
-    import torchvision
-
-    kw: dict[str, Any] = {"weights": "DEFAULT" if pretrained else None}
-    params = inspect.signature(torchvision.models.get_model_builder(name)).parameters
-    if not pretrained and "weights_backbone" in params:
-        kw["weights_backbone"] = None
-    return kw
-
-
 def _download_message(spec: ModelSpec, exc: BaseException) -> str:
     reason = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
     return (
@@ -268,6 +237,34 @@ def spec_of(model: nn.Module) -> ModelSpec | None:
     return None
 
 
+def native_rates(model: nn.Module, max_rate: float) -> dict[str, float]:
+    """Per-slot rates (qualified slot name -> rate) the model's own library would give it
+    for ``max_rate``: timm ``create_model(..., drop_path_rate=)``, torchvision
+    ``stochastic_depth_prob=``, transformers ``from_config(config with drop_path_rate=)``.
+
+    Raises:
+        InvalidValueError: the model's library has no such argument for this model, or the
+            model's origin is unknown.
+    """
+    spec = spec_of(model)
+    lib = spec.source if spec is not None else library_of(model)
+    if lib == "timm" and spec is not None:
+        return timm_native_rates(spec.name, max_rate, dict(spec.kwargs))
+    if lib == "torchvision":
+        name = spec.name if spec is not None else tv_identify(model)
+        kw = dict(spec.kwargs) if spec is not None else {}
+        kw.pop("stochastic_depth_prob", None)
+        return tv_native_rates(name, max_rate, kw)
+    if lib == "transformers" or library_of(model) == "transformers":
+        from dpatch._hf import hf_native_rates
+
+        return hf_native_rates(model, max_rate)
+    raise InvalidValueError(
+        "schedule 'native' needs a timm, torchvision or transformers model whose library sets "
+        "drop-path rates; use linear, uniform, huang, efficientnet, cosine or custom"
+    )
+
+
 def rebuild_info(model: nn.Module) -> dict[str, Any]:
     """What a saved file needs besides its spec to rebuild ``model`` offline and exactly:
     for a transformers model its class and full config (``{"class", "config"}``); else
@@ -300,22 +297,6 @@ def rebuild(entry: Mapping[str, Any]) -> nn.Module:
 
 
 # --------------------------------------------------------------------------- listing
-@dataclass(frozen=True)
-class ModelEntry:
-    """A name ``dpatch list`` shows, and whether its library gives it native slots.
-
-    Attributes:
-        spec: the spec that builds it (``tv:r3d_18``).
-        native: its library sets drop-path rates (timm ``drop_path_rate``, torchvision
-            ``stochastic_depth_prob``, transformers ``config.drop_path_rate``).
-        task: what it does (``classification``, ``detection``, ``video``, ...).
-    """
-
-    spec: str
-    native: bool
-    task: str = "classification"
-
-
 def _module_mentions(module_name: str, word: str, memo: dict[str, bool]) -> bool:
     if module_name not in memo:
         try:
