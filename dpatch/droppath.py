@@ -361,17 +361,21 @@ class DropPath(nn.Module):
             if branch_first:
                 kwargs["branch_first"] = True
             return tracer.create_proxy("call_module", tracer.path_of_module(self), args, kwargs)
-        plain = self._p == 0.0 or (not self.training and self.scaling != "expected")
-        if branch_first and plain and residual is not None and alpha == 1.0:
-            return x + residual
         if self.training and torch.compiler.is_compiling():
+            # reads the rate tensor: a compiled graph never guards on the float rate
             return _drop_rate_tensor(x, residual, alpha, self._rate, self.mode, self.scaling)
+        if branch_first and residual is not None and alpha == 1.0 and self._plain_sum():
+            return x + residual
         if self.training and self.mode == "batch" and self.seed is not None:
             return self._batch_host(x, residual, alpha)
         if residual is None:
             out = drop_path(x, self._p, self.training, mode=self.mode, scaling=self.scaling)
             return out if alpha == 1.0 else out * alpha
         return drop_add(residual, x, self._p, self.training, self.mode, self.scaling, alpha)
+
+    def _plain_sum(self) -> bool:
+        """Nothing is dropped or scaled: rate 0, or eval without ``expected`` scaling."""
+        return self._p == 0.0 or (not self.training and self.scaling != "expected")
 
     # -- batch mode with a shared host generator --------------------------------------
     def keep_batch(self) -> bool:
