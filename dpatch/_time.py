@@ -105,32 +105,7 @@ def check_config(
             f"unknown scheduler kind {kind!r}; choose one of: {', '.join(KINDS)} "
             "(or a function step -> factor)"
         )
-    return _check(
-        _ALIASES.get(kind, kind),
-        warmup_steps=warmup_steps,
-        gamma=gamma,
-        cutoff=cutoff,
-        cutoff_fraction=cutoff_fraction,
-        shape=shape,
-        milestones=milestones,
-        total_steps=total_steps,
-        steps_per_epoch=steps_per_epoch,
-    )
-
-
-def _check(
-    kind: str,
-    *,
-    warmup_steps: int = 0,
-    gamma: float | None = None,
-    cutoff: int | None = None,
-    cutoff_fraction: float | None = None,
-    shape: str = "constant",
-    milestones: Sequence[tuple[int, float]] | None = None,
-    total_steps: int | None = None,
-    steps_per_epoch: int | None = None,
-) -> SchedulerConfig:
-    """``check_config`` for a known kind name, ``"callable"`` included."""
+    kind = _ALIASES.get(kind, kind)
     total = _optional_count(total_steps, "total_steps")
     per_epoch = _optional_count(steps_per_epoch, "steps_per_epoch")
 

@@ -3,18 +3,13 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import pytest
 import torch
 import torchvision
+from helpers import cli, one_line_error
 from safetensors.torch import load_file, save_file
-from typer.testing import CliRunner
-
-from dpatch.cli import app
-
-runner = CliRunner()
 
 FACTORY = """
 import torch
@@ -60,25 +55,6 @@ def unsized():  # runs on 3x8x8 images only, and says so nowhere
     del m.pretrained_cfg
     return m
 """
-
-
-def cli(*args: str, cwd: Path | None = None) -> tuple[int, str, str]:
-    old = os.getcwd()
-    if cwd is not None:
-        os.chdir(cwd)
-    try:
-        r = runner.invoke(app, list(args))
-    finally:
-        os.chdir(old)
-    return r.exit_code, r.stdout, r.stderr
-
-
-def one_line_error(err: str, *needles: str) -> None:
-    lines = [ln for ln in err.splitlines() if ln.strip() and not ln.startswith("note:")]
-    assert len(lines) == 1, err
-    assert lines[0].startswith("error: ") and "Traceback" not in err
-    for n in needles:
-        assert n in lines[0], (n, lines[0])
 
 
 @pytest.fixture
