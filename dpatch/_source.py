@@ -152,19 +152,18 @@ class _Unwrap(ast.NodeTransformer):
 class _Rewrite(ast.NodeTransformer):
     """Replace each residual addition (by AST node identity) with its slot call."""
 
-    def __init__(
-        self, this: str, plans: dict[int, tuple[BlockSite, bool]], unwrapped: set[int]
-    ) -> None:
+    def __init__(self, this: str, plans: dict[int, BlockSite], unwrapped: set[int]) -> None:
         self.this = this
-        self.plans = plans  # id(ast node) -> (site, branch is the second operand)
+        self.plans = plans  # id(ast node) -> its site
         self.unwrapped = unwrapped  # additions whose slot call was removed where it stood
 
     def _call(self, node: ast.AST) -> ast.expr:
-        site, branch_second = self.plans[id(node)]
+        site = self.plans[id(node)]
         ops = _operands(node)
         assert ops is not None and site.add is not None
         first, second = ops
-        branch, shortcut = (second, first) if branch_second else (first, second)
+        branch_first = site.add.branch_first
+        branch, shortcut = (first, second) if branch_first else (second, first)
         if site.add.slot_node is not None and id(node) not in self.unwrapped:
             unwrap = _Unwrap(f"{self.this}.{site.add.slot_node.target}")
             branch = unwrap.visit(branch)
@@ -176,7 +175,7 @@ class _Rewrite(ast.NodeTransformer):
         args: list[ast.expr] = [branch, shortcut]
         if site.add.alpha != 1.0:
             args.append(ast.Constant(site.add.alpha))
-        keywords = [] if branch_second else [ast.keyword("branch_first", ast.Constant(True))]
+        keywords = [ast.keyword("branch_first", ast.Constant(True))] if branch_first else []
         return ast.Call(_attr_chain(self.this, site.attr), args, keywords)
 
     def visit_BinOp(self, node: ast.BinOp) -> Any:
@@ -222,7 +221,7 @@ def rewrite_source(module: nn.Module, sites: list[BlockSite], spans: dict[Any, S
             span = _span_of(node, start, indent)
             if span is not None:
                 by_span[span] = node
-    plans: dict[int, tuple[BlockSite, bool]] = {}
+    plans: dict[int, BlockSite] = {}
     for site in sites:
         add = site.add
         assert add is not None
@@ -234,19 +233,17 @@ def rewrite_source(module: nn.Module, sites: list[BlockSite], spans: dict[Any, S
                 f"the residual addition {add.node.name}{where} is not an addition "
                 "written in its forward"
             )
-        plans[id(found)] = (site, add.branch is add.node.args[1])
+        plans[id(found)] = site
     unwrapped: set[int] = set()
     for node in by_span.values():
-        if id(node) in plans and _unwrap_apart(fdef, this, node, *plans[id(node)]):
+        if id(node) in plans and _unwrap_apart(fdef, this, node, plans[id(node)]):
             unwrapped.add(id(node))
     rewritten = _Rewrite(this, plans, unwrapped).visit(fdef)
     ast.fix_missing_locations(rewritten)
     return ast.unparse(rewritten) + "\n"
 
 
-def _unwrap_apart(
-    fdef: ast.FunctionDef, this: str, node: ast.AST, site: BlockSite, branch_second: bool
-) -> bool:
+def _unwrap_apart(fdef: ast.FunctionDef, this: str, node: ast.AST, site: BlockSite) -> bool:
     """Remove a native slot's call that stands in a statement of its own before the
     addition (``h = self.drop_path(h)`` then ``h = h + residual``), so the addition can
     apply it. Only where the trace shows the slot's output feeds that addition alone and
@@ -258,7 +255,7 @@ def _unwrap_apart(
     target = f"{this}.{slot_node.target}"
     ops = _operands(node)
     assert ops is not None
-    branch = ops[1] if branch_second else ops[0]
+    branch = ops[0] if site.add.branch_first else ops[1]
     if _count_calls(branch, target) != 0 or _count_calls(fdef, target) != 1:
         return False
     unwrap = _Unwrap(target)
