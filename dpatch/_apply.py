@@ -17,7 +17,7 @@ from dpatch._probe import Call, probe
 from dpatch._slots import SlotSettings
 from dpatch._trace import run_graph_meta
 from dpatch.droppath import DropPath
-from dpatch.errors import ProbeError, TraceError
+from dpatch.errors import ProbeError, TraceError, first_line
 from dpatch.results import Skipped
 from dpatch.rewrite import RewriteCache, rewrite_block, unpatch_block
 from dpatch.sites import Analysis, BlockSites
@@ -147,8 +147,8 @@ def apply_block(
             validate_inputs=an.inputs.get(id(mod)),
         )
     except (TraceError, fx.proxy.TraceError, RuntimeError, TypeError, ValueError) as exc:
-        lines = str(exc).strip().splitlines()  # torch's argument errors run to many lines
-        return _fallback(b, settings, lines[0] if lines else type(exc).__name__, skip)
+        # torch's argument errors run to many lines
+        return _fallback(b, settings, first_line(exc, None), skip)
     for ps in new_meta.sites:
         wants = skip and settings[b.slot_name(ps.attr)].skip
         slots[ps.attr].skip = wants and ps.skippable

@@ -31,6 +31,7 @@ from dpatch.errors import (
     ManifestError,
     ModelNotFoundError,
     WeightsError,
+    first_line,
 )
 from dpatch.native import build_light, slot_rates
 
@@ -187,7 +188,7 @@ def build_hf(spec: ModelSpec, pretrained: bool) -> nn.Module:
         except (ValueError, RuntimeError) as exc:  # mismatched sizes, damaged files
             raise WeightsError(
                 f"the weights of hf:{spec.name} do not load into {auto.__name__} "
-                f"({_first_line(exc)}); check task= and the config overrides"
+                f"({first_line(exc, 160)}); check task= and the config overrides"
             ) from exc
     if auto.__name__.startswith("Auto"):
         return auto.from_config(config)
@@ -233,7 +234,7 @@ def _load_config(tf: ModuleType, spec: ModelSpec, source: str, overrides: dict[s
             raise InvalidValueError(_rejected(spec, exc)) from exc
         # unknown model_type, or code that must come from the hub
         raise ModelNotFoundError(
-            f"transformers {tf.__version__} cannot build hf:{spec.name} ({_first_line(exc)}); "
+            f"transformers {tf.__version__} cannot build hf:{spec.name} ({first_line(exc, 160)}); "
             "dpatch does not run code from the hub"
         ) from exc
     if unused:
@@ -253,7 +254,7 @@ def _config_errors() -> tuple[type[Exception], ...]:
 
 def _rejected(spec: ModelSpec, exc: BaseException) -> str:
     return (
-        f"transformers rejects the config overrides of hf:{spec.name} ({_first_line(exc)}); "
+        f"transformers rejects the config overrides of hf:{spec.name} ({first_line(exc, 160)}); "
         "pass values of the config's types (rates can be set with dpatch inject/retune)"
     )
 
@@ -279,13 +280,8 @@ def _fetch_message(spec: ModelSpec, exc: BaseException, what: str) -> str:
     return (
         f"cannot fetch the {what} of hf:{spec.name}: not in the local Hugging Face cache and "
         f"the hub cannot be reached offline{offline}; pass a local save_pretrained directory "
-        f"(hf:PATH) instead ({_first_line(exc)})"
+        f"(hf:PATH) instead ({first_line(exc, 160)})"
     )
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0][:160] if text else type(exc).__name__
 
 
 # --------------------------------------------------------------------------- saving
@@ -330,7 +326,7 @@ def hf_rebuild(entry: Mapping[str, Any]) -> nn.Module:
         config = cls.config_class.from_dict(dict(entry["config"]))
     except (TypeError, ValueError, KeyError) as exc:
         raise ManifestError(
-            f"the manifest's {name} config does not load ({_first_line(exc)}); pass the "
+            f"the manifest's {name} config does not load ({first_line(exc, 160)}); pass the "
             "model: dpatch.load(path, model=...)"
         ) from exc
     model: nn.Module = cls(config)

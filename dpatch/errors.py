@@ -7,6 +7,14 @@ message; the library never prints.
 from __future__ import annotations
 
 
+def first_line(exc: BaseException, limit: int | None = 200) -> str:
+    """The first line of an exception's message (at most ``limit`` characters), or its
+    type's name when it has none: how a wrapped error is quoted in a one-line message."""
+    text = str(exc).strip()
+    line = text.splitlines()[0] if text else type(exc).__name__
+    return line if limit is None else line[:limit]
+
+
 class DPatchError(Exception):
     """Base class: a failed operation whose message names the bad value and a fix."""
 

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from dpatch.errors import ManifestError, OutputError, WeightsError
+from dpatch.errors import ManifestError, OutputError, WeightsError, first_line
 from dpatch.manifest import DEPTH_KEY, MANIFEST_KEY, build_manifest, parse_manifest
 from dpatch.patch import apply_sites
 from dpatch.patch import inspect as inspect_model
@@ -188,15 +188,10 @@ def read_manifest(path: str | os.PathLike[str]) -> dict[str, Any] | None:
             meta = f.metadata() or {}
     except (SafetensorError, OSError, ValueError) as exc:
         raise WeightsError(
-            f"{str(p)!r} is not a valid safetensors file ({_first_line(exc)})"
+            f"{str(p)!r} is not a valid safetensors file ({first_line(exc)})"
         ) from exc
     raw = meta.get(MANIFEST_KEY)
     return None if raw is None else parse_manifest(raw, str(p))
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0][:200] if text else type(exc).__name__
 
 
 def load_state_dict_file(path: str | os.PathLike[str]) -> dict[str, Tensor]:
@@ -219,7 +214,7 @@ def load_state_dict_file(path: str | os.PathLike[str]) -> dict[str, Tensor]:
             return dict(load_file(str(p)))
         except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
             raise WeightsError(
-                f"{str(p)!r} is a corrupt or truncated safetensors file ({_first_line(exc)}); "
+                f"{str(p)!r} is a corrupt or truncated safetensors file ({first_line(exc)}); "
                 "re-download or re-save it"
             ) from exc
     try:
@@ -228,7 +223,7 @@ def load_state_dict_file(path: str | os.PathLike[str]) -> dict[str, Tensor]:
         if "global" not in str(exc).lower():  # bad opcodes: damage, not unsafe content
             raise WeightsError(
                 f"{str(p)!r} is not a readable checkpoint (corrupt or truncated: "
-                f"{_first_line(exc)}); re-download or re-save it"
+                f"{first_line(exc)}); re-download or re-save it"
             ) from exc
         raise WeightsError(
             f"{str(p)!r} holds pickled Python objects besides tensors, and dpatch only loads "
@@ -238,7 +233,7 @@ def load_state_dict_file(path: str | os.PathLike[str]) -> dict[str, Tensor]:
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as exc:
         raise WeightsError(
             f"{str(p)!r} is not a readable checkpoint (corrupt or truncated: "
-            f"{_first_line(exc)}); re-download or re-save it"
+            f"{first_line(exc)}); re-download or re-save it"
         ) from exc
     return _unwrap(obj, p)
 

@@ -25,7 +25,7 @@ from torch import nn
 
 from dpatch._marks import model_spec, set_model_spec
 from dpatch._spec import ModelEntry, ModelSpec
-from dpatch.errors import DownloadError, InvalidValueError, ModelNotFoundError
+from dpatch.errors import DownloadError, InvalidValueError, ModelNotFoundError, first_line
 from dpatch.native import (
     build_light,
     library_of,
@@ -190,7 +190,7 @@ def _build(spec: ModelSpec, pretrained: bool) -> Any:
 
 
 def _download_message(spec: ModelSpec, exc: BaseException) -> str:
-    reason = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
+    reason = first_line(exc, 160)
     return (
         f"could not download {spec.text} ({reason}); check the network, "
         "or build it without --pretrained and pass --weights FILE"
