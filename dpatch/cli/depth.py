@@ -11,11 +11,9 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Any
 
-import torch
 import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
-from dpatch._meta import materialise
 from dpatch._version import __version__
 from dpatch.cli._app import about, app, err, load, out, step
 from dpatch.cli._options import (
@@ -226,7 +224,7 @@ def prune_cmd(
             report.model,
             device=device,
             iterations=iterations,
-            example_inputs=None if example is None else materialise(example, torch.device("cpu")),
+            example_inputs=example,
         )
     written, size = None, None
     if output is not None:

@@ -13,6 +13,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from dpatch._meta import materialise
 from dpatch.depth.data import random_inputs
 from dpatch.depth.prune import unused_state_keys
 from dpatch.errors import InvalidValueError
@@ -78,7 +79,7 @@ def measure_pruning(
 
     Both models are moved to ``device`` and timed in eval mode, interleaved (so drift on a
     shared machine does not favour one), on random inputs of the model's input size (or
-    ``example_inputs``).
+    ``example_inputs``; meta tensors among them stand for random inputs of their shape).
 
     Raises:
         InvalidValueError: a bad device or iteration count.
@@ -97,7 +98,11 @@ def measure_pruning(
         inputs: tuple[Any, ...] = (random_inputs(original, batch),)
     else:
         inputs = tuple(example_inputs)
-    inputs = tuple(x.to(dev) if isinstance(x, Tensor) else x for x in inputs)
+    # meta tensors (a shape, as the probe takes them) become random ones on the device
+    inputs = tuple(
+        (materialise(x, dev) if x.is_meta else x.to(dev)) if isinstance(x, Tensor) else x
+        for x in inputs
+    )
     times: list[list[float]] = [[], []]
     models = [original.to(dev).eval(), pruned.to(dev).eval()]
     with torch.no_grad():
