@@ -73,7 +73,7 @@ def _timm_uniform(model: torch.nn.Module, rate: float) -> None:
     """Every timm slot at ``rate``, including the rate-0 ones timm left as Identity/None."""
     from timm.layers import DropPath
 
-    from dpatch.sites import SLOT_ATTRS
+    from dpatch.analysis import SLOT_ATTRS
 
     for m in list(model.modules()):
         for attr in SLOT_ATTRS:

@@ -39,8 +39,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 from _common import base_parser, environment, print_table, setup, write_json
 
 import dpatch
-from dpatch.sites import probe
-from dpatch.zoo import build_light, tv_build_kwargs
+from dpatch.analysis import probe
+from dpatch.models import build_light, tv_build_kwargs
 
 ROOT = Path(__file__).resolve().parents[1]
 RATE = 0.3

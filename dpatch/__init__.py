@@ -5,11 +5,22 @@ from __future__ import annotations
 from typing import Any
 
 from dpatch._version import __version__
-from dpatch.depth.data import Data, load_data
-from dpatch.depth.fold import FoldedSite, FoldReport, fold
-from dpatch.depth.measure import PruneStats, measure_pruning
-from dpatch.depth.prune import prune, prune_order
-from dpatch.depth.sensitivity import SensitivityReport, SiteSensitivity, sensitivity, suggest_rates
+from dpatch.analysis import Site, find_sites
+from dpatch.depth import (
+    Data,
+    FoldedSite,
+    FoldReport,
+    PruneStats,
+    SensitivityReport,
+    SiteSensitivity,
+    fold,
+    load_data,
+    measure_pruning,
+    prune,
+    prune_order,
+    sensitivity,
+    suggest_rates,
+)
 from dpatch.droppath import DropPath, drop_add, drop_path
 from dpatch.errors import (
     DataError,
@@ -27,12 +38,10 @@ from dpatch.errors import (
     WeightsError,
 )
 from dpatch.files import Target, load, load_target, load_weights, save
-from dpatch.patch import PER, inject, inspect, retune, strip
-from dpatch.results import Change, PatchReport, Skipped
-from dpatch.schedule import SCHEDULES, expected_depth, schedule_rates
+from dpatch.patching import Change, PatchReport, Skipped, inject, inspect, retune, strip
+from dpatch.schedule import PER, SCHEDULES, expected_depth, schedule_rates
 from dpatch.scheduler import DropPathScheduler
-from dpatch.sites import Site, find_sites
-from dpatch.verify import Finding, SiteCheck, VerifyReport, verify
+from dpatch.verification import Finding, SiteCheck, VerifyReport, verify
 
 __all__ = [
     "PER",

@@ -36,7 +36,7 @@ from typing import Any, ClassVar, Optional
 import torch
 from torch import Tensor, nn
 
-from dpatch._rows import scatter_add_rows
+from dpatch.rows import scatter_add_rows
 
 MODES: tuple[str, ...] = ("row", "batch")
 SCALINGS: tuple[str, ...] = ("inverted", "expected", "none")

@@ -1,27 +1,37 @@
-"""Rendering reports for people: rich tables with a per-layer bar of the rates.
+"""Rendering for people: every rich table and summary line dpatch prints.
 
-With ``cli.py``, the only module that imports rich. On a terminal the tables are drawn with
-colour and box characters; piped, they are plain aligned text.
+Patch reports with a per-layer bar of the rates, schedules, model lists, recipes,
+sensitivity, pruning and folding results, and verification. With :mod:`dpatch.cli`, the
+only module that imports rich. On a terminal the tables are drawn with colour and box
+characters; piped, they are plain aligned text. The records rendered are imported for type
+checking only, so importing this module imports no torch.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from dpatch.patch import PatchReport
+if TYPE_CHECKING:
+    from dpatch.depth import FoldReport, PruneStats, SensitivityReport
+    from dpatch.patching import PatchReport
+    from dpatch.verification import VerifyReport
 
 __all__ = [
     "bar",
     "render_file_summary",
+    "render_fold",
     "render_list",
+    "render_prune_stats",
     "render_recipes",
     "render_report",
     "render_schedule",
+    "render_sensitivity",
+    "render_verify",
 ]
 
 _BAR_WIDTH = 24
@@ -168,4 +178,164 @@ def render_file_summary(console: Console, path: str, info: dict[str, Any]) -> No
         "pass --model NAME to list its residual sites",
         highlight=False,
         markup=False,
+    )
+
+
+# --------------------------------------------------------------------------- depth
+_LABELS = {
+    "ce_increase": "cross-entropy increase",
+    "kl": "KL divergence of the softmax outputs",
+    "rel_l2": "relative L2 change of the output",
+}
+
+
+def _num(value: float | None, digits: int = 4) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
+def render_sensitivity(
+    console: Console,
+    report: SensitivityReport,
+    *,
+    title: str | None = None,
+    source: str = "",
+    synthetic: bool = False,
+) -> None:
+    """One row per site in depth order: its rate, scores and a bar of the primary score."""
+    top = max((s.score for s in report.sites if s.score is not None), default=0.0)
+    with_targets = report.accuracy is not None
+    table = _table(console, title)
+    columns = [("block", "right"), ("site", "left"), ("rate", "right"), ("score", "right")]
+    if with_targets:
+        columns += [("acc drop", "right"), ("ce +", "right")]
+    columns.append(("", "left"))
+    for col, justify in columns:
+        table.add_column(col, justify=justify)  # type: ignore[arg-type]
+    for s in report.sites:
+        row = [str(s.block), s.name, f"{s.rate:.4f}", _num(s.score) if s.reason == "" else "-"]
+        if with_targets:
+            row += [_num(s.accuracy_drop), _num(s.ce_increase)]
+        shown = s.score if s.score is not None and s.score > 0 else 0.0
+        cells: list[str | Text] = [*row, Text(bar(shown, top), style="magenta")]
+        if s.reason:
+            cells[-1] = Text(s.reason)
+        table.add_row(*cells)
+    console.print(table)
+    measured = sum(1 for s in report.sites if s.score is not None)
+    line = (
+        f"{measured} of {len(report.sites)} sites measured on {report.samples} samples"
+        + (f" ({source})" if source else "")
+        + f"; score: {_LABELS.get(report.metric, report.metric)}"
+    )
+    if with_targets:
+        line += (
+            f"; full model: accuracy {report.accuracy:.4f}, "
+            f"cross-entropy {_num(report.cross_entropy)}"
+        )
+    console.print(line, highlight=False, markup=False)
+    if synthetic:
+        console.print(
+            "note: synthetic inputs: a smoke test, not a measurement", highlight=False, markup=False
+        )
+
+
+def _mb(n: int) -> str:
+    return f"{n / 1e6:.2f} MB"
+
+
+def _change(before: float, after: float) -> str:
+    return f"{after / before:.2f}x" if before else "-"
+
+
+def render_prune_stats(console: Console, stats: PruneStats, file_bytes: int | None) -> None:
+    """Parameters, file size and eval latency before and after pruning."""
+    lines = [
+        f"parameters: {stats.parameters_before:,} -> {stats.parameters_after:,} "
+        f"({_change(stats.parameters_before, stats.parameters_after)})",
+        f"tensor bytes: {_mb(stats.bytes_before)} -> {_mb(stats.bytes_after)}"
+        + (f" (file written: {_mb(file_bytes)})" if file_bytes is not None else ""),
+        f"eval latency on {stats.device} (batch {stats.batch}, median of {stats.iterations}): "
+        f"{stats.latency_before_ms:.2f} ms -> {stats.latency_after_ms:.2f} ms "
+        f"({_change(stats.latency_before_ms, stats.latency_after_ms)})",
+    ]
+    for line in lines:
+        console.print(line, highlight=False, markup=False)
+
+
+def render_fold(console: Console, report: FoldReport) -> None:
+    """The folded sites and the tensors each scaled."""
+    if not report.folded:
+        console.print(
+            "nothing to fold: no site uses scaling 'expected' with a rate above 0",
+            highlight=False,
+            markup=False,
+        )
+        return
+    table = _table(console)
+    for col in ("site", "rate", "factor", "scaled"):
+        table.add_column(col)
+    for f in report.folded:
+        table.add_row(f.name, f"{f.rate:.4f}", f"{f.factor:.4f}", ", ".join(f.tensors))
+    console.print(table)
+    console.print(
+        f"{len(report.folded)} sites folded; they now use scaling 'inverted' (eval: identity)",
+        highlight=False,
+        markup=False,
+    )
+
+
+# --------------------------------------------------------------------------- verify
+def render_verify(console: Console, report: VerifyReport, *, title: str | None = None) -> None:
+    """One row per site: declared rate, realised share and interval, kept-branch scale."""
+    table = _table(console, title)
+    for col, justify in (
+        ("block", "right"),
+        ("module", "left"),
+        ("branch", "left"),
+        ("rate", "right"),
+        ("realised", "right"),
+        ("interval", "left"),
+        ("scale", "right"),
+        ("", "left"),
+    ):
+        table.add_column(col, justify=justify)  # type: ignore[arg-type]
+    for c in report.sites:
+        s = c.site
+        realised = "-" if c.share is None else f"{c.share:.4f}"
+        if c.exact:
+            interval = f"exact ({c.draws} rows)"
+        elif c.low is None:
+            interval = "no slot" if not c.slot_present else "not called"
+        else:
+            interval = f"[{c.low:.4f}, {c.high:.4f}] of {c.draws} {c.unit}s"
+        scale = "-" if c.scale is None else f"{c.scale:.3f}/{c.expected_scale:.3f}"
+        table.add_row(
+            str(s.block),
+            s.path or "(root)",
+            s.branch,
+            f"{s.rate:.4f}",
+            realised,
+            interval,
+            scale,
+            "ok" if c.ok else "FAIL",
+        )
+    if report.sites:
+        console.print(table)
+    console.print(_summary(report), markup=False, highlight=False, soft_wrap=True)
+
+
+def _summary(report: VerifyReport) -> str:
+    sites = report.sites
+    measured = sum(c.draws > 0 for c in sites)
+    verdict = "ok" if report.ok else f"{len(report.errors)} mismatches"
+    eval_text = (
+        ("equals" if report.eval_equal else "DIFFERS from")
+        + " the model without stochastic depth"
+        + (" (bit for bit)" if report.eval_check == "bitwise" else " (to float tolerance)")
+    )
+    return (
+        f"{len(sites)} sites, {measured} measured: {verdict}; eval output {eval_text}; "
+        f"schedule {report.schedule}; {report.steps} training passes on {report.inputs} "
+        f"+ {report.draws} replayed draws per slot; Wilson {report.confidence:.1%} intervals "
+        f"(Bonferroni over sites); {report.seconds:.1f} s"
     )

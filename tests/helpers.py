@@ -274,7 +274,7 @@ def zero_native_rates(model: nn.Module) -> None:
     from timm.layers import DropPath as TimmDropPath
     from torchvision.ops import StochasticDepth
 
-    from dpatch._slots import _foreign_rate_attr
+    from dpatch.analysis._slots import _foreign_rate_attr
 
     for m in model.modules():
         if isinstance(m, TimmDropPath):

@@ -1,4 +1,4 @@
-"""Many checkpoints per command: the library (dpatch.batch) and the command line."""
+"""Many checkpoints per command: the library (dpatch.files) and the command line."""
 
 from __future__ import annotations
 
@@ -12,9 +12,9 @@ from safetensors.torch import load_file, save_file
 from test_cli import cli
 
 import dpatch
-import dpatch.batch as batch_mod
-from dpatch.batch import inspect_many, patch_many, prepare_batch, verify_many
+import dpatch.files._batch as batch_mod
 from dpatch.errors import InvalidValueError, OutputError
+from dpatch.files import inspect_many, patch_many, prepare_batch, verify_many
 
 TINY = """
 import torch.nn as nn
@@ -63,7 +63,7 @@ def plain(folder: Path, name: str, seed: int, factory: str = "tiny") -> Path:
 
 def patched(folder: Path, name: str, seed: int, **kwargs: object) -> Path:
     torch.manual_seed(seed)
-    model = dpatch.zoo.create_model("tinymodels:tiny")
+    model = dpatch.models.create_model("tinymodels:tiny")
     report = dpatch.inject(model, **kwargs)  # type: ignore[arg-type]
     folder.mkdir(exist_ok=True)
     return dpatch.save(model, folder / name, report)
@@ -152,7 +152,7 @@ def test_output_folder_that_is_a_file_or_read_only(
 def test_inject_many_builds_and_analyses_once(work: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     files = [plain(work / "ck", f"{i}.safetensors", i) for i in range(3)]
     builds = counting(monkeypatch, batch_mod, "create_model")
-    probes = counting(monkeypatch, dpatch.patch, "analyze")
+    probes = counting(monkeypatch, dpatch.patching._patch, "analyze")
     batch = prepare_batch(["ck"], out_dir=work / "out")
     results = list(patch_many("inject", batch, model="tinymodels:tiny", max_rate=0.2))
     assert [r.ok for r in results] == [True] * 3

@@ -284,7 +284,7 @@ def test_keep_count_and_subset_scatter() -> None:
 def test_subset_gather_and_scatter_match_plain_indexing(fmt: torch.memory_format) -> None:
     """The skip path's row gather/scatter: same values and gradients as plain indexing,
     memory format kept (BatchNorm/conv backward are slow on mismatched layouts)."""
-    from dpatch._rows import gather_rows
+    from dpatch.rows import gather_rows
 
     torch.manual_seed(0)
     idx = torch.tensor([6, 0, 3, 5, 1])

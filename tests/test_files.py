@@ -15,9 +15,9 @@ from safetensors.torch import load_file, save_file
 
 import dpatch
 from dpatch import files as dfiles
-from dpatch import manifest as dmanifest
-from dpatch import zoo
+from dpatch import models as zoo
 from dpatch.errors import ManifestError, OutputError, WeightsError
+from dpatch.files import _manifest as dmanifest
 
 
 @pytest.fixture

@@ -12,7 +12,7 @@ from torch import nn
 
 import dpatch
 from dpatch import ProbeError, find_sites, inject, inspect
-from dpatch._probe import probe
+from dpatch.analysis import probe
 
 
 class VecBlock(nn.Module):

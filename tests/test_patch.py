@@ -310,7 +310,7 @@ def test_retune_reuses_an_analysis(net: nn.Module) -> None:
     x = example()
     inject(net, 0.2, example_inputs=(x,))
     ref = copy.deepcopy(net)
-    an = dpatch.sites.analyze(net, (x,))
+    an = dpatch.analysis.analyze(net, (x,))
     fast = retune(net, 0.4, schedule="cosine", analysis=an)
     slow = retune(ref, 0.4, schedule="cosine", example_inputs=(x,))
     assert fast.sites == slow.sites and fast.changes == slow.changes

@@ -32,9 +32,9 @@ from torch import nn
 
 import dpatch
 from dpatch import InvalidValueError, ManifestError, UnsupportedSiteError, WeightsError
-from dpatch.depth.prune import prune_order, unused_state_keys
-from dpatch.sites import Site
-from dpatch.zoo import create_model, parse_spec
+from dpatch.analysis import Site
+from dpatch.depth import prune_order, unused_state_keys
+from dpatch.models import create_model, parse_spec
 
 
 def zero_output(model: nn.Module, path: str) -> None:

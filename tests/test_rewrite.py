@@ -22,7 +22,7 @@ from torch import nn
 
 import dpatch
 from dpatch import DropPath, inject
-from dpatch._marks import block_meta
+from dpatch.marks import block_meta
 
 
 def generated(block: nn.Module) -> dict[str, str]:

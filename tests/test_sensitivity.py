@@ -14,8 +14,7 @@ from torch import nn
 
 import dpatch
 from dpatch import DataError, InvalidValueError
-from dpatch.depth.data import load_data
-from dpatch.depth.sensitivity import SensitivityReport, SiteSensitivity, read_rates, read_scores
+from dpatch.depth import SensitivityReport, SiteSensitivity, load_data, read_rates, read_scores
 
 
 class Classifier(nn.Module):
@@ -139,7 +138,7 @@ def test_suggested_rates_are_monotone_in_robustness() -> None:
 
 
 def test_rates_and_scores_files(tmp_path: Path) -> None:
-    from dpatch.depth.sensitivity import suggestion
+    from dpatch.depth import suggestion
 
     doc = suggestion(_report([0.5, 0.1]), 0.2, model="timm:resnet18")
     assert doc["model"] == "timm:resnet18" and doc["per"] == "branch"

@@ -7,7 +7,7 @@ from helpers import TimmSlots, example, snapshot
 from torch import nn
 
 from dpatch import DropPath, Site, find_sites
-from dpatch.patch import inspect
+from dpatch.patching import inspect
 
 EXPECTED = [
     # (module path, number of sites, block index)

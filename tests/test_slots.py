@@ -11,7 +11,7 @@ from helpers import check_invariants, mlp, run
 from torch import nn
 
 from dpatch import DropPath, find_sites, inject, inspect, retune, strip
-from dpatch._slots import is_slot_module, slot_settings
+from dpatch.analysis import is_slot_module, slot_settings
 
 
 class MyDropPath(nn.Module):

@@ -13,7 +13,7 @@ from helpers import mlp, run
 from torch import nn
 
 from dpatch import DropPath, inject, strip
-from dpatch._marks import block_meta
+from dpatch.marks import block_meta
 
 
 class Windowed(nn.Module):

@@ -15,8 +15,9 @@ from helpers import PlainRes
 from torch import nn
 
 import dpatch
-from dpatch import DropPath, inject, zoo
+from dpatch import DropPath, inject
 from dpatch import files as dfiles
+from dpatch import models as zoo
 
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 

@@ -1,5 +1,5 @@
 """Model specs: parsing, building without downloads, listing, and the module layout
-(``dpatch.zoo`` re-exports ``dpatch.native``)."""
+(``dpatch.models``)."""
 
 from __future__ import annotations
 
@@ -10,8 +10,9 @@ import torchvision
 from test_cli import cli
 
 import dpatch
-from dpatch import native, zoo
-from dpatch.zoo import ModelSpec, create_model, list_models, parse_spec
+from dpatch import models as zoo
+from dpatch.models import ModelSpec, create_model, list_models, parse_spec
+from dpatch.models import _native as native
 
 
 @pytest.mark.parametrize(
@@ -64,8 +65,8 @@ def test_list_shows_every_torchvision_builder() -> None:
     assert "tv:r3d_18" not in native_tv
 
 
-def test_zoo_re_exports_the_native_builders() -> None:
-    # native.py reads rates and builds light; zoo picks the reader by the model's library
+def test_models_exports_the_native_builders() -> None:
+    # _native.py reads rates and builds light; _zoo picks the reader by the model's library
     assert zoo.build_light is native.build_light
     assert zoo.tv_build_kwargs is native.tv_build_kwargs
     assert not hasattr(native, "native_rates")

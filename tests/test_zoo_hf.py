@@ -40,8 +40,8 @@ from torch import nn
 
 import dpatch
 from dpatch import find_sites, inject
-from dpatch.sites import analyze, probe, site_list
-from dpatch.zoo import build_light, create_model, parse_spec, spec_of
+from dpatch.analysis import analyze, probe, site_list
+from dpatch.models import build_light, create_model, parse_spec, spec_of
 
 transformers = pytest.importorskip("transformers")
 
@@ -338,17 +338,17 @@ def test_unknown_hub_name_offline_is_a_download_error() -> None:
 def test_native_rates_follow_transformers_rule() -> None:
     """BEiT: linspace(0, r, layers); Swin: r*i/(N-1) over all blocks; LeViT: no slots."""
     beit = create_model("hf:BeitForImageClassification", **TINY_BEIT)
-    rates = dpatch.zoo.native_rates(beit, 0.3)
+    rates = dpatch.models.native_rates(beit, 0.3)
     assert rates == pytest.approx({f"beit.layers.{i}.drop_path": 0.15 * i for i in range(3)})
     swin = create_model(
         "hf:SwinModel", image_size=32, patch_size=4, embed_dim=16, depths=[1, 2],
         num_heads=[1, 2], window_size=4,
     )  # fmt: skip
-    got = dpatch.zoo.native_rates(swin, 0.3)
+    got = dpatch.models.native_rates(swin, 0.3)
     assert sorted(got.values()) == pytest.approx([0.0, 0.15, 0.3])
     vit = create_model("hf:ViTModel", **{k: v for k, v in TINY_BEIT.items()})
     with pytest.raises(dpatch.InvalidValueError, match="no drop_path_rate"):
-        dpatch.zoo.native_rates(vit, 0.3)
+        dpatch.models.native_rates(vit, 0.3)
 
 
 # --------------------------------------------------------------------------- files
@@ -471,7 +471,7 @@ def test_without_transformers_timm_and_torchvision_work() -> None:
     """A fresh interpreter where transformers cannot be imported: timm/tv work as before."""
     code = (
         "import sys; sys.modules['transformers'] = None\n"
-        "from dpatch.zoo import create_model, list_models\n"
+        "from dpatch.models import create_model, list_models\n"
         "assert create_model('tv:resnet18') is not None\n"
         "specs = [e.spec for e in list_models('resnet18*')]\n"
         "assert 'timm:resnet18' in specs and 'tv:resnet18' in specs, specs\n"

@@ -17,9 +17,8 @@ import torch
 from helpers import check_invariants
 
 from dpatch import find_sites, inject
-from dpatch._marks import set_model_spec
-from dpatch.sites import is_slot_module, probe, slot_settings
-from dpatch.zoo import ModelSpec, build_light
+from dpatch.analysis import is_slot_module, probe, slot_settings
+from dpatch.models import ModelSpec, build_light, set_model_spec
 
 FAMILIES: list[dict[str, Any]] = json.loads(
     (Path(__file__).parent / "timm_families.json").read_text()

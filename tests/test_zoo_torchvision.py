@@ -32,9 +32,8 @@ from torch import Tensor, nn
 from torchvision.ops import StochasticDepth
 
 from dpatch import find_sites, inject
-from dpatch._marks import set_model_spec
-from dpatch.sites import probe
-from dpatch.zoo import ModelSpec, build_light, tv_build_kwargs
+from dpatch.analysis import probe
+from dpatch.models import ModelSpec, build_light, set_model_spec, tv_build_kwargs
 
 NAMES = torchvision.models.list_models()
 CLASSIFICATION = set(torchvision.models.list_models(module=torchvision.models))

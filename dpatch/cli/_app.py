@@ -25,8 +25,8 @@ from typer.core import TyperGroup
 from dpatch._version import __version__
 from dpatch.errors import DPatchError, NoResidualSitesError
 from dpatch.files import Target, load_target
+from dpatch.patching import PatchReport
 from dpatch.report import render_report
-from dpatch.results import PatchReport
 
 __all__ = ["app", "emit", "err", "load", "note", "out", "step"]
 

@@ -13,11 +13,10 @@ import torch
 import typer
 from torch import Tensor
 
-from dpatch._inputs import parse_shape
+from dpatch.analysis import COVERAGES, parse_shape
 from dpatch.droppath import MODES, SCALINGS
 from dpatch.errors import InvalidValueError
 from dpatch.schedule import PER, SCHEDULES, check_rate
-from dpatch.sites import COVERAGES
 
 __all__ = [
     "AllowEmptyOpt",

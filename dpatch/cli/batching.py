@@ -1,6 +1,6 @@
 """Many inputs per command: the options that take them, and one loop that shows a progress
 bar (terminals only), one line per input (JSON Lines with ``--json``) and exits with the
-worst exit code. The work itself is :mod:`dpatch.batch`'s."""
+worst exit code. The work itself is :mod:`dpatch.files`'s."""
 
 from __future__ import annotations
 
@@ -13,9 +13,9 @@ from typing import Annotated
 import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from dpatch.batch import DEFAULT_TEMPLATE, Batch, FileResult, prepare_batch
 from dpatch.cli._app import err, out, step
 from dpatch.errors import InvalidValueError
+from dpatch.files import DEFAULT_TEMPLATE, Batch, FileResult, prepare_batch
 
 __all__ = [
     "KeepGoingOpt",
@@ -61,7 +61,7 @@ def check_single_only(**given: object) -> None:
 def prepare(
     models: list[str], output: Path | None, template: str | None, force: bool, *, writes: bool
 ) -> Batch:
-    """:func:`dpatch.batch.prepare_batch` (``-o`` is a folder here)."""
+    """:func:`dpatch.files.prepare_batch` (``-o`` is a folder here)."""
     return prepare_batch(
         models,
         out_dir=output if writes else None,

@@ -29,15 +29,19 @@ from dpatch.cli._options import (
     parse_inputs,
     parse_rate,
 )
-from dpatch.depth._render import render_fold, render_prune_stats, render_sensitivity
-from dpatch.depth.data import load_data
-from dpatch.depth.fold import fold
-from dpatch.depth.measure import measure_pruning
-from dpatch.depth.prune import BY, prune
-from dpatch.depth.sensitivity import read_scores, sensitivity, suggestion
+from dpatch.depth import (
+    BY,
+    fold,
+    load_data,
+    measure_pruning,
+    prune,
+    read_scores,
+    sensitivity,
+    suggestion,
+)
 from dpatch.errors import InvalidValueError
 from dpatch.files import atomic_write, check_output, save
-from dpatch.report import render_report
+from dpatch.report import render_fold, render_prune_stats, render_report, render_sensitivity
 
 __all__: list[str] = []
 

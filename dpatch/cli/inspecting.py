@@ -10,7 +10,6 @@ from typing import Annotated, Any
 import typer
 
 from dpatch._version import __version__
-from dpatch.batch import FileResult, inspect_many, is_many
 from dpatch.cli._app import about, app, emit, load, out, step
 from dpatch.cli._options import (
     AllowEmptyOpt,
@@ -25,11 +24,16 @@ from dpatch.cli._options import (
 )
 from dpatch.cli.batching import KeepGoingOpt, ModelsArg, check_single_only, prepare, run_batch
 from dpatch.errors import NoResidualSitesError
-from dpatch.files import load_state_dict_file, read_manifest
-from dpatch.manifest import report_from_manifest
-from dpatch.patch import inspect
+from dpatch.files import (
+    FileResult,
+    inspect_many,
+    is_many,
+    load_state_dict_file,
+    read_manifest,
+    report_from_manifest,
+)
+from dpatch.patching import PatchReport, inspect
 from dpatch.report import render_file_summary
-from dpatch.results import PatchReport
 
 __all__: list[str] = []
 

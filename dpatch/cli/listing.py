@@ -18,10 +18,10 @@ from dpatch.cli._options import (
     parse_rates,
 )
 from dpatch.errors import InvalidValueError
-from dpatch.patch import DEFAULTS
+from dpatch.models import SOURCES, list_models
+from dpatch.patching import DEFAULTS
 from dpatch.report import render_list, render_schedule
 from dpatch.schedule import expected_depth, schedule_rates
-from dpatch.zoo import SOURCES, list_models
 
 __all__: list[str] = []
 

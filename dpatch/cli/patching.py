@@ -1,5 +1,5 @@
 """``dpatch inject`` and ``dpatch retune``: one set of options, two library calls; many
-inputs go through :mod:`dpatch.batch`."""
+inputs go through :mod:`dpatch.files`."""
 
 from __future__ import annotations
 
@@ -7,7 +7,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from dpatch.batch import FileResult, is_many, patch_many
 from dpatch.cli._app import about, app, emit, err, load, out, step
 from dpatch.cli._options import (
     AllowEmptyOpt,
@@ -44,11 +43,10 @@ from dpatch.cli.batching import (
     prepare,
     run_batch,
 )
-from dpatch.depth.sensitivity import read_rates
+from dpatch.depth import read_rates
 from dpatch.errors import InvalidValueError
-from dpatch.files import check_output, save
-from dpatch.patch import check_arguments, inject, retune
-from dpatch.results import PatchReport
+from dpatch.files import FileResult, check_output, is_many, patch_many, save
+from dpatch.patching import PatchReport, check_arguments, inject, retune
 
 __all__: list[str] = []
 

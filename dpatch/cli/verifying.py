@@ -8,11 +8,8 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from rich.console import Console
-from rich.table import Table
 
 from dpatch._version import __version__
-from dpatch.batch import FileResult, is_many, verify_many
 from dpatch.cli._app import app, load, out, step
 from dpatch.cli._options import (
     ArchOpt,
@@ -24,9 +21,9 @@ from dpatch.cli._options import (
     parse_inputs,
 )
 from dpatch.cli.batching import KeepGoingOpt, ModelsArg, check_single_only, prepare, run_batch
-from dpatch.files import read_manifest
-from dpatch.manifest import report_from_manifest
-from dpatch.verify import CODES, VerifyReport, verify
+from dpatch.files import FileResult, is_many, read_manifest, report_from_manifest, verify_many
+from dpatch.report import render_verify
+from dpatch.verification import CODES, VerifyReport, verify
 
 __all__: list[str] = []
 
@@ -112,68 +109,6 @@ def verify_cmd(
             label = "mismatch" if finding.severity == "error" else "warning"
             typer.echo(f"{label}: {finding.line()}", err=True)
     raise typer.Exit(0 if report.ok else 1)
-
-
-def _table(console: Console, title: str | None) -> Table:
-    if console.is_terminal:
-        return Table(title=title, header_style="bold")
-    return Table(title=title, box=None, show_edge=False, pad_edge=False, header_style="")
-
-
-def render_verify(console: Console, report: VerifyReport, *, title: str | None = None) -> None:
-    """One row per site: declared rate, realised share and interval, kept-branch scale."""
-    table = _table(console, title)
-    for col, justify in (
-        ("block", "right"),
-        ("module", "left"),
-        ("branch", "left"),
-        ("rate", "right"),
-        ("realised", "right"),
-        ("interval", "left"),
-        ("scale", "right"),
-        ("", "left"),
-    ):
-        table.add_column(col, justify=justify)  # type: ignore[arg-type]
-    for c in report.sites:
-        s = c.site
-        realised = "-" if c.share is None else f"{c.share:.4f}"
-        if c.exact:
-            interval = f"exact ({c.draws} rows)"
-        elif c.low is None:
-            interval = "no slot" if not c.slot_present else "not called"
-        else:
-            interval = f"[{c.low:.4f}, {c.high:.4f}] of {c.draws} {c.unit}s"
-        scale = "-" if c.scale is None else f"{c.scale:.3f}/{c.expected_scale:.3f}"
-        table.add_row(
-            str(s.block),
-            s.path or "(root)",
-            s.branch,
-            f"{s.rate:.4f}",
-            realised,
-            interval,
-            scale,
-            "ok" if c.ok else "FAIL",
-        )
-    if report.sites:
-        console.print(table)
-    console.print(_summary(report), markup=False, highlight=False, soft_wrap=True)
-
-
-def _summary(report: VerifyReport) -> str:
-    sites = report.sites
-    measured = sum(c.draws > 0 for c in sites)
-    verdict = "ok" if report.ok else f"{len(report.errors)} mismatches"
-    eval_text = (
-        ("equals" if report.eval_equal else "DIFFERS from")
-        + " the model without stochastic depth"
-        + (" (bit for bit)" if report.eval_check == "bitwise" else " (to float tolerance)")
-    )
-    return (
-        f"{len(sites)} sites, {measured} measured: {verdict}; eval output {eval_text}; "
-        f"schedule {report.schedule}; {report.steps} training passes on {report.inputs} "
-        f"+ {report.draws} replayed draws per slot; Wilson {report.confidence:.1%} intervals "
-        f"(Bonferroni over sites); {report.seconds:.1f} s"
-    )
 
 
 def _line(result: FileResult) -> str:

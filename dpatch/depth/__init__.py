@@ -1,8 +1,43 @@
-"""Depth on demand: measure what each residual branch is worth (:mod:`.sensitivity`),
-remove branches for inference (:mod:`.prune`, :mod:`.measure`), and fold Huang's eval
-scaling into the weights (:mod:`.fold`), on evaluation data (:mod:`.data`).
+"""Depth on demand: measure what each residual branch is worth (:mod:`._sensitivity`),
+remove branches for inference (:mod:`._prune`, :mod:`._measure`), and fold Huang's eval
+scaling into the weights (:mod:`._fold`), on evaluation data (:mod:`._data`).
 
-The functions are re-exported from :mod:`dpatch` (``dpatch.prune``, ``dpatch.sensitivity``,
-``dpatch.fold``); this package keeps only modules, so ``dpatch.depth.prune`` is always the
-module.
+Other packages import from here only; the modules inside are this package's own.
 """
+
+from __future__ import annotations
+
+from dpatch.depth._data import Data, load_data
+from dpatch.depth._fold import FoldedSite, FoldReport, fold
+from dpatch.depth._measure import PruneStats, measure_pruning
+from dpatch.depth._prune import BY, prune, prune_order, unused_state_keys
+from dpatch.depth._sensitivity import (
+    SensitivityReport,
+    SiteSensitivity,
+    read_rates,
+    read_scores,
+    sensitivity,
+    suggest_rates,
+    suggestion,
+)
+
+__all__ = [
+    "BY",
+    "Data",
+    "FoldReport",
+    "FoldedSite",
+    "PruneStats",
+    "SensitivityReport",
+    "SiteSensitivity",
+    "fold",
+    "load_data",
+    "measure_pruning",
+    "prune",
+    "prune_order",
+    "read_rates",
+    "read_scores",
+    "sensitivity",
+    "suggest_rates",
+    "suggestion",
+    "unused_state_keys",
+]

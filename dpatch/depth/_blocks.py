@@ -14,15 +14,12 @@ import torch
 import torch.fx as fx
 from torch import Tensor, nn
 
-from dpatch._apply import configure_slot, second_probe
-from dpatch._marks import block_meta
-from dpatch._probe import Call
-from dpatch._slots import slot_settings
-from dpatch._trace import run_graph_meta
+from dpatch.analysis import Analysis, BlockSites, Call, Site, run_graph_meta, slot_settings
 from dpatch.droppath import DropPath
 from dpatch.errors import TraceError
+from dpatch.marks import block_meta
+from dpatch.patching import configure_slot, second_probe
 from dpatch.rewrite import RewriteCache, rewrite_block, unpatch_block
-from dpatch.sites import Analysis, BlockSites, Site
 
 __all__ = [
     "Removed",
@@ -150,7 +147,7 @@ class Removed(nn.Module):
         return torch.zeros_like(x) if residual is None else residual.clone()
 
     def skips(self) -> bool:
-        """Never the compute-skipping path (see :data:`dpatch._skip.SITE_TEMPLATE`)."""
+        """Never the compute-skipping path (see :data:`dpatch.rewrite._skip.SITE_TEMPLATE`)."""
         return False
 
 

@@ -16,7 +16,7 @@ from torch import nn
 
 from dpatch import PatchReport, inject, retune
 from dpatch.errors import InvalidValueError
-from dpatch.patch import DEFAULTS
+from dpatch.patching import DEFAULTS
 from dpatch.recipes import Recipe, ResolvedRecipe, get_recipe, resolve_recipe
 from dpatch.scheduler import DropPathScheduler, FactorFn, check_config
 

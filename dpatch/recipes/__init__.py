@@ -19,6 +19,7 @@ from typing import Any
 
 from torch import nn
 
+from dpatch.analysis import find_sites
 from dpatch.errors import DPatchError, InvalidValueError
 from dpatch.recipes._book import RECIPES
 from dpatch.recipes._records import (
@@ -29,7 +30,6 @@ from dpatch.recipes._records import (
     Source,
     TimeSchedule,
 )
-from dpatch.sites import find_sites
 
 __all__ = [
     "RECIPES",

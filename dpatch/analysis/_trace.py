@@ -1,0 +1,349 @@
+"""Tracing one block's own ``forward`` with torch.fx, and running the trace on meta inputs.
+
+Every child module stays a leaf, so a block's graph is exactly its own forward code. The
+tracer works on a shallow copy of the block: attributes the tracer adds (lifted tensor
+constants) land on the copy, and reads of ``self.training`` are recorded. Blocks of one
+configuration (the 12 blocks of a ViT) share one trace through :class:`TraceCache`.
+"""
+
+from __future__ import annotations
+
+import inspect
+import sys
+import typing
+from collections.abc import Callable, Hashable
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import torch
+import torch.fx as fx
+from torch import Tensor, nn
+
+from dpatch.analysis._meta import meta_execution, to_meta
+from dpatch.analysis._probe import Call
+from dpatch.analysis._residual import add_operands
+from dpatch.errors import TraceError
+
+__all__ = [
+    "LeafTracer",
+    "Span",
+    "TracedBlock",
+    "bind_inputs",
+    "concrete_candidates",
+    "config_key",
+    "one_line",
+    "run_graph_meta",
+    "trace_and_run",
+    "trace_module",
+    "training_watcher",
+]
+
+
+@dataclass(frozen=True)
+class Span:
+    """Where an expression is written: 1-based lines, 0-based UTF-8 byte columns (as
+    ``ast`` and ``code.co_positions`` count them)."""
+
+    line: int
+    col: int
+    end_line: int
+    end_col: int
+
+
+@dataclass(frozen=True, eq=False)
+class TracedBlock:
+    """One block's traced forward and the facts the trace established.
+
+    Attributes:
+        graph: the block's own forward, children as ``call_module`` leaves.
+        consts: tensor constants the tracer lifted (attribute name -> tensor); a rewritten
+            block needs them as attributes.
+        reads_training: the forward read ``self.training`` while tracing.
+        concrete: arguments specialised to the constant they had (``mask=None``).
+        env: the value of every node on the block's recorded meta inputs (empty when the
+            graph has no addition, so nothing needed running).
+        spans: where in the block's forward source each node was made (meta traces only).
+        specialised: the graph holds the recorded shapes as constants (a forward that
+            branches on shapes, traced by :mod:`dpatch.analysis._metatrace`): it finds sites, but
+            the block is rewritten at source level, not generated from the graph.
+    """
+
+    graph: fx.Graph
+    consts: dict[str, Any] = field(default_factory=dict)
+    reads_training: bool = True
+    concrete: dict[str, Any] = field(default_factory=dict)
+    env: dict[fx.Node, Any] = field(default_factory=dict)
+    spans: dict[fx.Node, Span] = field(default_factory=dict)
+    specialised: bool = False
+
+
+class LeafTracer(fx.Tracer):
+    """Traces one module's own forward: every submodule is a leaf.
+
+    Buffers are traced as graph values, not touched: a forward such as timm's
+    ``BatchNormAct2d`` updates ``num_batches_tracked`` in place, which would otherwise
+    change the real model while tracing.
+    """
+
+    proxy_buffer_attributes = True
+
+    def __init__(self) -> None:
+        super().__init__(autowrap_functions=_notrace_functions())
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        return True
+
+
+def _notrace_functions() -> tuple[Callable[..., Any], ...]:
+    """Functions timm marks as untraceable (shape asserts, resampling), when timm is loaded."""
+    timm_fx = sys.modules.get("timm.layers._fx")
+    if timm_fx is None:
+        return ()
+    return tuple(f for f in timm_fx.get_notrace_functions() if callable(f))
+
+
+_READ_TRAINING = "__dpatch_read_training"  # set on the tracer's shadow copy only
+
+
+def training_watcher(cls: type) -> type:
+    """A subclass of ``cls`` whose ``training`` attribute records that it was read."""
+
+    def get(self: nn.Module) -> bool:
+        self.__dict__[_READ_TRAINING] = True
+        return bool(self.__dict__["training"])
+
+    def set_(self: nn.Module, value: bool) -> None:
+        self.__dict__["training"] = value
+
+    return type(
+        cls.__name__, (cls,), {"training": property(get, set_), "__module__": cls.__module__}
+    )
+
+
+def trace_module(
+    module: nn.Module,
+    training: bool | None = None,
+    concrete_args: dict[str, Any] | None = None,
+) -> TracedBlock:
+    """Trace ``module``'s own forward (children as leaves) without touching ``module``.
+
+    Python attributes such as ``self.training`` are read at trace time, so the shadow copy
+    carries the requested mode (default: the module's own). ``concrete_args`` (optional
+    arguments recorded as None or a constant) are specialised, with torch.fx's guards that
+    fail loudly on other values.
+    """
+    shadow: nn.Module = object.__new__(training_watcher(type(module)))
+    shadow.__dict__ = dict(module.__dict__)
+    if training is not None:
+        shadow.__dict__["training"] = training
+    before = set(shadow.__dict__)
+    graph = LeafTracer().trace(shadow, concrete_args=concrete_args)
+    if concrete_args:
+        _restore_arg_names(graph, set(concrete_args))
+    _resolve_annotations(graph, type(module))
+    reads = bool(shadow.__dict__.pop(_READ_TRAINING, False))
+    consts = {k: v for k, v in shadow.__dict__.items() if k not in before}
+    return TracedBlock(graph, consts, reads, dict(concrete_args or {}))
+
+
+def _resolve_annotations(graph: fx.Graph, cls: type[nn.Module]) -> None:
+    """Turn string annotations (a module written under ``from __future__ import
+    annotations``) into the types they name, so generated code carries real types that
+    TorchScript can resolve; an annotation that does not resolve is dropped (TorchScript
+    then assumes a Tensor, eager code never reads it)."""
+    placeholders = [n for n in graph.nodes if n.op == "placeholder" and isinstance(n.type, str)]
+    if not placeholders:
+        return
+    try:
+        hints = typing.get_type_hints(cls.forward)
+    except Exception:  # an annotation naming something not importable here
+        hints = {}
+    for n in placeholders:
+        n.type = hints.get(str(n.target).lstrip("*"))
+
+
+def _restore_arg_names(graph: fx.Graph, names: set[str]) -> None:
+    """torch.fx renames specialised arguments (``mask`` -> ``mask_1``); a rewritten forward
+    must keep the original keyword names, so they are put back where nothing clashes."""
+    used = {n.name for n in graph.nodes}
+    for n in graph.nodes:
+        if n.op != "placeholder" or not isinstance(n.target, str):
+            continue
+        base = n.target.rsplit("_", 1)[0]
+        if n.target.endswith("_1") and base in names and base not in used:
+            n.target = base
+            n.name = base
+            used.add(base)
+    graph.lint()
+
+
+def concrete_candidates(
+    module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> dict[str, Any]:
+    """Recorded arguments that are None or plain constants: specialisable when tracing fails."""
+    try:
+        sig = inspect.signature(module.forward)
+        bound = sig.bind(*args, **kwargs)
+        bound.apply_defaults()
+    except (TypeError, ValueError):
+        return {}
+    return {
+        k: v
+        for k, v in bound.arguments.items()
+        if v is None or isinstance(v, bool | int | float | str)
+    }
+
+
+def bind_inputs(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> list[Any]:
+    """Positional values for a traced graph's placeholders from a recorded call."""
+    sig = inspect.signature(module.forward)
+    bound = sig.bind(*args, **kwargs)
+    bound.apply_defaults()
+    values: list[Any] = []
+    for name, param in sig.parameters.items():
+        if param.kind in (param.VAR_POSITIONAL, param.VAR_KEYWORD):
+            raise TypeError(f"forward takes *{name}; dpatch traces fixed signatures only")
+        values.append(bound.arguments[name])
+    return values
+
+
+class _ConstInterpreter(fx.Interpreter):
+    """An Interpreter that also knows the tensor constants the tracer lifted."""
+
+    def __init__(self, module: nn.Module, traced: TracedBlock, known: dict[int, Any]) -> None:
+        super().__init__(module, garbage_collect_values=False, graph=traced.graph)
+        self.consts = traced.consts
+        self.known = known
+
+    def fetch_attr(self, target: str) -> Any:
+        if target in self.consts:
+            return to_meta(self.consts[target])
+        return super().fetch_attr(target)
+
+    def call_module(self, target: Any, args: Any, kwargs: dict[str, Any]) -> Any:
+        # A child the probe saw run exactly once gets the same inputs here: its recorded
+        # output stands in, so interpreting a stage does not run the network under it again.
+        known = self.known.get(id(self.fetch_attr(target)))
+        if known is not None:
+            return to_meta(known)
+        return super().call_module(target, args, kwargs)
+
+
+def run_graph_meta(
+    block: nn.Module, traced: TracedBlock, call: Call, known: dict[int, Any] | None = None
+) -> dict[fx.Node, Any]:
+    """Values of every node of ``traced`` on meta inputs, ``block``'s state swapped to meta.
+
+    ``known`` maps id(child) to the output it gave for these inputs (children the probe saw
+    run once); those are not run again.
+    """
+    args, kwargs = call
+    values = [to_meta(v) for v in bind_inputs(block, args, kwargs)]
+    interp = _ConstInterpreter(block, traced, known or {})
+    with meta_execution(block):
+        interp.run(*values)
+    return interp.env
+
+
+def _with_env(
+    mod: nn.Module, traced: TracedBlock, call: Call, known: dict[int, Any]
+) -> TracedBlock:
+    if not any(add_operands(n) is not None for n in traced.graph.nodes):
+        return traced  # nothing to classify: no need to run it
+    return replace(traced, env=run_graph_meta(mod, traced, call, known))
+
+
+def trace_and_run(mod: nn.Module, call: Call, known: dict[int, Any] | None = None) -> TracedBlock:
+    """Trace ``mod`` and run the graph on its recorded inputs; if either fails, try again
+    with its None/constant arguments specialised (``if mask is not None:`` needs that).
+
+    Raises:
+        TraceError: neither attempt worked; the message says why.
+    """
+    known = known or {}
+    traced: TracedBlock | None = None
+    try:
+        traced = trace_module(mod)
+        return _with_env(mod, traced, call, known)
+    except Exception as first:
+        stage = "could not trace" if traced is None else "traced graph does not run"
+        concrete = concrete_candidates(mod, *call)
+        if not concrete:
+            raise TraceError(f"{stage}: {one_line(first)}") from first
+        try:
+            return _with_env(mod, trace_module(mod, concrete_args=concrete), call, known)
+        except Exception:
+            raise TraceError(f"{stage}: {one_line(first)}") from first
+
+
+def one_line(exc: BaseException) -> str:
+    """An exception as one short line (TraceError messages are already worded)."""
+    head = "" if isinstance(exc, TraceError) else f"{type(exc).__name__}: "
+    text = f"{head}{exc}".strip().splitlines()
+    return (text[0] if text else type(exc).__name__)[:200]
+
+
+# --------------------------------------------------------------------------- trace keys
+_MODULE_INTERNALS = frozenset(
+    {
+        "_parameters",
+        "_buffers",
+        "_modules",
+        "_non_persistent_buffers_set",
+        "_backward_pre_hooks",
+        "_backward_hooks",
+        "_is_full_backward_hook",
+        "_forward_hooks",
+        "_forward_hooks_with_kwargs",
+        "_forward_hooks_always_called",
+        "_forward_pre_hooks",
+        "_forward_pre_hooks_with_kwargs",
+        "_state_dict_hooks",
+        "_state_dict_pre_hooks",
+        "_load_state_dict_pre_hooks",
+        "_load_state_dict_post_hooks",
+    }
+)
+_PLAIN = (bool, int, float, str, bytes, type(None), torch.dtype, torch.device, torch.Size)
+
+
+def _freeze(value: Any) -> Hashable:
+    """A hashable stand-in for a configuration value; raises TypeError for tensors and
+    other values a trace could capture (tensor constants)."""
+    if isinstance(value, _PLAIN):
+        return (type(value).__name__, value)
+    if isinstance(value, list | tuple):
+        return (type(value).__name__, tuple(_freeze(v) for v in value))
+    if isinstance(value, dict):
+        return ("dict", tuple((_freeze(k), _freeze(v)) for k, v in value.items()))
+    if isinstance(value, Tensor):
+        raise TypeError("tensor attribute")
+    if callable(value) or isinstance(value, type):
+        return ("id", id(value))
+    raise TypeError(type(value).__name__)
+
+
+def config_key(mod: nn.Module, call: Call) -> Hashable | None:
+    """What a trace of ``mod`` depends on: its class, plain attributes, children's classes,
+    parameter and buffer names, and which recorded arguments are None or constants. None
+    when the module holds something a trace could capture by value (a tensor attribute)."""
+    args, kwargs = call
+    try:
+        attrs = tuple(
+            (k, _freeze(v)) for k, v in mod.__dict__.items() if k not in _MODULE_INTERNALS
+        )
+        arguments = tuple(
+            (k, "tensor" if isinstance(v, Tensor) else _freeze(v))
+            for k, v in [*enumerate(args), *kwargs.items()]
+        )
+    except TypeError:
+        return None
+    children = tuple((k, type(v)) for k, v in mod._modules.items())
+    return (
+        type(mod),
+        attrs,
+        children,
+        tuple(mod._parameters),
+        tuple(mod._buffers),
+        arguments,
+    )

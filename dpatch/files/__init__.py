@@ -1,0 +1,49 @@
+"""Files: safetensors with the dpatch manifest (:mod:`._manifest`), saving, loading and
+weights (:mod:`._files`, atomic writes), and many checkpoints per command
+(:mod:`._batch`, :mod:`._batch_inputs`).
+
+Other packages import from here only; the modules inside are this package's own.
+"""
+
+from __future__ import annotations
+
+from dpatch.files._batch import (
+    FileResult,
+    inspect_many,
+    patch_many,
+    verify_many,
+)
+from dpatch.files._batch_inputs import DEFAULT_TEMPLATE, Batch, is_many, prepare_batch
+from dpatch.files._files import (
+    Target,
+    atomic_write,
+    check_output,
+    load,
+    load_state_dict_file,
+    load_target,
+    load_weights,
+    read_manifest,
+    save,
+)
+from dpatch.files._manifest import report_from_manifest
+
+__all__ = [
+    "DEFAULT_TEMPLATE",
+    "Batch",
+    "FileResult",
+    "Target",
+    "atomic_write",
+    "check_output",
+    "inspect_many",
+    "is_many",
+    "load",
+    "load_state_dict_file",
+    "load_target",
+    "load_weights",
+    "patch_many",
+    "prepare_batch",
+    "read_manifest",
+    "report_from_manifest",
+    "save",
+    "verify_many",
+]

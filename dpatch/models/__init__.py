@@ -1,0 +1,37 @@
+"""Models: specs (``timm:``, ``tv:``, ``hf:``, ``module:factory``; :mod:`._spec`), building
+and listing them (:mod:`._zoo`), transformers as a zoo (:mod:`._hf`, imported only when
+used), and each library's own rates (:mod:`._native`).
+
+Other packages import from here only; the modules inside are this package's own.
+"""
+
+from __future__ import annotations
+
+from dpatch.models._native import build_light, tv_build_kwargs
+from dpatch.models._spec import ModelEntry, ModelSpec, set_model_spec
+from dpatch.models._zoo import (
+    SOURCES,
+    create_model,
+    list_models,
+    native_rates,
+    parse_spec,
+    rebuild,
+    rebuild_info,
+    spec_of,
+)
+
+__all__ = [
+    "SOURCES",
+    "ModelEntry",
+    "ModelSpec",
+    "build_light",
+    "create_model",
+    "list_models",
+    "native_rates",
+    "parse_spec",
+    "rebuild",
+    "rebuild_info",
+    "set_model_spec",
+    "spec_of",
+    "tv_build_kwargs",
+]

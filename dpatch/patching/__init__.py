@@ -1,0 +1,37 @@
+"""Patching: ``inject``, ``retune``, ``strip`` and ``inspect``.
+
+What a patch asks for (:mod:`._settings`: defaults < recipe < arguments, validated once),
+applied block by block (:mod:`._apply`) or from a manifest's list (:mod:`._listed`), what
+``retune`` keeps (:mod:`._keep`), and the :class:`PatchReport` that comes back
+(:mod:`._results`).
+
+Other packages import from here only; the modules inside are this package's own.
+"""
+
+from __future__ import annotations
+
+from dpatch.patching._apply import configure_slot, second_probe
+from dpatch.patching._listed import configure_sites, module_or_none
+from dpatch.patching._patch import STRIP_PRUNED, apply_sites, inject, inspect, retune, strip
+from dpatch.patching._results import Change, PatchReport, Skipped, block_rates
+from dpatch.patching._settings import DEFAULTS, KEPT, check_arguments
+
+__all__ = [
+    "DEFAULTS",
+    "KEPT",
+    "STRIP_PRUNED",
+    "Change",
+    "PatchReport",
+    "Skipped",
+    "apply_sites",
+    "block_rates",
+    "check_arguments",
+    "configure_sites",
+    "configure_slot",
+    "inject",
+    "inspect",
+    "module_or_none",
+    "retune",
+    "second_probe",
+    "strip",
+]

@@ -1,0 +1,372 @@
+"""``inject``, ``retune``, ``strip`` and ``inspect``: sites + schedule -> changes -> report."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from torch import nn
+
+from dpatch.analysis import Analysis, Site, SlotSettings, analyze, qualify, site_list
+from dpatch.errors import InvalidValueError, NoResidualSitesError, NoSlotsError
+from dpatch.marks import block_meta
+from dpatch.patching._apply import (
+    apply_block,
+    restore_slots,
+    second_probe,
+    set_slot,
+    unpatch_to_redo,
+)
+from dpatch.patching._keep import SETTINGS, changes, common, current_seed
+from dpatch.patching._listed import configure_sites
+from dpatch.patching._results import PatchReport, Skipped
+from dpatch.patching._settings import KEPT, Request, check_choice, site_rates
+from dpatch.rewrite import RewriteCache, unpatch_block
+from dpatch.schedule import expected_depth
+
+__all__ = ["STRIP_PRUNED", "apply_sites", "inject", "inspect", "retune", "strip"]
+
+
+def _empty_error(an: Analysis, what: str) -> NoResidualSitesError:
+    return NoResidualSitesError(
+        f"{what} has no residual branch to put stochastic depth on (it ran on "
+        f"{an.example.describe()} [{an.example.source}])"
+    )
+
+
+def inspect(
+    model: nn.Module,
+    example_inputs: Sequence[Any] | None = None,
+    *,
+    allow_empty: bool = True,
+    coverage: str = "slots",
+) -> PatchReport:
+    """List every residual site of ``model`` with its current rate. Read-only.
+
+    Raises:
+        ProbeError: the model runs on no input; pass ``example_inputs``.
+        NoResidualSitesError: no residual branch and ``allow_empty`` is False.
+    """
+    an = analyze(model, example_inputs, coverage)
+    sites = site_list(an)
+    if not sites and not allow_empty:
+        raise _empty_error(an, "the model")
+    return PatchReport.current(sites, _skipped(an), model=model, example=an.example)
+
+
+def _skipped(an: Analysis) -> tuple[Skipped, ...]:
+    out = [Skipped(p, r) for p, r in an.skipped]
+    out += [
+        Skipped(
+            path,
+            "residual addition without a slot left alone: the model's own DropPath slots "
+            f"define its sites (coverage='all', --coverage all, adds it as {attr})",
+        )
+        for path, attr in an.unslotted
+    ]
+    return tuple(out)
+
+
+def inject(
+    model: nn.Module,
+    max_rate: float | None = None,
+    schedule: str | None = None,
+    min_rate: float | None = None,
+    rates: Sequence[float] | None = None,
+    mode: str | None = None,
+    scaling: str | None = None,
+    per: str | None = None,
+    inplace: bool = True,
+    *,
+    skip: bool | None = None,
+    seed: int | None = None,
+    example_inputs: Sequence[Any] | None = None,
+    allow_empty: bool = True,
+    recipe: str | None = None,
+    size: str | None = None,
+    coverage: str = "slots",
+) -> PatchReport:
+    """Put stochastic depth on every residual branch of ``model`` with a per-layer schedule.
+
+    Idempotent: injecting into an injected model equals injecting once. An argument left at
+    None takes the recipe's value, else its default (``dpatch.patching.DEFAULTS``).
+
+    Args:
+        model: any ``nn.Module`` (timm, torchvision, transformers, or your own).
+        max_rate: rate of the deepest block (every block for ``uniform``); default 0.1.
+        schedule: ``linear`` (default), ``uniform``, ``huang``, ``efficientnet``,
+            ``cosine``, ``custom`` (with ``rates``) or ``native`` (the model library's own
+            rule).
+        min_rate: rate of the first block for ``linear``/``cosine``; default 0.
+        rates: per-step rates for ``custom``.
+        mode: ``row`` (per sample, default) or ``batch`` (whole batch).
+        scaling: ``inverted`` (default), ``expected`` or ``none``.
+        per: ``block`` (default: branches of a block share a step, timm's rule) or
+            ``branch``.
+        inplace: patch ``model`` itself; else a deep copy (``report.model``).
+        skip: compute dropped branches only where kept (training speed-up; see README).
+        seed: base seed of the host generators batch mode draws from (one per site), so
+            all DDP ranks drop the same blocks; default 0.
+        example_inputs: inputs for the meta-device probe (default: inferred).
+        allow_empty: return an empty report instead of raising when the model ran and has
+            no residual branch.
+        recipe: a published recipe (``dpatch.recipes``) that sets the arguments left at
+            None; its time schedule is reported for ``DropPathScheduler``.
+        size: the model size for a recipe whose rate depends on it (default: read from
+            the model).
+        coverage: ``"slots"`` (default: when the model has native slots, they alone are
+            its sites) or ``"all"`` (those plus every residual addition without a slot).
+
+    Raises:
+        InvalidValueError: a bad rate, schedule, mode, scaling, ``per`` or recipe.
+        ProbeError: the model runs on no input; pass ``example_inputs``.
+        NoResidualSitesError: no residual branch and ``allow_empty`` is False.
+    """
+    req = Request.of(
+        model,
+        {
+            "max_rate": max_rate,
+            "schedule": schedule,
+            "min_rate": min_rate,
+            "rates": rates,
+            "mode": mode,
+            "scaling": scaling,
+            "per": per,
+            "skip": skip,
+            "seed": seed,
+        },
+        recipe,
+        size,
+        example_inputs,
+    )
+    return _patch(
+        model,
+        req,
+        inplace=inplace,
+        example_inputs=example_inputs,
+        allow_empty=allow_empty,
+        slots_only=False,
+        coverage=coverage,
+    )
+
+
+def retune(
+    model: nn.Module,
+    max_rate: float | None = None,
+    schedule: str | None = None,
+    min_rate: float | None = None,
+    rates: Sequence[float] | None = None,
+    mode: str | None = None,
+    scaling: str | None = None,
+    per: str | None = None,
+    inplace: bool = True,
+    *,
+    skip: bool | None = None,
+    seed: int | None = None,
+    example_inputs: Sequence[Any] | None = None,
+    allow_empty: bool = False,
+    recipe: str | None = None,
+    size: str | None = None,
+    coverage: str = "slots",
+    analysis: Analysis | None = None,
+) -> PatchReport:
+    """Change the rates of a model that already has slots (native or from ``inject``).
+
+    Same arguments as :func:`inject`, but ``mode``, ``scaling``, ``skip`` and ``seed`` left
+    at None (and not set by the recipe) keep each site's own setting: a retune changes the
+    rates and what its arguments name, nothing else (``report.changes`` lists what changed).
+
+    Args:
+        analysis: :func:`dpatch.analysis.analyze` of this same model from an earlier call
+            (patching by dpatch and loading weights keep it valid): the model is not probed
+            again, as for many checkpoints of one architecture (:mod:`dpatch.files`).
+
+    Raises:
+        NoSlotsError: the model has no slot at all (use ``inject`` to add them).
+        NoResidualSitesError: no residual branch at all, unless ``allow_empty``.
+    """
+    req = Request.of(
+        model,
+        {
+            "max_rate": max_rate,
+            "schedule": schedule,
+            "min_rate": min_rate,
+            "rates": rates,
+            "mode": mode,
+            "scaling": scaling,
+            "per": per,
+            "skip": skip,
+            "seed": seed,
+        },
+        recipe,
+        size,
+        example_inputs,
+        keep=KEPT,
+    )
+    return _patch(
+        model,
+        req,
+        inplace=inplace,
+        example_inputs=example_inputs,
+        allow_empty=allow_empty,
+        slots_only=True,
+        coverage=coverage,
+        analysis=analysis,
+    )
+
+
+def _patch(
+    model: nn.Module,
+    req: Request,
+    *,
+    inplace: bool,
+    example_inputs: Sequence[Any] | None,
+    allow_empty: bool,
+    slots_only: bool,
+    coverage: str,
+    analysis: Analysis | None = None,
+) -> PatchReport:
+    if analysis is not None and (not inplace or analysis.model is not model):
+        raise InvalidValueError(
+            "analysis= must come from analyze() of this same model, patched in place (inplace=True)"
+        )
+    if not inplace:
+        model = copy.deepcopy(model)
+    if unpatch_to_redo(model, skip=bool(req.skip), coverage=coverage):
+        analysis = None  # blocks went back to their classes: their traces are needed
+
+    an = analysis if analysis is not None else analyze(model, example_inputs, coverage)
+    before = {s.name: s for s in site_list(an)}
+    if not before and not allow_empty:
+        raise _empty_error(an, "the model")
+    if before and slots_only and not any(s.kind == "native" or s.fused for s in before.values()):
+        raise NoSlotsError(
+            "the model has no DropPath slot to retune; use inject to add stochastic depth"
+        )
+    sites = list(before.values())
+    site_rate, steps = site_rates(model, req, sites)
+    settings = {
+        s.name: SlotSettings(
+            site_rate[s.name],
+            s.mode if req.mode is None else req.mode,
+            s.scaling if req.scaling is None else req.scaling,
+            current_seed(model, s, i) if req.seed is None else req.seed + i,
+            s.skip if req.skip is None else req.skip,
+        )
+        for i, s in enumerate(sites)
+    }
+
+    skipped = list(_skipped(an))
+    # New rewrites get the skipping form only when skip was asked for; blocks rewritten
+    # earlier keep their form, and each site its own setting.
+    rewrite_skip = bool(req.skip)
+    skip_inputs = second_probe(model, an) if rewrite_skip else None
+    if isinstance(skip_inputs, str):
+        skipped += [
+            Skipped(n, f"skip unavailable: {skip_inputs}") for n, s in settings.items() if s.skip
+        ]
+        settings = {n: dataclasses.replace(s, skip=False) for n, s in settings.items()}
+        rewrite_skip, skip_inputs = False, None
+    cache = RewriteCache()
+    for b in an.blocks:
+        skipped += apply_block(b, settings, rewrite_skip, skip_inputs, cache, an)
+    site_of_slot = {s.slot: s.name for s in sites}
+    for loose in an.loose:
+        wanted = settings[site_of_slot[loose.slot_path]]
+        set_slot(model, loose.slot_path, dataclasses.replace(wanted, skip=False))
+        if wanted.skip and req.skip is not None:
+            why = (
+                "skip needs a traced block; this slot masks"
+                if loose.residual
+                else "not on a residual addition (it drops the whole value it is given); masks"
+            )
+            skipped.append(Skipped(loose.slot_path, why))
+
+    after = tuple(site_list(an))
+    changed = tuple(
+        s.name for s in after if s.name not in before or _settings(before[s.name]) != _settings(s)
+    )
+    return PatchReport(
+        sites=after,
+        skipped=tuple(skipped),
+        changed=changed,
+        schedule=req.schedule,
+        per=req.per,
+        max_rate=float(req.max_rate),
+        min_rate=float(req.min_rate),
+        mode=req.mode if req.mode is not None else common((s.mode for s in after), "row"),
+        scaling=(
+            req.scaling
+            if req.scaling is not None
+            else common((s.scaling for s in after), "inverted")
+        ),
+        skip=req.skip if req.skip is not None else any(s.skip for s in after),
+        rates=tuple(steps),
+        expected_depth=expected_depth(steps),
+        model=model,
+        example=an.example,
+        recipe=req.recipe,
+        changes=changes(before, after),
+    )
+
+
+def _settings(s: Site) -> tuple[Any, ...]:
+    return tuple(getattr(s, field) for field in SETTINGS)
+
+
+#: What :func:`strip` does with a block whose branches were pruned.
+STRIP_PRUNED: tuple[str, ...] = ("error", "keep", "restore")
+
+
+def strip(model: nn.Module, *, pruned: str = "error") -> int:
+    """Undo dpatch: rewritten blocks get their original class and slots back, replaced slot
+    modules their original module. Returns the number of modules restored.
+
+    Args:
+        pruned: a block with pruned branches: ``"error"`` (raise, naming them: stripping
+            would run those branches again, and a pruned file left their weights out),
+            ``"keep"`` (leave such blocks as they are), or ``"restore"`` (bring the
+            branches back, with whatever weights they hold).
+
+    Raises:
+        InvalidValueError: pruned blocks and ``pruned="error"``, or an unknown choice.
+    """
+    check_choice(pruned, "pruned", STRIP_PRUNED)
+    blocks = [(n, m, block_meta(m)) for n, m in model.named_modules() if block_meta(m)]
+    with_pruned = [qualify(n, a) for n, _, meta in blocks if meta for a in meta.pruned]
+    if with_pruned and pruned == "error":
+        raise InvalidValueError(
+            f"the model has pruned branches ({', '.join(with_pruned[:3])}"
+            f"{', ...' if len(with_pruned) > 3 else ''}); strip would run them again, with "
+            "weights a pruned file does not hold: pass pruned='keep' to leave those blocks "
+            "pruned, or pruned='restore'"
+        )
+    restored = 0
+    for _, mod, meta in blocks:
+        if meta is not None and meta.pruned and pruned == "keep":
+            continue
+        unpatch_block(mod)
+        restored += 1
+    return restored + restore_slots(model)
+
+
+def apply_sites(
+    model: nn.Module,
+    sites: Sequence[Mapping[str, Any]],
+    *,
+    skip: bool = False,
+    seed: int = 0,
+    example_inputs: Sequence[Any] | None = None,
+) -> PatchReport:
+    """Patch ``model`` so each site has exactly the settings listed (a manifest's ``sites``).
+
+    Raises:
+        ManifestError: a listed site does not exist in the model, or the model has sites
+            the list does not mention.
+    """
+    report = inject(
+        model, 0.0, schedule="uniform", skip=skip, seed=seed, example_inputs=example_inputs
+    )
+    return configure_sites(model, report, sites, seed=seed)
