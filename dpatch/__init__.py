@@ -1,47 +1,112 @@
-"""dpatch: add or retune stochastic depth (DropPath) in existing PyTorch models."""
+"""dpatch: add or retune stochastic depth (DropPath) in existing PyTorch models.
+
+The public surface. Names load on first use (PEP 562), so ``import dpatch`` and the
+command line's ``--help`` do not import torch until something needs it.
+"""
 
 from __future__ import annotations
 
-from typing import Any
+import importlib
+from typing import TYPE_CHECKING, Any
 
 from dpatch._version import __version__
-from dpatch.analysis import Site, find_sites
-from dpatch.depth import (
-    Data,
-    FoldedSite,
-    FoldReport,
-    PruneStats,
-    SensitivityReport,
-    SiteSensitivity,
-    fold,
-    load_data,
-    measure_pruning,
-    prune,
-    prune_order,
-    sensitivity,
-    suggest_rates,
-)
-from dpatch.droppath import DropPath, drop_add, drop_path
-from dpatch.errors import (
-    DataError,
-    DownloadError,
-    DPatchError,
-    InvalidValueError,
-    ManifestError,
-    ModelNotFoundError,
-    ModelRunError,
-    NoResidualSitesError,
-    NoSlotsError,
-    OutputError,
-    ProbeError,
-    UnsupportedSiteError,
-    WeightsError,
-)
-from dpatch.files import Target, load, load_target, load_weights, save
-from dpatch.patching import Change, PatchReport, Skipped, inject, inspect, retune, strip
-from dpatch.schedule import PER, SCHEDULES, expected_depth, schedule_rates
-from dpatch.scheduler import DropPathScheduler
-from dpatch.verification import Finding, SiteCheck, VerifyReport, verify
+
+if TYPE_CHECKING:
+    from dpatch.analysis import Site, find_sites
+    from dpatch.depth import (
+        Data,
+        FoldedSite,
+        FoldReport,
+        PruneStats,
+        SensitivityReport,
+        SiteSensitivity,
+        fold,
+        load_data,
+        measure_pruning,
+        prune,
+        prune_order,
+        sensitivity,
+        suggest_rates,
+    )
+    from dpatch.droppath import DropPath, drop_add, drop_path
+    from dpatch.errors import (
+        DataError,
+        DownloadError,
+        DPatchError,
+        InvalidValueError,
+        ManifestError,
+        ModelNotFoundError,
+        ModelRunError,
+        NoResidualSitesError,
+        NoSlotsError,
+        OutputError,
+        ProbeError,
+        UnsupportedSiteError,
+        WeightsError,
+    )
+    from dpatch.files import Target, load, load_target, load_weights, save
+    from dpatch.patching import Change, PatchReport, Skipped, inject, inspect, retune, strip
+    from dpatch.schedule import PER, SCHEDULES, expected_depth, schedule_rates
+    from dpatch.scheduler import DropPathScheduler
+    from dpatch.settings import Settings
+    from dpatch.verification import Finding, SiteCheck, VerifyReport, verify
+
+#: Where each public name lives.
+_HOMES: dict[str, str] = {
+    "find_sites": "dpatch.analysis",
+    "Site": "dpatch.analysis",
+    "Data": "dpatch.depth",
+    "fold": "dpatch.depth",
+    "FoldedSite": "dpatch.depth",
+    "FoldReport": "dpatch.depth",
+    "load_data": "dpatch.depth",
+    "measure_pruning": "dpatch.depth",
+    "prune": "dpatch.depth",
+    "prune_order": "dpatch.depth",
+    "PruneStats": "dpatch.depth",
+    "sensitivity": "dpatch.depth",
+    "SensitivityReport": "dpatch.depth",
+    "SiteSensitivity": "dpatch.depth",
+    "suggest_rates": "dpatch.depth",
+    "drop_add": "dpatch.droppath",
+    "drop_path": "dpatch.droppath",
+    "DropPath": "dpatch.droppath",
+    "DataError": "dpatch.errors",
+    "DownloadError": "dpatch.errors",
+    "DPatchError": "dpatch.errors",
+    "InvalidValueError": "dpatch.errors",
+    "ManifestError": "dpatch.errors",
+    "ModelNotFoundError": "dpatch.errors",
+    "ModelRunError": "dpatch.errors",
+    "NoResidualSitesError": "dpatch.errors",
+    "NoSlotsError": "dpatch.errors",
+    "OutputError": "dpatch.errors",
+    "ProbeError": "dpatch.errors",
+    "UnsupportedSiteError": "dpatch.errors",
+    "WeightsError": "dpatch.errors",
+    "load": "dpatch.files",
+    "load_target": "dpatch.files",
+    "load_weights": "dpatch.files",
+    "save": "dpatch.files",
+    "Target": "dpatch.files",
+    "Change": "dpatch.patching",
+    "inject": "dpatch.patching",
+    "inspect": "dpatch.patching",
+    "PatchReport": "dpatch.patching",
+    "retune": "dpatch.patching",
+    "Skipped": "dpatch.patching",
+    "strip": "dpatch.patching",
+    "expected_depth": "dpatch.schedule",
+    "PER": "dpatch.schedule",
+    "schedule_rates": "dpatch.schedule",
+    "SCHEDULES": "dpatch.schedule",
+    "DropPathScheduler": "dpatch.scheduler",
+    "Settings": "dpatch.settings",
+    "Finding": "dpatch.verification",
+    "SiteCheck": "dpatch.verification",
+    "verify": "dpatch.verification",
+    "VerifyReport": "dpatch.verification",
+}
 
 __all__ = [
     "PER",
@@ -67,6 +132,7 @@ __all__ = [
     "ProbeError",
     "PruneStats",
     "SensitivityReport",
+    "Settings",
     "Site",
     "SiteCheck",
     "SiteSensitivity",
@@ -101,17 +167,24 @@ __all__ = [
 
 
 def __getattr__(name: str) -> Any:
+    home = _HOMES.get(name)
+    if home is not None:
+        value = getattr(importlib.import_module(home), name)
+        globals()[name] = value  # once loaded, a plain attribute
+        return value
     # ``dpatch.io`` was renamed ``dpatch.files`` in 0.2 (it shadowed the standard module);
     # the old name keeps working for one release.
     if name == "io":
         import warnings
-
-        from dpatch import files
 
         warnings.warn(
             "dpatch.io is now dpatch.files; the old name goes in dpatch 0.3",
             DeprecationWarning,
             stacklevel=2,
         )
-        return files
+        return importlib.import_module("dpatch.files")
     raise AttributeError(f"module 'dpatch' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__})

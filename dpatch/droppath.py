@@ -37,11 +37,9 @@ import torch
 from torch import Tensor, nn
 
 from dpatch.rows import scatter_add_rows
+from dpatch.settings import MODES, SCALINGS
 
-MODES: tuple[str, ...] = ("row", "batch")
-SCALINGS: tuple[str, ...] = ("inverted", "expected", "none")
-
-__all__ = ["MODES", "SCALINGS", "DropPath", "drop_add", "drop_path", "keep_count"]
+__all__ = ["DropPath", "drop_add", "drop_path", "keep_count"]
 
 
 def _check_prob(p: Any) -> float:

@@ -7,11 +7,24 @@ message; the library never prints.
 from __future__ import annotations
 
 
-def first_line(exc: BaseException, limit: int | None = 200) -> str:
-    """The first line of an exception's message (at most ``limit`` characters), or its
-    type's name when it has none: how a wrapped error is quoted in a one-line message."""
-    text = str(exc).strip()
-    line = text.splitlines()[0] if text else type(exc).__name__
+def first_line(what: BaseException | str, limit: int | None = 200, *, typed: bool = False) -> str:
+    """The first non-blank line of a message (at most ``limit`` characters): how an error is
+    quoted in a one-line message, and how the command line prints one.
+
+    Args:
+        what: an exception (its message; its type's name when it has none) or a text.
+        limit: the most characters kept (None: all).
+        typed: prefix the exception's type (``RuntimeError: ...``), except for dpatch's
+            own errors, whose messages are worded already.
+    """
+    text = str(what).strip()
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    if isinstance(what, BaseException):
+        line = lines[0] if lines else type(what).__name__
+        if typed and lines and not isinstance(what, DPatchError):
+            line = f"{type(what).__name__}: {line}"
+    else:
+        line = lines[0] if lines else "(no message)"
     return line if limit is None else line[:limit]
 
 

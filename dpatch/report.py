@@ -237,6 +237,8 @@ def render_sensitivity(
         console.print(
             "note: synthetic inputs: a smoke test, not a measurement", highlight=False, markup=False
         )
+    for note in report.notes:
+        console.print(f"note: {note}", highlight=False, markup=False)
 
 
 def _mb(n: int) -> str:
@@ -300,15 +302,15 @@ def render_verify(console: Console, report: VerifyReport, *, title: str | None =
     ):
         table.add_column(col, justify=justify)  # type: ignore[arg-type]
     for c in report.sites:
-        s = c.site
-        realised = "-" if c.share is None else f"{c.share:.4f}"
-        if c.exact:
-            interval = f"exact ({c.draws} rows)"
-        elif c.low is None:
+        s, m = c.site, c.measured
+        realised = "-" if m.share is None else f"{m.share:.4f}"
+        if m.exact:
+            interval = f"exact ({m.draws} rows)"
+        elif m.low is None:
             interval = "no slot" if not c.slot_present else "not called"
         else:
-            interval = f"[{c.low:.4f}, {c.high:.4f}] of {c.draws} {c.unit}s"
-        scale = "-" if c.scale is None else f"{c.scale:.3f}/{c.expected_scale:.3f}"
+            interval = f"[{m.low:.4f}, {m.high:.4f}] of {m.draws} {m.unit}s"
+        scale = "-" if m.scale is None else f"{m.scale:.3f}/{m.expected_scale:.3f}"
         table.add_row(
             str(s.block),
             s.path or "(root)",
@@ -326,7 +328,7 @@ def render_verify(console: Console, report: VerifyReport, *, title: str | None =
 
 def _summary(report: VerifyReport) -> str:
     sites = report.sites
-    measured = sum(c.draws > 0 for c in sites)
+    measured = sum(c.measured.draws > 0 for c in sites)
     verdict = "ok" if report.ok else f"{len(report.errors)} mismatches"
     eval_text = (
         ("equals" if report.eval_equal else "DIFFERS from")

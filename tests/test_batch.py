@@ -291,7 +291,7 @@ def test_verify_many_checks_each_file_against_its_manifest(work: Path) -> None:
     reports = [r.report for r in results]
     assert all(isinstance(r, dpatch.VerifyReport) for r in reports)
     assert [c.declared for c in reports[1].sites] == pytest.approx([0.0, 0.15, 0.3])  # type: ignore[union-attr]
-    assert all(c.exact for c in reports[1].sites[1:])  # type: ignore[union-attr]
+    assert all(c.measured.exact for c in reports[1].sites[1:])  # type: ignore[union-attr]
 
 
 # --------------------------------------------------------------------------- command line

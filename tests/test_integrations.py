@@ -47,10 +47,11 @@ def test_explicit_arguments_override_the_recipe() -> None:
     from helpers import example
 
     from dpatch.integrations._driver import DropPathDriver
+    from dpatch.settings import Settings
 
     def driver(**scheduler_args: Any) -> DropPathDriver:
         return DropPathDriver(
-            inject_args={"max_rate": 0.2, "mode": None},
+            settings=Settings(max_rate=0.2),
             scheduler_args=scheduler_args,
             recipe="late-sd-vit-b",
             size=None,
@@ -63,7 +64,7 @@ def test_explicit_arguments_override_the_recipe() -> None:
     d = driver(cutoff=2)
     d.patch(model)
     sched = d.start(model, total_steps=12)
-    assert d.inject_kwargs()["max_rate"] == 0.2 and d.inject_kwargs()["schedule"] == "linear"
+    assert d.settings().max_rate == 0.2 and d.settings().schedule == "linear"
     assert (sched.kind, sched.cutoff, sched.total_steps) == ("late", 2, 12)
     assert sched.target_rates == pytest.approx({f"{i}.drop_path": 0.1 * i for i in range(3)})
     other = driver(kind="warmup", warmup_steps=3)

@@ -38,11 +38,15 @@ def test_patched_model_verifies_and_is_left_untouched(net: nn.Module) -> None:
     assert all(torch.equal(net.state_dict()[k], v) for k, v in state.items())
     assert all(not isinstance(m, nn.Identity) for m in net.modules())  # no slot was replaced
     measured = [c for c in report.sites if c.site.rate > 0]
-    assert measured and all(c.calls >= 2 and c.draws >= 2048 for c in measured)
+    assert measured and all(c.calls >= 2 and c.measured.draws >= 2048 for c in measured)
     for c in measured:
-        assert c.low is not None and c.high is not None and c.low <= c.site.rate <= c.high
+        assert (
+            c.measured.low is not None
+            and c.measured.high is not None
+            and c.measured.low <= c.site.rate <= c.measured.high
+        )
         # Kept rows carry 1/(1-p), to the 1 % the check allows.
-        assert c.scale == pytest.approx(1 / (1 - c.site.rate), rel=1e-2)
+        assert c.measured.scale == pytest.approx(1 / (1 - c.site.rate), rel=1e-2)
     json.dumps(report.to_dict())  # plain JSON
     assert report.inputs == "4x4x8 float32 (given)"
 
@@ -52,7 +56,7 @@ def test_unpatched_timm_slots_verify() -> None:
     report = verify(model, example_inputs=(example(),))
     assert report.ok, [f.line() for f in report.findings]
     assert [c.site.kind for c in report.sites] == ["native"] * 4
-    assert all(c.unit == "row" and c.share is not None for c in report.sites)
+    assert all(c.measured.unit == "row" and c.measured.share is not None for c in report.sites)
     assert report.schedule == "uniform"
 
 
@@ -63,11 +67,15 @@ def test_skip_share_is_exact() -> None:
     report = verify(model, example_inputs=(x,), rows=100)
     assert report.ok, [f.line() for f in report.findings]
     for c in report.sites:
-        assert c.site.skip and c.exact and c.low == c.high == c.share
+        assert (
+            c.site.skip
+            and c.measured.exact
+            and c.measured.low == c.measured.high == c.measured.share
+        )
         # k = round(B (1 - p)) rows computed per call: within half a row of the rate.
-        assert c.share is not None and abs(c.share - 0.3) <= 0.5 / 4
-        assert c.scale is not None and c.expected_scale is not None
-        assert c.scale == pytest.approx(c.expected_scale, rel=1e-3)
+        assert c.measured.share is not None and abs(c.measured.share - 0.3) <= 0.5 / 4
+        assert c.measured.scale is not None and c.measured.expected_scale is not None
+        assert c.measured.scale == pytest.approx(c.measured.expected_scale, rel=1e-3)
 
 
 def test_batch_mode_counts_calls() -> None:
@@ -76,14 +84,14 @@ def test_batch_mode_counts_calls() -> None:
     dpatch.inject(model, 0.4, schedule="uniform", mode="batch", example_inputs=(x,))
     report = verify(model, example_inputs=(x,))
     assert report.ok, [f.line() for f in report.findings]
-    assert all(c.unit == "batch" and c.draws >= 256 for c in report.sites)
+    assert all(c.measured.unit == "batch" and c.measured.draws >= 256 for c in report.sites)
 
 
 def test_reports_are_reproducible() -> None:
     model = stack(TimmSlots(rate=0.2))
     a = verify(model, example_inputs=(example(),), seed=3)
     b = verify(model, example_inputs=(example(),), seed=3)
-    assert [c.dropped for c in a.sites] == [c.dropped for c in b.sites]
+    assert [c.measured.dropped for c in a.sites] == [c.measured.dropped for c in b.sites]
 
 
 def test_declared_rates() -> None:

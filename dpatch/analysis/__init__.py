@@ -10,7 +10,7 @@ Other packages import from here only; the modules inside are this package's own.
 
 from __future__ import annotations
 
-from dpatch.analysis._analyze import COVERAGES, Analysis, BlockSites, LooseSlot, analyze, qualify
+from dpatch.analysis._analyze import Analysis, BlockSites, LooseSlot, analyze, qualify
 from dpatch.analysis._inputs import ExampleInputs, parse_shape
 from dpatch.analysis._meta import materialise, meta_execution, to_meta
 from dpatch.analysis._probe import Call, Probe, probe
@@ -18,9 +18,9 @@ from dpatch.analysis._residual import INPLACE_ADDS, BlockSite
 from dpatch.analysis._sites import Site, find_sites, site_list
 from dpatch.analysis._slots import SLOT_ATTRS, SlotSettings, is_slot_module, slot_settings
 from dpatch.analysis._trace import Span, bind_inputs, run_graph_meta, trace_module
+from dpatch.analysis._views import is_dropout, is_reshape, may_alias
 
 __all__ = [
-    "COVERAGES",
     "INPLACE_ADDS",
     "SLOT_ATTRS",
     "Analysis",
@@ -36,8 +36,11 @@ __all__ = [
     "analyze",
     "bind_inputs",
     "find_sites",
+    "is_dropout",
+    "is_reshape",
     "is_slot_module",
     "materialise",
+    "may_alias",
     "meta_execution",
     "parse_shape",
     "probe",

@@ -25,15 +25,12 @@ from dpatch.analysis._slots import (
     owner_of,
     referenced_none_slots,
 )
-from dpatch.analysis._trace import TracedBlock, config_key, one_line, trace_and_run, trace_module
-from dpatch.errors import InvalidValueError, TraceError
+from dpatch.analysis._trace import TracedBlock, config_key, trace_and_run, trace_module
+from dpatch.errors import InvalidValueError, TraceError, first_line
 from dpatch.marks import block_meta
+from dpatch.settings import COVERAGES
 
-#: Which residual additions are sites: a model's native slots only when it has any
-#: (``"slots"``), or those plus every addition without a slot (``"all"``).
-COVERAGES: tuple[str, ...] = ("slots", "all")
-
-__all__ = ["COVERAGES", "Analysis", "BlockSites", "LooseSlot", "analyze", "qualify"]
+__all__ = ["Analysis", "BlockSites", "LooseSlot", "analyze", "qualify"]
 
 
 def qualify(path: str, name: str) -> str:
@@ -247,7 +244,7 @@ def analyze(
             traced = traces.get(mod, pr.inputs[id(mod)])
         except TraceError as exc:
             if _has_own_add_source(mod, sources):
-                skipped.append((path, one_line(exc)))
+                skipped.append((path, first_line(exc, typed=True)))
             # timm's ``drop_path = None`` slots still work unfused: the forward calls them
             # once they hold a module.
             none_loose += [

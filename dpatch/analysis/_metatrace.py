@@ -25,7 +25,7 @@ from torch import Tensor, nn
 from dpatch.analysis._meta import meta_execution, to_meta
 from dpatch.analysis._probe import Call
 from dpatch.analysis._trace import LeafTracer, Span, TracedBlock, training_watcher
-from dpatch.errors import TraceError
+from dpatch.errors import TraceError, first_line
 
 __all__ = ["meta_trace"]
 
@@ -257,7 +257,7 @@ def meta_trace(mod: nn.Module, call: Call, known: dict[int, Any] | None = None) 
     except TraceError:
         raise
     except Exception as exc:
-        raise TraceError(f"{type(exc).__name__}: {exc}".splitlines()[0][:200]) from exc
+        raise TraceError(first_line(exc, typed=True)) from exc
     consts = {k: v for k, v in shadow.__dict__.items() if k not in before and k[:2] != "__"}
     return TracedBlock(
         graph,

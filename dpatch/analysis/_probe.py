@@ -21,7 +21,7 @@ from torch import nn
 
 from dpatch.analysis._inputs import ExampleInputs, as_example_inputs, input_candidates
 from dpatch.analysis._meta import materialise, meta_execution, real_execution
-from dpatch.errors import ProbeError
+from dpatch.errors import ProbeError, first_line
 
 __all__ = ["PROBE_BATCH", "Call", "Probe", "probe"]
 
@@ -129,7 +129,7 @@ def _probe_once(model: nn.Module, inputs: tuple[Any, ...], *, meta: bool) -> Pro
         with meta_execution(model) if meta else real_execution(model):
             model(*inputs)
     except Exception as exc:  # any model code can fail here; the caller reports it
-        return f"{type(exc).__name__}: {exc}".splitlines()[0][:300]
+        return first_line(exc, 300, typed=True)
     finally:
         for h in handles:
             h.remove()

@@ -25,6 +25,8 @@ import torch
 import torch.fx as fx
 from torch import Tensor, nn
 
+from dpatch.analysis._views import is_dropout, is_reshape
+
 __all__ = [
     "INPLACE_ADDS",
     "AddOperands",
@@ -191,23 +193,6 @@ def _has_activation(nodes: Iterable[fx.Node], env: dict[fx.Node, Any]) -> bool:
     return False
 
 
-# Operations that pass a value on without computing a new feature from it.
-_PASS_THROUGH_METHODS = frozenset(
-    {"view", "reshape", "permute", "transpose", "flatten", "contiguous", "squeeze", "unsqueeze"}
-)
-_PASS_THROUGH_FUNCTIONS = frozenset(
-    {
-        torch.nn.functional.dropout,
-        torch.reshape,
-        torch.permute,
-        torch.transpose,
-        torch.flatten,
-        torch.squeeze,
-        torch.unsqueeze,
-    }
-)
-
-
 def _ends_in_learned_op(block: nn.Module, node: fx.Node) -> bool:
     """Whether a value comes out of learned computation (a module with parameters, or a
     function of a parameter), looking through dropout and reshapes: a branch handed a
@@ -225,8 +210,8 @@ def _ends_in_learned_op(block: nn.Module, node: fx.Node) -> bool:
                 node.op == "call_module"
                 and not any(True for _ in block.get_submodule(str(node.target)).parameters())
             )
-            or (node.op == "call_method" and node.target in _PASS_THROUGH_METHODS)
-            or (node.op == "call_function" and node.target in _PASS_THROUGH_FUNCTIONS)
+            or is_reshape(node)
+            or is_dropout(node)
         )
         first = node.args[0] if node.args else None
         if not passes or not isinstance(first, fx.Node):

@@ -22,7 +22,7 @@ from torch import Tensor, nn
 from dpatch.analysis._meta import meta_execution, to_meta
 from dpatch.analysis._probe import Call
 from dpatch.analysis._residual import add_operands
-from dpatch.errors import TraceError
+from dpatch.errors import TraceError, first_line
 
 __all__ = [
     "LeafTracer",
@@ -31,7 +31,6 @@ __all__ = [
     "bind_inputs",
     "concrete_candidates",
     "config_key",
-    "one_line",
     "run_graph_meta",
     "trace_and_run",
     "trace_module",
@@ -269,18 +268,11 @@ def trace_and_run(mod: nn.Module, call: Call, known: dict[int, Any] | None = Non
         stage = "could not trace" if traced is None else "traced graph does not run"
         concrete = concrete_candidates(mod, *call)
         if not concrete:
-            raise TraceError(f"{stage}: {one_line(first)}") from first
+            raise TraceError(f"{stage}: {first_line(first, typed=True)}") from first
         try:
             return _with_env(mod, trace_module(mod, concrete_args=concrete), call, known)
         except Exception:
-            raise TraceError(f"{stage}: {one_line(first)}") from first
-
-
-def one_line(exc: BaseException) -> str:
-    """An exception as one short line (TraceError messages are already worded)."""
-    head = "" if isinstance(exc, TraceError) else f"{type(exc).__name__}: "
-    text = f"{head}{exc}".strip().splitlines()
-    return (text[0] if text else type(exc).__name__)[:200]
+            raise TraceError(f"{stage}: {first_line(first, typed=True)}") from first
 
 
 # --------------------------------------------------------------------------- trace keys

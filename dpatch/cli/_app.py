@@ -1,6 +1,10 @@
 """The Typer app, the one place exceptions become a message and an exit code, and the
 console helpers every command shares.
 
+Nothing heavy is imported here or by any command module at import time: ``--help``,
+``--version``, completion and usage errors answer without importing torch; each command
+imports the library when it runs.
+
 Exit codes: 0 success; 1 bad input or failed operation; 2 usage error (unknown option,
 missing argument); 3 the model has no residual branch (unless ``--allow-empty``).
 Errors are one line on stderr; ``DPATCH_DEBUG=1`` adds the traceback.
@@ -16,19 +20,21 @@ import traceback
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, redirect_stdout
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
-from rich.console import Console
 from typer.core import TyperGroup
 
 from dpatch._version import __version__
-from dpatch.errors import DPatchError, NoResidualSitesError
-from dpatch.files import Target, load_target
-from dpatch.patching import PatchReport
-from dpatch.report import render_report
+from dpatch.errors import DPatchError, NoResidualSitesError, first_line
 
-__all__ = ["app", "emit", "err", "load", "note", "out", "step"]
+if TYPE_CHECKING:
+    from rich.console import Console
+
+    from dpatch.files import Target
+    from dpatch.patching import PatchReport
+
+__all__ = ["app", "echo_json", "emit", "err", "json_ready", "load", "note", "out", "step"]
 
 #: What a command line user can do about an error of exactly this type.
 _HINTS: dict[type[DPatchError], str] = {
@@ -48,6 +54,11 @@ class _Group(TyperGroup):
         **extra: Any,
     ) -> Any:
         debug = os.environ.get("DPATCH_DEBUG") == "1"
+        if args is None:
+            args = sys.argv[1:]
+        if not list(args) and complete_var is None and not _completing():
+            # ``dpatch`` alone: the help, and success (Click would exit 2 with no message).
+            args = ["--help"]
         try:
             code = super().main(
                 args=args,
@@ -63,7 +74,7 @@ class _Group(TyperGroup):
             if debug:
                 traceback.print_exc()
             hint = _HINTS.get(type(exc))
-            typer.echo(f"error: {_one_line(str(exc))}" + (f" ({hint})" if hint else ""), err=True)
+            typer.echo(f"error: {first_line(exc, 500)}" + (f" ({hint})" if hint else ""), err=True)
             code = exc.exit_code
         except KeyboardInterrupt:
             typer.echo("error: interrupted; no output was written", err=True)
@@ -71,13 +82,14 @@ class _Group(TyperGroup):
         except Exception as exc:
             if _is_usage_error(exc):  # unknown option, missing argument, bad integer, ...
                 message = exc.format_message()  # type: ignore[attr-defined]
-                typer.echo(f"error: {_one_line(message)} (see 'dpatch --help')", err=True)
+                where = _command_path(exc)
+                typer.echo(f"error: {first_line(message, 500)} (see '{where} --help')", err=True)
                 code = int(exc.exit_code)  # type: ignore[attr-defined]
             else:
                 if debug:
                     traceback.print_exc()
                 typer.echo(
-                    f"error: unexpected {type(exc).__name__}: {_one_line(str(exc))} "
+                    f"error: unexpected {first_line(exc, 500, typed=True)} "
                     "(set DPATCH_DEBUG=1 for the traceback)",
                     err=True,
                 )
@@ -88,15 +100,22 @@ class _Group(TyperGroup):
         return code
 
 
+def _completing() -> bool:
+    """Shell completion is asking (Click's ``_DPATCH_COMPLETE`` variable is set)."""
+    return any(k.startswith("_") and k.endswith("_COMPLETE") for k in os.environ)
+
+
+def _command_path(exc: BaseException) -> str:
+    """``dpatch inject`` for an error in ``dpatch inject``'s arguments."""
+    ctx = getattr(exc, "ctx", None)
+    path = getattr(ctx, "command_path", None)
+    return str(path) if path else "dpatch"
+
+
 def _is_usage_error(exc: BaseException) -> bool:
     # Click's exceptions (Typer vendors its own copy of Click in recent releases, so the
     # class is matched by its interface rather than imported).
     return hasattr(exc, "format_message") and isinstance(getattr(exc, "exit_code", None), int)
-
-
-def _one_line(text: str) -> str:
-    lines = [ln.strip() for ln in text.strip().splitlines() if ln.strip()]
-    return " ".join(lines)[:500] if lines else "(no message)"
 
 
 app = typer.Typer(
@@ -105,6 +124,7 @@ app = typer.Typer(
     help="Add or retune stochastic depth (DropPath) in PyTorch models.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
+    rich_markup_mode=None,
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 
@@ -131,12 +151,16 @@ def _root(
 # --------------------------------------------------------------------------- output
 def out() -> Console:
     """The console for results (stdout); wide when piped so tables do not wrap."""
+    from rich.console import Console
+
     console = Console(highlight=False)
     return console if console.is_terminal else Console(highlight=False, width=200)
 
 
 def err() -> Console:
     """The console for notes and progress (stderr)."""
+    from rich.console import Console
+
     console = Console(stderr=True, highlight=False)
     return console if console.is_terminal else Console(stderr=True, highlight=False, width=200)
 
@@ -183,6 +207,8 @@ def load(
     target: str, *, weights: Path | None, pretrained: bool, arch: str | None, quiet: bool
 ) -> Target:
     """:func:`dpatch.load_target` with a spinner, its notes on stderr."""
+    from dpatch.files import load_target
+
     with step(f"Loading {target}", quiet):
         loaded = load_target(target, weights=weights, model=arch, pretrained=pretrained)
     for text in loaded.notes:
@@ -202,8 +228,34 @@ def about(name: str) -> Iterator[None]:
 def emit(report: PatchReport, as_json: bool, extra: dict[str, Any], *, show_all: bool) -> None:
     """A report as one JSON document, or as a table."""
     if as_json:
-        doc = {"dpatch": __version__, **extra, **report.to_dict()}
-        typer.echo(json.dumps(doc, indent=2))
+        echo_json({"dpatch": __version__, **extra, **report.to_dict()})
     else:
+        from dpatch.report import render_report
+
         title = extra.get("model")
         render_report(out(), report, title=str(title) if title else None, show_all=show_all)
+
+
+#: Decimals of the floats ``--json`` prints: rates such as 0.07499999999999998 (a
+#: schedule's arithmetic) print as 0.075. Files keep every bit (a manifest's rates are the
+#: model's exact values).
+JSON_DECIMALS = 10
+
+
+def json_ready(value: Any) -> Any:
+    """``value`` with every float rounded to :data:`JSON_DECIMALS` decimals."""
+    if isinstance(value, float):
+        return round(value, JSON_DECIMALS)
+    if isinstance(value, dict):
+        return {k: json_ready(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [json_ready(v) for v in value]
+    return value
+
+
+def echo_json(doc: Any, *, lines: bool = False) -> None:
+    """One JSON document on stdout (``lines``: compact, one line, for JSON Lines)."""
+    if lines:
+        typer.echo(json.dumps(json_ready(doc), separators=(",", ":")))
+    else:
+        typer.echo(json.dumps(json_ready(doc), indent=2))

@@ -1,22 +1,24 @@
 """Options shared by several commands (Typer ``Annotated`` aliases) and their parsers.
 
-Choice lists come from the library (``SCHEDULES``, ``MODES``, ``SCALINGS``, ``PER``), so the
-command line never spells them twice.
+Choice lists come from the library (``SCHEDULES``, ``MODES``, ``SCALINGS``, ``PER``,
+``COVERAGES``), so the command line never spells them twice, and shell completion offers
+them. Nothing here imports torch until an input shape is parsed.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
-import torch
 import typer
-from torch import Tensor
 
-from dpatch.analysis import COVERAGES, parse_shape
-from dpatch.droppath import MODES, SCALINGS
 from dpatch.errors import InvalidValueError
 from dpatch.schedule import PER, SCHEDULES, check_rate
+from dpatch.settings import COVERAGES, MODES, SCALINGS, Settings
+
+if TYPE_CHECKING:
+    from torch import Tensor
 
 __all__ = [
     "AllowEmptyOpt",
@@ -42,14 +44,25 @@ __all__ = [
     "SizeOpt",
     "SkipOpt",
     "WeightsOpt",
+    "complete",
     "parse_inputs",
     "parse_rate",
     "parse_rates",
+    "parse_settings",
 ]
 
 
 def _bar(choices: tuple[str, ...]) -> str:
     return "|".join(choices)
+
+
+def complete(choices: tuple[str, ...]) -> Callable[[str], list[str]]:
+    """Shell completion offering ``choices`` (``--schedule <TAB>``: the schedule kinds)."""
+
+    def offer(incomplete: str) -> list[str]:
+        return [c for c in choices if c.startswith(incomplete)]
+
+    return offer
 
 
 ModelArg = Annotated[
@@ -78,6 +91,7 @@ ScheduleOpt = Annotated[
         "--schedule",
         metavar="KIND",
         help=" | ".join((*SCHEDULES, "native")) + " (default linear).",
+        autocompletion=complete((*SCHEDULES, "native")),
     ),
 ]
 RatesOpt = Annotated[
@@ -95,7 +109,12 @@ RatesFromOpt = Annotated[
 ]
 ModeOpt = Annotated[
     str | None,
-    typer.Option("--mode", metavar=_bar(MODES), help="Drop per sample (default) or whole batch."),
+    typer.Option(
+        "--mode",
+        metavar=_bar(MODES),
+        help="Drop per sample (default) or whole batch.",
+        autocompletion=complete(MODES),
+    ),
 ]
 ScalingOpt = Annotated[
     str | None,
@@ -103,11 +122,17 @@ ScalingOpt = Annotated[
         "--scaling",
         metavar=_bar(SCALINGS),
         help="inverted (default): kept/(1-p) in training (timm); expected: x(1-p) in eval (Huang).",
+        autocompletion=complete(SCALINGS),
     ),
 ]
 PerOpt = Annotated[
     str | None,
-    typer.Option("--per", metavar=_bar(PER), help="What one schedule step covers (block)."),
+    typer.Option(
+        "--per",
+        metavar=_bar(PER),
+        help="What one schedule step covers (block).",
+        autocompletion=complete(PER),
+    ),
 ]
 SkipOpt = Annotated[
     bool | None,
@@ -124,6 +149,7 @@ CoverageOpt = Annotated[
         metavar=_bar(COVERAGES),
         help="slots: a model's own DropPath slots alone when it has any; all: plus every "
         "residual addition without one.",
+        autocompletion=complete(COVERAGES),
     ),
 ]
 RecipeOpt = Annotated[
@@ -187,18 +213,19 @@ InputDtypeOpt = Annotated[
     ),
 ]
 
-_DTYPES = {
-    "float32": torch.float32,
-    "float": torch.float32,
-    "float16": torch.float16,
-    "half": torch.float16,
-    "bfloat16": torch.bfloat16,
-    "float64": torch.float64,
-    "int64": torch.long,
-    "long": torch.long,
-    "int32": torch.int32,
-    "int": torch.int32,
-    "bool": torch.bool,
+#: ``--input-dtype`` names and the torch dtype each means (looked up when parsing).
+DTYPES: dict[str, str] = {
+    "float32": "float32",
+    "float": "float32",
+    "float16": "float16",
+    "half": "float16",
+    "bfloat16": "bfloat16",
+    "float64": "float64",
+    "int64": "int64",
+    "long": "int64",
+    "int32": "int32",
+    "int": "int32",
+    "bool": "bool",
 }
 
 
@@ -217,12 +244,16 @@ def parse_inputs(shapes: list[str] | None, dtypes: list[str] | None) -> tuple[Te
             "once for all inputs or once per input"
         )
     for name in names:
-        if name not in _DTYPES:
+        if name not in DTYPES:
             raise InvalidValueError(
-                f"--input-dtype {name!r} is unknown; choose one of: {', '.join(_DTYPES)}"
+                f"--input-dtype {name!r} is unknown; choose one of: {', '.join(DTYPES)}"
             )
+    import torch
+
+    from dpatch.analysis import parse_shape
+
     return tuple(
-        torch.empty(parse_shape(s), dtype=_DTYPES[d], device="meta")
+        torch.empty(parse_shape(s), dtype=getattr(torch, DTYPES[d]), device="meta")
         for s, d in zip(shapes, names, strict=True)
     )
 
@@ -238,6 +269,41 @@ def parse_rate(text: str | None, flag: str, *, allow_one: bool = False) -> float
         span = "[0, 1]" if allow_one else "[0, 1)"
         raise InvalidValueError(f"{flag} must be a number in {span}, but got {text!r}") from None
     return check_rate(value, flag, allow_one=allow_one)
+
+
+def parse_settings(
+    *,
+    max_rate: str | None,
+    min_rate: str | None,
+    schedule: str | None,
+    rates: str | None,
+    rates_from: Path | None,
+    mode: str | None,
+    scaling: str | None,
+    per: str | None,
+    skip: bool | None,
+) -> Settings:
+    """The settings options as one checked :class:`~dpatch.settings.Settings`."""
+    if rates is not None and rates_from is not None:
+        raise InvalidValueError("give --rates or --rates-from, not both")
+    if rates_from is not None:
+        from dpatch.depth import read_rates
+
+        rate_list: list[float] | None = read_rates(rates_from)
+    else:
+        rate_list = parse_rates(rates)
+    if rate_list is not None and schedule != "custom":
+        raise InvalidValueError("--rates and --rates-from need --schedule custom")
+    return Settings(
+        max_rate=parse_rate(max_rate, "--max-rate"),
+        schedule=schedule,
+        min_rate=parse_rate(min_rate, "--min-rate"),
+        rates=None if rate_list is None else tuple(rate_list),
+        mode=mode,
+        scaling=scaling,
+        per=per,
+        skip=skip,
+    )
 
 
 def parse_rates(text: str | None) -> list[float] | None:

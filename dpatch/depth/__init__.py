@@ -10,7 +10,7 @@ from __future__ import annotations
 from dpatch.depth._data import Data, load_data
 from dpatch.depth._fold import FoldedSite, FoldReport, fold
 from dpatch.depth._measure import PruneStats, measure_pruning
-from dpatch.depth._prune import BY, prune, prune_order, unused_state_keys
+from dpatch.depth._prune import prune, prune_order, unused_state_keys
 from dpatch.depth._sensitivity import (
     SensitivityReport,
     SiteSensitivity,
@@ -22,7 +22,6 @@ from dpatch.depth._sensitivity import (
 )
 
 __all__ = [
-    "BY",
     "Data",
     "FoldReport",
     "FoldedSite",

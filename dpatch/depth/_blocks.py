@@ -16,7 +16,7 @@ from torch import Tensor, nn
 
 from dpatch.analysis import Analysis, BlockSites, Call, Site, run_graph_meta, slot_settings
 from dpatch.droppath import DropPath
-from dpatch.errors import TraceError
+from dpatch.errors import TraceError, first_line
 from dpatch.marks import block_meta
 from dpatch.patching import configure_slot, second_probe
 from dpatch.rewrite import RewriteCache, rewrite_block, unpatch_block
@@ -123,7 +123,7 @@ def rebuild_blocks(
                 pruned=pruned,
             )
         except (TraceError, fx.proxy.TraceError, RuntimeError, TypeError, ValueError) as exc:
-            failed[path] = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            failed[path] = first_line(exc, None)
             continue
         for ps in meta.sites:
             slots[ps.attr].skip = before.skip and ps.skippable

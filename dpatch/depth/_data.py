@@ -25,7 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from dpatch.analysis import materialise, probe
-from dpatch.errors import DataError, InvalidValueError
+from dpatch.errors import DataError, InvalidValueError, first_line
 
 __all__ = ["Data", "load_data", "random_inputs"]
 
@@ -147,7 +147,7 @@ def _image_folder(root: Path, model: nn.Module, example_inputs: Sequence[Any] | 
         ds = ImageFolder(str(root), transform=_transform(model, example_inputs))
     except (FileNotFoundError, RuntimeError) as exc:
         raise DataError(
-            f"{str(root)!r} holds no images in class folders ({str(exc).splitlines()[0]}); "
+            f"{str(root)!r} holds no images in class folders ({first_line(exc, None)}); "
             "lay them out as PATH/CLASS/IMAGE.jpg"
         ) from exc
     numeric = all(c.isdigit() for c in ds.classes)
@@ -182,7 +182,7 @@ def _tensor_file(p: Path) -> Data:
             obj = torch.load(str(p), map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError, zipfile.BadZipFile, OSError) as exc:
         raise DataError(
-            f"{str(p)!r} is not a readable tensor file ({str(exc).splitlines()[0][:160]}); "
+            f"{str(p)!r} is not a readable tensor file ({first_line(exc, 160)}); "
             "save {'inputs': x, 'targets': y} with safetensors or torch.save"
         ) from exc
     except Exception as exc:  # safetensors raises its own error type for a corrupt header

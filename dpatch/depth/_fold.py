@@ -23,7 +23,16 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from dpatch.analysis import BlockSites, Site, analyze, is_slot_module, qualify, site_list
+from dpatch.analysis import (
+    BlockSites,
+    Site,
+    analyze,
+    is_dropout,
+    is_reshape,
+    is_slot_module,
+    qualify,
+    site_list,
+)
 from dpatch.droppath import DropPath
 from dpatch.errors import UnsupportedSiteError
 from dpatch.patching import PatchReport, strip
@@ -53,24 +62,24 @@ _PASS_MODULES: tuple[type[nn.Module], ...] = (
     nn.Dropout3d,
     nn.Flatten,
 )
-_PASS_METHODS = frozenset(
-    {"view", "reshape", "permute", "transpose", "flatten", "contiguous", "squeeze", "unsqueeze"}
-    | {"relu", "relu_"}
+# Positively homogeneous activations: a positive scale passes through them.
+_HOMOGENEOUS_METHODS = frozenset({"relu", "relu_"})
+_HOMOGENEOUS_FUNCTIONS = frozenset(
+    {torch.relu, torch.nn.functional.relu, torch.nn.functional.leaky_relu}
 )
-_PASS_FUNCTIONS = frozenset(
-    {
-        torch.reshape,
-        torch.permute,
-        torch.transpose,
-        torch.flatten,
-        torch.squeeze,
-        torch.unsqueeze,
-        torch.relu,
-        torch.nn.functional.relu,
-        torch.nn.functional.leaky_relu,
-        torch.nn.functional.dropout,
-    }
-)
+
+
+def _passes_scale(node: fx.Node) -> bool:
+    """A scale of the output equals the same scale of the input (reshapes, dropout,
+    positively homogeneous activations)."""
+    return (
+        is_reshape(node)
+        or is_dropout(node)
+        or (node.op == "call_method" and node.target in _HOMOGENEOUS_METHODS)
+        or (node.op == "call_function" and node.target in _HOMOGENEOUS_FUNCTIONS)
+    )
+
+
 _MULS = (operator.mul, torch.mul)
 _MUL_METHODS = ("mul", "mul_", "__mul__", "__rmul__")
 
@@ -133,9 +142,7 @@ def _param_root(node: fx.Node) -> fx.Node | None:
     while True:
         if node.op == "get_attr":
             return node
-        passes = (node.op == "call_method" and node.target in _PASS_METHODS) or (
-            node.op == "call_function" and node.target in _PASS_FUNCTIONS
-        )
+        passes = _passes_scale(node)
         first = node.args[0] if node.args else None
         if not passes or not isinstance(first, fx.Node):
             return None
@@ -212,10 +219,7 @@ def _last_affine(block: nn.Module, start: fx.Node) -> _Target | str:
                     if root is not None and _param_root(other) is None:
                         return _Target((str(root.target),), tuple(path))
                 return f"{node.name} (a product of two activations)"
-        elif not (
-            (node.op == "call_method" and node.target in _PASS_METHODS)
-            or (node.op == "call_function" and node.target in _PASS_FUNCTIONS)
-        ):
+        elif not _passes_scale(node):
             return f"{node.name} ({node.op} {getattr(node.target, '__name__', node.target)})"
         if not isinstance(first, fx.Node):
             return f"{node.name} (no tensor input)"

@@ -20,21 +20,17 @@ from torch import Tensor, nn
 
 from dpatch.analysis import Analysis, BlockSites, Probe, Site, analyze, probe, qualify, site_list
 from dpatch.depth._blocks import rebuild_blocks, take_apart
-from dpatch.errors import InvalidValueError, ProbeError, UnsupportedSiteError
+from dpatch.errors import InvalidValueError, ProbeError, UnsupportedSiteError, first_line
 from dpatch.marks import block_meta, set_block_meta
 from dpatch.patching import Change, PatchReport, Skipped
 from dpatch.rewrite import ancestors
+from dpatch.settings import PRUNE_BY
 
 __all__ = [
-    "BY",
     "prune",
     "prune_order",
     "unused_state_keys",
 ]
-
-#: How ``prune(count=N)`` chooses: highest rate first, deepest first, every other block
-#: (fairseq), or least sensitive first (a :func:`dpatch.sensitivity` result).
-BY: tuple[str, ...] = ("rate", "depth", "every-other", "sensitivity")
 
 
 def _check_request(
@@ -45,8 +41,8 @@ def _check_request(
     for name, n in (("count", count), ("keep", keep)):
         if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 0):
             raise InvalidValueError(f"{name} must be a whole number >= 0, but got {n!r}")
-    if by not in BY:
-        raise InvalidValueError(f"unknown by {by!r}; choose one of: {', '.join(BY)}")
+    if by not in PRUNE_BY:
+        raise InvalidValueError(f"unknown by {by!r}; choose one of: {', '.join(PRUNE_BY)}")
     if (by == "sensitivity") != (scores is not None):
         raise InvalidValueError(
             "by='sensitivity' needs scores (a SensitivityReport or a name -> score mapping), "
@@ -95,7 +91,7 @@ def prune_order(sites: Sequence[Site], by: str, scores: Any | None = None) -> li
         score = _score_map(scores, sites)
         inf = float("inf")
         return sorted(todo, key=lambda s: (score.get(s.name, inf), -pos[s.name]))
-    raise InvalidValueError(f"unknown by {by!r}; choose one of: {', '.join(BY)}")
+    raise InvalidValueError(f"unknown by {by!r}; choose one of: {', '.join(PRUNE_BY)}")
 
 
 def _chosen(
@@ -291,7 +287,7 @@ def settle_unused(model: nn.Module, example_inputs: Any | None = None) -> list[S
         pr: Probe | None = probe(model, example_inputs)
         failed = ""
     except ProbeError as exc:
-        pr, failed = None, str(exc).splitlines()[0][:200]
+        pr, failed = None, first_line(exc)
     names = _tensor_names(model)
     notes: list[Skipped] = []
     for path, mod in model.named_modules():

@@ -102,6 +102,19 @@ class SensitivityReport:
         """``Site.name`` -> primary metric, for the sites that were measured."""
         return {s.name: s.score for s in self.sites if s.score is not None}
 
+    @property
+    def notes(self) -> tuple[str, ...]:
+        """What a reader must know to trust the scores (e.g. every score is 0)."""
+        measured = [s.score for s in self.sites if s.score is not None]
+        if measured and all(score == 0 for score in measured):
+            return (
+                "every score is 0: removing any one branch leaves the model's outputs "
+                "unchanged, so its branches add nothing yet (branch ends initialised to zero, "
+                "as timm's ResNet last BatchNorm or a layer scale of 0 are, in an untrained "
+                "model); measure a trained model",
+            )
+        return ()
+
     def to_dict(self) -> dict[str, Any]:
         """Plain-JSON form (``dpatch sensitivity --json``; ``prune --by FILE`` reads it)."""
         return {
@@ -110,6 +123,7 @@ class SensitivityReport:
             "accuracy": self.accuracy,
             "cross_entropy": self.cross_entropy,
             "scores": self.scores,
+            "notes": list(self.notes),
             "sites": [
                 {
                     "name": s.name,

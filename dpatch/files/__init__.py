@@ -13,7 +13,7 @@ from dpatch.files._batch import (
     patch_many,
     verify_many,
 )
-from dpatch.files._batch_inputs import DEFAULT_TEMPLATE, Batch, is_many, prepare_batch
+from dpatch.files._batch_inputs import Batch, is_many, prepare_batch
 from dpatch.files._files import (
     Target,
     atomic_write,
@@ -28,7 +28,6 @@ from dpatch.files._files import (
 from dpatch.files._manifest import report_from_manifest
 
 __all__ = [
-    "DEFAULT_TEMPLATE",
     "Batch",
     "FileResult",
     "Target",

@@ -30,12 +30,12 @@ from dpatch.models import ModelSpec, create_model, parse_spec
 from dpatch.patching import (
     PatchReport,
     apply_sites,
-    check_arguments,
     configure_sites,
     inject,
     inspect,
     retune,
 )
+from dpatch.settings import SETTING_NAMES, Settings
 from dpatch.verification import VerifyReport, verify
 
 __all__ = ["FileResult", "inspect_many", "patch_many", "verify_many"]
@@ -225,6 +225,7 @@ def patch_many(
     dry_run: bool = False,
     keep_going: bool = False,
     allow_empty: bool = False,
+    settings: Settings | None = None,
     **request: Any,
 ) -> Iterator[FileResult]:
     """``inject`` or ``retune`` every input of ``inputs`` and save each to its output.
@@ -233,7 +234,8 @@ def patch_many(
     the model is patched once and each file only loads its weights into it. ``retune``
     starts from each file's own settings (its manifest; the architecture's own for a plain
     checkpoint), set without probing the model again, and keeps what ``request`` does not
-    name. ``request`` takes the arguments of :func:`dpatch.inject`/:func:`dpatch.retune`.
+    name. ``settings`` (or the same settings as keyword arguments) and ``request`` take the
+    arguments of :func:`dpatch.inject`/:func:`dpatch.retune`.
 
     Raises:
         InvalidValueError: an unknown ``action`` or a bad argument (before any work).
@@ -241,14 +243,11 @@ def patch_many(
     """
     if action not in ("inject", "retune"):
         raise InvalidValueError(f"unknown action {action!r}; choose inject or retune")
-    check_arguments(
-        request.get("max_rate", 0.1),
-        request.get("schedule", "linear"),
-        request.get("min_rate", 0.0),
-        request.get("mode") or "row",
-        request.get("scaling") or "inverted",
-        request.get("per", "block"),
-    )
+    given = Settings.of(request)  # checked here, before any work
+    if settings is not None and given.given():
+        raise InvalidValueError(f"pass settings= or {', '.join(given.given())}=, not both")
+    settings = settings if settings is not None else given
+    request = {k: v for k, v in request.items() if k not in SETTING_NAMES}
     items = _resolve(inputs, model, needs_model=True)
 
     def write(item: _Item, built: nn.Module, report: PatchReport) -> FileResult:
@@ -265,7 +264,7 @@ def patch_many(
         try:
             built = _build(members)
             if action == "inject":
-                report = inject(built, allow_empty=allow_empty, **request)
+                report = inject(built, allow_empty=allow_empty, settings=settings, **request)
             else:
                 probe_with = request.get("example_inputs")
                 coverage = request.get("coverage", "slots")
@@ -290,7 +289,7 @@ def patch_many(
                 return write(item, built, report)
             listed = item.manifest["sites"] if item.manifest is not None else pristine
             configure_sites(built, base, listed)
-            base = retune(built, allow_empty=allow_empty, analysis=an, **request)
+            base = retune(built, allow_empty=allow_empty, analysis=an, settings=settings, **request)
             return write(item, built, base)
 
         yield from _each(members, one)

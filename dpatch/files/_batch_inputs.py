@@ -10,18 +10,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from dpatch.errors import DPatchError, InvalidValueError, OutputError, WeightsError
+from dpatch.settings import DEFAULT_TEMPLATE
 
 __all__ = [
     "CHECKPOINT_SUFFIXES",
-    "DEFAULT_TEMPLATE",
     "Batch",
     "BatchInput",
     "is_many",
     "prepare_batch",
 ]
 
-#: Output name for each input inside ``-o DIR``.
-DEFAULT_TEMPLATE = "{stem}-dp.safetensors"
 CHECKPOINT_SUFFIXES: tuple[str, ...] = (".safetensors", ".pt", ".pth", ".bin")
 _GLOB_CHARS = "*?["
 _FIELDS = ("stem", "name", "parent", "index")

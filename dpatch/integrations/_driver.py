@@ -16,9 +16,9 @@ from torch import nn
 
 from dpatch import PatchReport, inject, retune
 from dpatch.errors import InvalidValueError
-from dpatch.patching import DEFAULTS
 from dpatch.recipes import Recipe, ResolvedRecipe, get_recipe, resolve_recipe
 from dpatch.scheduler import DropPathScheduler, FactorFn, check_config
+from dpatch.settings import Settings
 
 ACTIONS: tuple[str, ...] = ("inject", "retune")
 
@@ -39,7 +39,7 @@ class DropPathDriver:
     def __init__(
         self,
         *,
-        inject_args: Mapping[str, Any],
+        settings: Settings,
         scheduler_args: Mapping[str, Any],
         recipe: str | Recipe | None,
         size: str | None,
@@ -58,7 +58,7 @@ class DropPathDriver:
         self.size = size
         self.action = action
         self.example_inputs = example_inputs
-        self._inject_args = {k: v for k, v in inject_args.items() if v is not None}
+        self._settings = settings
         self._scheduler_args = {k: v for k, v in scheduler_args.items() if v is not None}
         base = recipe.time.scheduler_kwargs() if recipe is not None else {"kind": "constant"}
         self._check_scheduler(self._merge_scheduler(base), self._scheduler_args.get("total_steps"))
@@ -91,14 +91,12 @@ class DropPathDriver:
             total_steps = _PROBE_TOTAL
         check_config(**checked, total_steps=total_steps)
 
-    def inject_kwargs(self) -> dict[str, Any]:
-        """The arguments ``patch`` passes to ``inject``/``retune`` (after ``patch``, with
-        the recipe's size resolved)."""
-        out = dict(DEFAULTS)  # inject's defaults, then the recipe's, then the caller's
-        if self.resolved is not None:
-            out.update(self.resolved.inject_kwargs)
-        out.update(self._inject_args)
-        return out
+    def settings(self) -> Settings:
+        """The settings ``patch`` passes to ``inject``/``retune``: the recipe's (after
+        ``patch``, with its size resolved), then the caller's; what neither gives takes
+        ``inject``'s default (``retune``: each site's own)."""
+        base = Settings.of(self.resolved.inject_kwargs) if self.resolved else Settings()
+        return self._settings.over(base)
 
     def scheduler_kwargs(self, total_steps: int | None) -> dict[str, Any]:
         """The arguments ``start`` passes to ``DropPathScheduler``."""
@@ -115,11 +113,13 @@ class DropPathDriver:
         if self.recipe is not None:
             self.resolved = resolve_recipe(self.recipe, model, self.size,
                                            example_inputs=self.example_inputs)  # fmt: skip
-        kwargs = self.inject_kwargs()
+        settings = self.settings()
         if self.action == "inject":
-            report = inject(model, **kwargs, example_inputs=self.example_inputs, allow_empty=False)
+            report = inject(
+                model, settings=settings, example_inputs=self.example_inputs, allow_empty=False
+            )
         else:
-            report = retune(model, **kwargs, example_inputs=self.example_inputs)
+            report = retune(model, settings=settings, example_inputs=self.example_inputs)
         self._model, self.report, self.scheduler = model, report, None
         return report
 

@@ -30,6 +30,7 @@ from dpatch import PatchReport
 from dpatch.integrations._driver import DropPathDriver
 from dpatch.recipes import Recipe, ResolvedRecipe
 from dpatch.scheduler import DropPathScheduler, FactorFn
+from dpatch.settings import Settings
 
 try:  # the unified package first; the standalone one where only it is installed
     import lightning.pytorch as pl
@@ -96,17 +97,7 @@ class DropPathCallback(pl.Callback):
     ) -> None:
         super().__init__()
         self._driver = DropPathDriver(
-            inject_args={
-                "max_rate": max_rate,
-                "schedule": schedule,
-                "min_rate": min_rate,
-                "rates": rates,
-                "mode": mode,
-                "scaling": scaling,
-                "per": per,
-                "skip": skip,
-                "seed": seed,
-            },
+            settings=Settings.of(locals()),
             scheduler_args={
                 "kind": kind,
                 "warmup_steps": warmup_steps,

@@ -39,6 +39,7 @@ from dpatch.errors import InvalidValueError, OutputError
 from dpatch.integrations._driver import DropPathDriver
 from dpatch.recipes import Recipe, ResolvedRecipe
 from dpatch.scheduler import DropPathScheduler, FactorFn
+from dpatch.settings import Settings
 
 __all__ = ["STATE_FILE", "DropPathCallback"]
 
@@ -104,17 +105,7 @@ class DropPathCallback(TrainerCallback):
         log_name: str | None = "droppath/mean_rate",
     ) -> None:
         self._driver = DropPathDriver(
-            inject_args={
-                "max_rate": max_rate,
-                "schedule": schedule,
-                "min_rate": min_rate,
-                "rates": rates,
-                "mode": mode,
-                "scaling": scaling,
-                "per": per,
-                "skip": skip,
-                "seed": seed,
-            },
+            settings=Settings.of(locals()),
             scheduler_args={
                 "kind": kind,
                 "warmup_steps": warmup_steps,

@@ -10,7 +10,6 @@ from __future__ import annotations
 from dpatch.models._native import build_light, tv_build_kwargs
 from dpatch.models._spec import ModelEntry, ModelSpec, set_model_spec
 from dpatch.models._zoo import (
-    SOURCES,
     create_model,
     list_models,
     native_rates,
@@ -21,7 +20,6 @@ from dpatch.models._zoo import (
 )
 
 __all__ = [
-    "SOURCES",
     "ModelEntry",
     "ModelSpec",
     "build_light",

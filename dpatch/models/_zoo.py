@@ -34,7 +34,6 @@ from dpatch.models._native import (
 from dpatch.models._spec import ModelEntry, ModelSpec, model_spec, set_model_spec
 
 __all__ = [
-    "SOURCES",
     "create_model",
     "list_models",
     "native_rates",
@@ -44,9 +43,6 @@ __all__ = [
     "spec_of",
 ]
 
-#: Libraries ``list_models`` can list (``tv`` is short for torchvision, ``hf`` for
-#: transformers).
-SOURCES: tuple[str, ...] = ("timm", "tv", "torchvision", "hf", "transformers")
 _SCHEMES = {
     "timm": "timm",
     "tv": "torchvision",

@@ -1,6 +1,7 @@
 """Patching: ``inject``, ``retune``, ``strip`` and ``inspect``.
 
-What a patch asks for (:mod:`._settings`: defaults < recipe < arguments, validated once),
+What a patch asks for (a :class:`~dpatch.settings.Settings`, resolved in :mod:`._resolve`:
+defaults < recipe < arguments),
 applied block by block (:mod:`._apply`) or from a manifest's list (:mod:`._listed`), what
 ``retune`` keeps (:mod:`._keep`), and the :class:`PatchReport` that comes back
 (:mod:`._results`).
@@ -14,18 +15,14 @@ from dpatch.patching._apply import configure_slot, second_probe
 from dpatch.patching._listed import configure_sites, module_or_none
 from dpatch.patching._patch import STRIP_PRUNED, apply_sites, inject, inspect, retune, strip
 from dpatch.patching._results import Change, PatchReport, Skipped, block_rates
-from dpatch.patching._settings import DEFAULTS, KEPT, check_arguments
 
 __all__ = [
-    "DEFAULTS",
-    "KEPT",
     "STRIP_PRUNED",
     "Change",
     "PatchReport",
     "Skipped",
     "apply_sites",
     "block_rates",
-    "check_arguments",
     "configure_sites",
     "configure_slot",
     "inject",

@@ -21,10 +21,11 @@ from dpatch.patching._apply import (
 )
 from dpatch.patching._keep import SETTINGS, changes, common, current_seed
 from dpatch.patching._listed import configure_sites
+from dpatch.patching._resolve import Request, resolve, site_rates
 from dpatch.patching._results import PatchReport, Skipped
-from dpatch.patching._settings import KEPT, Request, check_choice, site_rates
 from dpatch.rewrite import RewriteCache, unpatch_block
 from dpatch.schedule import expected_depth
+from dpatch.settings import KEPT, Settings, check_choice
 
 __all__ = ["STRIP_PRUNED", "apply_sites", "inject", "inspect", "retune", "strip"]
 
@@ -87,6 +88,7 @@ def inject(
     recipe: str | None = None,
     size: str | None = None,
     coverage: str = "slots",
+    settings: Settings | None = None,
 ) -> PatchReport:
     """Put stochastic depth on every residual branch of ``model`` with a per-layer schedule.
 
@@ -124,23 +126,7 @@ def inject(
         ProbeError: the model runs on no input; pass ``example_inputs``.
         NoResidualSitesError: no residual branch and ``allow_empty`` is False.
     """
-    req = Request.of(
-        model,
-        {
-            "max_rate": max_rate,
-            "schedule": schedule,
-            "min_rate": min_rate,
-            "rates": rates,
-            "mode": mode,
-            "scaling": scaling,
-            "per": per,
-            "skip": skip,
-            "seed": seed,
-        },
-        recipe,
-        size,
-        example_inputs,
-    )
+    req = resolve(_given(settings, locals()), model, recipe, size, example_inputs)
     return _patch(
         model,
         req,
@@ -171,6 +157,7 @@ def retune(
     size: str | None = None,
     coverage: str = "slots",
     analysis: Analysis | None = None,
+    settings: Settings | None = None,
 ) -> PatchReport:
     """Change the rates of a model that already has slots (native or from ``inject``).
 
@@ -187,24 +174,7 @@ def retune(
         NoSlotsError: the model has no slot at all (use ``inject`` to add them).
         NoResidualSitesError: no residual branch at all, unless ``allow_empty``.
     """
-    req = Request.of(
-        model,
-        {
-            "max_rate": max_rate,
-            "schedule": schedule,
-            "min_rate": min_rate,
-            "rates": rates,
-            "mode": mode,
-            "scaling": scaling,
-            "per": per,
-            "skip": skip,
-            "seed": seed,
-        },
-        recipe,
-        size,
-        example_inputs,
-        keep=KEPT,
-    )
+    req = resolve(_given(settings, locals()), model, recipe, size, example_inputs, keep=KEPT)
     return _patch(
         model,
         req,
@@ -215,6 +185,16 @@ def retune(
         coverage=coverage,
         analysis=analysis,
     )
+
+
+def _given(settings: Settings | None, args: Mapping[str, Any]) -> Settings:
+    """``settings=``, or the settings given as keyword arguments (not both)."""
+    given = Settings.of(args)
+    if settings is None:
+        return given
+    if given.given():
+        raise InvalidValueError(f"pass settings= or {', '.join(given.given())}=, not both")
+    return settings
 
 
 def _patch(
@@ -234,7 +214,8 @@ def _patch(
         )
     if not inplace:
         model = copy.deepcopy(model)
-    if unpatch_to_redo(model, skip=bool(req.skip), coverage=coverage):
+    want = req.settings
+    if unpatch_to_redo(model, skip=bool(want.skip), coverage=coverage):
         analysis = None  # blocks went back to their classes: their traces are needed
 
     an = analysis if analysis is not None else analyze(model, example_inputs, coverage)
@@ -247,13 +228,13 @@ def _patch(
         )
     sites = list(before.values())
     site_rate, steps = site_rates(model, req, sites)
-    settings = {
+    per_site = {
         s.name: SlotSettings(
             site_rate[s.name],
-            s.mode if req.mode is None else req.mode,
-            s.scaling if req.scaling is None else req.scaling,
-            current_seed(model, s, i) if req.seed is None else req.seed + i,
-            s.skip if req.skip is None else req.skip,
+            s.mode if want.mode is None else want.mode,
+            s.scaling if want.scaling is None else want.scaling,
+            current_seed(model, s, i) if want.seed is None else want.seed + i,
+            s.skip if want.skip is None else want.skip,
         )
         for i, s in enumerate(sites)
     }
@@ -261,22 +242,22 @@ def _patch(
     skipped = list(_skipped(an))
     # New rewrites get the skipping form only when skip was asked for; blocks rewritten
     # earlier keep their form, and each site its own setting.
-    rewrite_skip = bool(req.skip)
+    rewrite_skip = bool(want.skip)
     skip_inputs = second_probe(model, an) if rewrite_skip else None
     if isinstance(skip_inputs, str):
         skipped += [
-            Skipped(n, f"skip unavailable: {skip_inputs}") for n, s in settings.items() if s.skip
+            Skipped(n, f"skip unavailable: {skip_inputs}") for n, s in per_site.items() if s.skip
         ]
-        settings = {n: dataclasses.replace(s, skip=False) for n, s in settings.items()}
+        per_site = {n: dataclasses.replace(s, skip=False) for n, s in per_site.items()}
         rewrite_skip, skip_inputs = False, None
     cache = RewriteCache()
     for b in an.blocks:
-        skipped += apply_block(b, settings, rewrite_skip, skip_inputs, cache, an)
+        skipped += apply_block(b, per_site, rewrite_skip, skip_inputs, cache, an)
     site_of_slot = {s.slot: s.name for s in sites}
     for loose in an.loose:
-        wanted = settings[site_of_slot[loose.slot_path]]
+        wanted = per_site[site_of_slot[loose.slot_path]]
         set_slot(model, loose.slot_path, dataclasses.replace(wanted, skip=False))
-        if wanted.skip and req.skip is not None:
+        if wanted.skip and want.skip is not None:
             why = (
                 "skip needs a traced block; this slot masks"
                 if loose.residual
@@ -286,7 +267,9 @@ def _patch(
 
     after = tuple(site_list(an))
     changed = tuple(
-        s.name for s in after if s.name not in before or _settings(before[s.name]) != _settings(s)
+        s.name
+        for s in after
+        if s.name not in before or _site_settings(before[s.name]) != _site_settings(s)
     )
     return PatchReport(
         sites=after,
@@ -294,15 +277,15 @@ def _patch(
         changed=changed,
         schedule=req.schedule,
         per=req.per,
-        max_rate=float(req.max_rate),
-        min_rate=float(req.min_rate),
-        mode=req.mode if req.mode is not None else common((s.mode for s in after), "row"),
+        max_rate=req.max_rate,
+        min_rate=req.min_rate,
+        mode=want.mode if want.mode is not None else common((s.mode for s in after), "row"),
         scaling=(
-            req.scaling
-            if req.scaling is not None
+            want.scaling
+            if want.scaling is not None
             else common((s.scaling for s in after), "inverted")
         ),
-        skip=req.skip if req.skip is not None else any(s.skip for s in after),
+        skip=want.skip if want.skip is not None else any(s.skip for s in after),
         rates=tuple(steps),
         expected_depth=expected_depth(steps),
         model=model,
@@ -312,7 +295,7 @@ def _patch(
     )
 
 
-def _settings(s: Site) -> tuple[Any, ...]:
+def _site_settings(s: Site) -> tuple[Any, ...]:
     return tuple(getattr(s, field) for field in SETTINGS)
 
 

@@ -6,10 +6,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from dpatch.droppath import MODES, SCALINGS
 from dpatch.errors import InvalidValueError
 from dpatch.schedule import PER, SCHEDULES, check_rate
 from dpatch.scheduler import check_config
+from dpatch.settings import MODES, SCALINGS
 
 __all__ = ["ModelShape", "Recipe", "ResolvedRecipe", "SizeRate", "Source", "TimeSchedule"]
 

@@ -38,7 +38,7 @@ from dpatch.analysis import (
     trace_module,
 )
 from dpatch.droppath import DropPath
-from dpatch.errors import TraceError
+from dpatch.errors import TraceError, first_line
 from dpatch.marks import (
     NOT_REQUESTED,
     GeneratedCode,
@@ -412,7 +412,7 @@ def _trial_run(
             with meta_execution(trial):
                 trial(*values)
     except Exception as exc:
-        return f"{type(exc).__name__}: {exc}".splitlines()[0][:160]
+        return first_line(exc, 160, typed=True)
     return ""
 
 

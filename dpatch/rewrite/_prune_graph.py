@@ -13,9 +13,10 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-import torch
 import torch.fx as fx
 from torch import nn
+
+from dpatch.analysis import may_alias
 
 __all__ = [
     "Pruning",
@@ -26,48 +27,6 @@ __all__ = [
     "unreferenced",
 ]
 
-# Operations whose result may share memory with their first argument.
-_VIEW_METHODS = frozenset(
-    {
-        "view",
-        "view_as",
-        "reshape",
-        "reshape_as",
-        "permute",
-        "transpose",
-        "flatten",
-        "unflatten",
-        "contiguous",
-        "squeeze",
-        "unsqueeze",
-        "expand",
-        "expand_as",
-        "t",
-        "narrow",
-        "chunk",
-        "split",
-        "unbind",
-        "__getitem__",
-        "detach",
-        "type_as",
-        "to",
-    }
-)
-_VIEW_FUNCTIONS = frozenset(
-    {
-        operator.getitem,
-        torch.reshape,
-        torch.permute,
-        torch.transpose,
-        torch.flatten,
-        torch.squeeze,
-        torch.unsqueeze,
-        torch.narrow,
-        torch.chunk,
-        torch.split,
-        torch.unbind,
-    }
-)
 _INPLACE_FUNCTIONS = frozenset(
     {operator.iadd, operator.isub, operator.imul, operator.itruediv, operator.setitem}
 )
@@ -100,9 +59,7 @@ def _is_view(user: fx.Node, value: fx.Node) -> bool:
     first = user.args[0] if user.args else None
     if first is not value:
         return False
-    return (user.op == "call_method" and user.target in _VIEW_METHODS) or (
-        user.op == "call_function" and user.target in _VIEW_FUNCTIONS
-    )
+    return may_alias(user)
 
 
 def _written_later(value: fx.Node, block: nn.Module) -> bool:

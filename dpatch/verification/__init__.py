@@ -6,7 +6,7 @@ Other packages import from here only; the modules inside are this package's own.
 
 from __future__ import annotations
 
-from dpatch.verification._verdict import CODES, Finding, SiteCheck, VerifyReport
+from dpatch.verification._verdict import Finding, SiteCheck, VerifyReport
 from dpatch.verification._verify import verify
 
-__all__ = ["CODES", "Finding", "SiteCheck", "VerifyReport", "verify"]
+__all__ = ["Finding", "SiteCheck", "VerifyReport", "verify"]

@@ -30,6 +30,7 @@ from torch import Tensor, nn
 
 from dpatch.analysis import slot_settings
 from dpatch.droppath import DropPath
+from dpatch.errors import first_line
 
 __all__ = ["Observer", "Tally"]
 
@@ -384,7 +385,7 @@ class Observer:
                 try:
                     self._replay_one(mod, tally, rec, draws, rows)
                 except Exception as exc:  # a user's slot may reject the cropped call: say so
-                    line = f"{type(exc).__name__}: {exc}".splitlines()[0][:160]
+                    line = first_line(exc, 160, typed=True)
                     tally.notes.append(
                         f"replay failed ({line}); counts come from the forward passes"
                     )

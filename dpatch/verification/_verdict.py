@@ -14,7 +14,6 @@ from dpatch.analysis import Site
 from dpatch.verification._observe import Tally
 
 __all__ = [
-    "CODES",
     "SCALE_TOLERANCE",
     "Finding",
     "Measured",
@@ -26,20 +25,6 @@ __all__ = [
     "wilson",
 ]
 
-#: What each finding code means (``ignore=`` takes these).
-CODES: dict[str, str] = {
-    "rate": "the realised drop share does not fit the slot's rate",
-    "scale": "kept branches are not scaled as the slot's scaling says",
-    "mask": "rows were dropped only in part (a mask finer than a sample)",
-    "mode": "whole batches dropped where samples should be, or the other way round",
-    "eval": "eval output is not the model without stochastic depth",
-    "never-called": "a slot with a rate above 0 never runs in training",
-    "not-residual": "a slot runs on something that is not a residual branch",
-    "declared": "the model's settings differ from the declared ones",
-    "schedule": "the rates do not follow a schedule (one rate per stage inside a ramp)",
-    "unmeasured": "a measurement could not be made",
-}
-
 #: Largest relative error of a kept row's scale (float rounding is far below it).
 SCALE_TOLERANCE = 1e-2
 
@@ -49,7 +34,7 @@ class Finding:
     """One thing verify found.
 
     Attributes:
-        code: what kind (a key of ``CODES``).
+        code: what kind (a key of ``FINDING_CODES``).
         severity: ``"error"`` (the report is not ok) or ``"warning"``.
         where: the site or slot it concerns ("" for the whole model).
         message: one line saying what was expected and what was seen.
@@ -86,9 +71,21 @@ def wilson(dropped: int, n: int, z: float) -> tuple[float, float]:
 
 @dataclass(frozen=True)
 class Measured:
-    """A slot's realised behaviour, summarised."""
+    """A slot's realised behaviour, summarised.
 
-    unit: str  # "row" or "batch"
+    Attributes:
+        unit: ``row`` (per-sample drops) or ``batch`` (one decision per call).
+        draws: decisions observed (forward passes plus replays).
+        dropped: of those, drops.
+        share: dropped / draws (None without draws).
+        low, high: the Wilson interval of ``share`` (equal to it when ``exact``).
+        exact: compute-skipping: the share is a count, not a sample.
+        scale: median factor a kept branch carried; ``expected_scale`` what the settings
+            call for.
+        problems: (code, message) of what does not fit the slot's settings.
+    """
+
+    unit: str
     draws: int
     dropped: int
     share: float | None
@@ -97,7 +94,19 @@ class Measured:
     exact: bool
     scale: float | None
     expected_scale: float | None
-    problems: tuple[tuple[str, str], ...]  # (code, message)
+    problems: tuple[tuple[str, str], ...] = ()
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "unit": self.unit,
+            "draws": self.draws,
+            "dropped": self.dropped,
+            "share": self.share,
+            "interval": None if self.low is None else [self.low, self.high],
+            "exact": self.exact,
+            "scale": self.scale,
+            "expected_scale": self.expected_scale,
+        }
 
 
 def measure(tally: Tally, rate: float, mode: str, z: float) -> Measured:
@@ -238,14 +247,7 @@ class SiteCheck:
         declared: the rate that was promised (the configured rate without a declaration).
         slot_present: a stochastic-depth module sits on this branch.
         calls: training calls of its slot seen in the forward passes.
-        unit: ``row`` (per-sample drops) or ``batch`` (one decision per call).
-        draws: decisions observed (forward passes plus replays).
-        dropped: of those, drops.
-        share: dropped / draws (None without draws).
-        low, high: the Wilson interval of ``share`` (equal to it when ``exact``).
-        exact: compute-skipping: the share is a count, not a sample.
-        scale: median factor a kept branch carried; ``expected_scale`` what the settings
-            call for.
+        measured: what its slot realised (a slot shared by two sites: the same record).
         ok: no error concerns this site.
     """
 
@@ -253,15 +255,7 @@ class SiteCheck:
     declared: float
     slot_present: bool
     calls: int
-    unit: str
-    draws: int
-    dropped: int
-    share: float | None
-    low: float | None
-    high: float | None
-    exact: bool
-    scale: float | None
-    expected_scale: float | None
+    measured: Measured
     ok: bool
 
     def to_dict(self) -> dict[str, Any]:
@@ -271,14 +265,7 @@ class SiteCheck:
             "declared": self.declared,
             "slot_present": self.slot_present,
             "calls": self.calls,
-            "unit": self.unit,
-            "draws": self.draws,
-            "dropped": self.dropped,
-            "share": self.share,
-            "interval": None if self.low is None else [self.low, self.high],
-            "exact": self.exact,
-            "scale": self.scale,
-            "expected_scale": self.expected_scale,
+            **self.measured.to_dict(),
             "ok": self.ok,
         }
 

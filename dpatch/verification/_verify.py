@@ -25,6 +25,7 @@ How rows are observed and replayed is in :mod:`dpatch.verification._observe`.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import statistics
 import time
 from collections.abc import Mapping, Sequence
@@ -43,13 +44,13 @@ from dpatch.analysis import (
     slot_settings,
 )
 from dpatch.droppath import DropPath
-from dpatch.errors import InvalidValueError, ModelRunError
+from dpatch.errors import InvalidValueError, ModelRunError, first_line
 from dpatch.marks import block_meta
 from dpatch.patching import PatchReport, block_rates, module_or_none, strip
 from dpatch.schedule import schedule_rates
+from dpatch.settings import FINDING_CODES
 from dpatch.verification._observe import Observer, Tally
 from dpatch.verification._verdict import (
-    CODES,
     Finding,
     SiteCheck,
     VerifyReport,
@@ -75,10 +76,10 @@ def _check_arguments(
         raise InvalidValueError(f"draws must be an integer >= 0, but got {draws!r}")
     if not 0.0 < confidence < 1.0:
         raise InvalidValueError(f"confidence must be in (0, 1), but got {confidence!r}")
-    unknown = sorted(set(ignore) - set(CODES))
+    unknown = sorted(set(ignore) - set(FINDING_CODES))
     if unknown:
         raise InvalidValueError(
-            f"unknown finding code(s) {', '.join(unknown)}; choose from: {', '.join(CODES)}"
+            f"unknown finding code(s) {', '.join(unknown)}; choose from: {', '.join(FINDING_CODES)}"
         )
 
 
@@ -126,7 +127,7 @@ def _run(model: nn.Module, inputs: tuple[Any, ...], what: str) -> Any:
             return model(*inputs)
     except Exception as exc:
         shapes = ", ".join(str(tuple(v.shape)) for v in inputs if isinstance(v, Tensor))
-        line = f"{type(exc).__name__}: {exc}".splitlines()[0][:200]
+        line = first_line(exc, 200, typed=True)
         raise ModelRunError(
             f"the model failed a {what} forward pass on inputs of shape {shapes or '?'} "
             f"({line}); pass example_inputs (--input-shape) that it accepts"
@@ -283,7 +284,7 @@ def verify(
             the model library's own rule, :func:`dpatch.models.native_rates`).
         seed: seeds torch's generator for the whole check (reproducible reports).
         confidence: family-wise confidence of the drop-share intervals.
-        ignore: finding codes (``CODES``) reported as warnings instead of errors.
+        ignore: finding codes (``dpatch.settings.FINDING_CODES``) reported as warnings instead of errors.
         analysis: :func:`dpatch.analysis.analyze` of this model from earlier (not probed again).
 
     Raises:
@@ -377,14 +378,10 @@ def verify(
             judged[s.slot] = measure(tally, s.rate, s.mode, z)
             for code, message in judged[s.slot].problems:
                 report(code, s.name, message)
-        m = judged[s.slot]
         want = (wanted[0].get(s.name, {}) if wanted else {}).get("rate", s.rate)
         checks.append(
-            SiteCheck(
-                s, float(want), module is not None, tally.calls, m.unit, m.draws, m.dropped,
-                m.share, m.low, m.high, m.exact, m.scale, m.expected_scale, True,
-            )
-        )  # fmt: skip
+            SiteCheck(s, float(want), module is not None, tally.calls, judged[s.slot], True)
+        )
 
     configured = {
         c.site.name: {
@@ -422,8 +419,7 @@ def verify(
 
     bad = {f.where for f in found if f.severity == "error"}
     checks = [
-        SiteCheck(**{**c.__dict__, "ok": c.site.name not in bad and c.site.slot not in bad})
-        for c in checks
+        dataclasses.replace(c, ok=c.site.name not in bad and c.site.slot not in bad) for c in checks
     ]
     return VerifyReport(
         ok=not any(f.severity == "error" for f in found),

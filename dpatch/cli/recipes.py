@@ -2,14 +2,8 @@
 
 from __future__ import annotations
 
-import json
-
-import typer
-
-from dpatch.cli._app import app, out
+from dpatch.cli._app import app, echo_json, out
 from dpatch.cli._options import JsonOpt
-from dpatch.recipes import list_recipes
-from dpatch.report import render_recipes
 
 __all__: list[str] = []
 
@@ -20,8 +14,12 @@ def recipes_cmd(as_json: JsonOpt = False) -> None:
 
     Example: dpatch inject timm:vit_base_patch16_224 --recipe deit3-in1k -o vit-dp.safetensors
     """
+    from dpatch.recipes import list_recipes
+
     recipes = list_recipes()
     if as_json:
-        typer.echo(json.dumps([r.to_dict() for r in recipes], indent=2))
+        echo_json([r.to_dict() for r in recipes])
     else:
+        from dpatch.report import render_recipes
+
         render_recipes(out(), recipes)

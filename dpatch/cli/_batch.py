@@ -4,18 +4,19 @@ worst exit code. The work itself is :mod:`dpatch.files`'s."""
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from dpatch.cli._app import err, out, step
+from dpatch.cli._app import echo_json, err, out, step
 from dpatch.errors import InvalidValueError
-from dpatch.files import DEFAULT_TEMPLATE, Batch, FileResult, prepare_batch
+from dpatch.settings import DEFAULT_TEMPLATE
+
+if TYPE_CHECKING:
+    from dpatch.files import Batch, FileResult
 
 __all__ = [
     "KeepGoingOpt",
@@ -62,6 +63,8 @@ def prepare(
     models: list[str], output: Path | None, template: str | None, force: bool, *, writes: bool
 ) -> Batch:
     """:func:`dpatch.files.prepare_batch` (``-o`` is a folder here)."""
+    from dpatch.files import prepare_batch
+
     return prepare_batch(
         models,
         out_dir=output if writes else None,
@@ -79,6 +82,14 @@ def run_batch(
     details: Callable[[FileResult], list[str]] | None = None,
 ) -> None:
     """Print one line per input as results come, then exit with the worst exit code."""
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+    )
+
     started = time.perf_counter()
     worst = ok = 0
     console = err()
@@ -124,7 +135,7 @@ def _show(
     details: Callable[[FileResult], list[str]] | None,
 ) -> None:
     if as_json:
-        typer.echo(json.dumps(result.to_dict(), separators=(",", ":")))
+        echo_json(result.to_dict(), lines=True)
         return
     if result.error is not None:
         err().print(

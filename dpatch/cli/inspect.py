@@ -3,14 +3,14 @@ a plain checkpoint."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
 from dpatch._version import __version__
-from dpatch.cli._app import about, app, emit, load, out, step
+from dpatch.cli._app import about, app, echo_json, emit, load, out, step
+from dpatch.cli._batch import KeepGoingOpt, ModelsArg, check_single_only, prepare, run_batch
 from dpatch.cli._options import (
     AllowEmptyOpt,
     ArchOpt,
@@ -22,18 +22,10 @@ from dpatch.cli._options import (
     WeightsOpt,
     parse_inputs,
 )
-from dpatch.cli.batching import KeepGoingOpt, ModelsArg, check_single_only, prepare, run_batch
 from dpatch.errors import NoResidualSitesError
-from dpatch.files import (
-    FileResult,
-    inspect_many,
-    is_many,
-    load_state_dict_file,
-    read_manifest,
-    report_from_manifest,
-)
-from dpatch.patching import PatchReport, inspect
-from dpatch.report import render_file_summary
+
+if TYPE_CHECKING:
+    from dpatch.files import FileResult
 
 __all__: list[str] = []
 
@@ -60,6 +52,9 @@ def inspect_cmd(
 
     Example: dpatch inspect out.safetensors --json | jq '.sites[] | .rate'
     """
+    from dpatch.files import inspect_many, is_many, read_manifest, report_from_manifest
+    from dpatch.patching import inspect
+
     example_inputs = parse_inputs(input_shape, input_dtype)
     if is_many(models):
         check_single_only(weights=weights, pretrained=pretrained)
@@ -100,6 +95,8 @@ def inspect_cmd(
 
 def _line(result: FileResult) -> str:
     """One line for one inspected input."""
+    from dpatch.patching import PatchReport
+
     report = result.report
     if not isinstance(report, PatchReport):
         info = result.info or {}
@@ -117,10 +114,14 @@ def _line(result: FileResult) -> str:
 
 def _plain_file(path: Path, as_json: bool) -> None:
     """A checkpoint without a manifest: its size, and how to see its sites."""
+    from dpatch.files import load_state_dict_file
+
     state = load_state_dict_file(path)
     info = {"tensors": len(state), "parameters": sum(t.numel() for t in state.values())}
     if as_json:
         doc = {"dpatch": __version__, "file": str(path), "manifest": None, **info, "sites": None}
-        typer.echo(json.dumps(doc, indent=2))
+        echo_json(doc)
     else:
+        from dpatch.report import render_file_summary
+
         render_file_summary(out(), str(path), info)

@@ -3,14 +3,14 @@ that really runs; exit 1 with one line per mismatch."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
 from dpatch._version import __version__
-from dpatch.cli._app import app, load, out, step
+from dpatch.cli._app import app, echo_json, load, out, step
+from dpatch.cli._batch import KeepGoingOpt, ModelsArg, check_single_only, prepare, run_batch
 from dpatch.cli._options import (
     ArchOpt,
     InputDtypeOpt,
@@ -20,10 +20,10 @@ from dpatch.cli._options import (
     WeightsOpt,
     parse_inputs,
 )
-from dpatch.cli.batching import KeepGoingOpt, ModelsArg, check_single_only, prepare, run_batch
-from dpatch.files import FileResult, is_many, read_manifest, report_from_manifest, verify_many
-from dpatch.report import render_verify
-from dpatch.verification import CODES, VerifyReport, verify
+from dpatch.settings import FINDING_CODES
+
+if TYPE_CHECKING:
+    from dpatch.files import FileResult
 
 __all__: list[str] = []
 
@@ -47,7 +47,9 @@ IgnoreOpt = Annotated[
     typer.Option(
         "--ignore",
         metavar="CODE",
-        help="Report findings of this code as warnings (repeatable): " + ", ".join(CODES) + ".",
+        help="Report findings of this code as warnings (repeatable): "
+        + ", ".join(FINDING_CODES)
+        + ".",
     ),
 ]
 
@@ -76,6 +78,9 @@ def verify_cmd(
 
     Example: dpatch verify resnet50-dp.safetensors
     """
+    from dpatch.files import is_many, read_manifest, report_from_manifest, verify_many
+    from dpatch.verification import verify
+
     options: dict[str, Any] = {
         "steps": steps,
         "batch": batch,
@@ -102,8 +107,10 @@ def verify_cmd(
         report = verify(loaded.model, declared=declared, **options)
     if as_json:
         doc = {"dpatch": __version__, "model": name, "file": str(path) if manifest else None}
-        typer.echo(json.dumps({**doc, **report.to_dict()}, indent=2))
+        echo_json({**doc, **report.to_dict()})
     else:
+        from dpatch.report import render_verify
+
         render_verify(out(), report, title=name)
         for finding in report.findings:
             label = "mismatch" if finding.severity == "error" else "warning"
@@ -112,6 +119,8 @@ def verify_cmd(
 
 
 def _line(result: FileResult) -> str:
+    from dpatch.verification import VerifyReport
+
     report = result.report
     assert isinstance(report, VerifyReport)
     verdict = "ok" if report.ok else "FAIL"
@@ -123,6 +132,8 @@ def _line(result: FileResult) -> str:
 
 
 def _mismatches(result: FileResult) -> list[str]:
+    from dpatch.verification import VerifyReport
+
     report = result.report
     if not isinstance(report, VerifyReport):
         return []
