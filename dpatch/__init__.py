@@ -41,6 +41,7 @@ if TYPE_CHECKING:
         NoSlotsError,
         OutputError,
         ProbeError,
+        UnanalysedError,
         UnsupportedSiteError,
         WeightsError,
     )
@@ -82,6 +83,7 @@ _HOMES: dict[str, str] = {
     "NoSlotsError": "dpatch.errors",
     "OutputError": "dpatch.errors",
     "ProbeError": "dpatch.errors",
+    "UnanalysedError": "dpatch.errors",
     "UnsupportedSiteError": "dpatch.errors",
     "WeightsError": "dpatch.errors",
     "load": "dpatch.files",
@@ -138,6 +140,7 @@ __all__ = [
     "SiteSensitivity",
     "Skipped",
     "Target",
+    "UnanalysedError",
     "UnsupportedSiteError",
     "VerifyReport",
     "WeightsError",

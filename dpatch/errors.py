@@ -77,6 +77,12 @@ class NoResidualSitesError(DPatchError):
     exit_code = 3
 
 
+class UnanalysedError(DPatchError):
+    """The model ran, has no residual site dpatch could find, and some of its blocks could
+    not be analysed: "no residual branch" would be a guess. The message names the blocks,
+    each with why, and what to try."""
+
+
 class NoSlotsError(NoResidualSitesError):
     """``retune`` was asked to change rates, but the model has no DropPath slot (``inject``
     adds them)."""

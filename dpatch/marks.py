@@ -1,7 +1,7 @@
 """The marks dpatch leaves on objects, what they say, and the only code that reads or
 writes them.
 
-dpatch changes a model in two visible ways and remembers each on the object it changed:
+dpatch changes a model in three visible ways and remembers each on the object it changed:
 
 - a rewritten block keeps its :class:`PatchMeta` in its instance ``__dict__``
   (under a name TorchScript and ``state_dict`` ignore), so its sites can be found again and
@@ -9,6 +9,10 @@ dpatch changes a model in two visible ways and remembers each on the object it c
 - a dpatch ``DropPath`` that replaced a model's own slot keeps that slot's original value
   (a module, or ``None`` for timm's empty ResNet slots), so :func:`dpatch.strip` can put it
   back;
+
+- a patched model keeps the per-layer schedule it was last patched with
+  (:class:`ScheduleMark`: ``inject``, ``retune``, or a file's manifest), so ``retune``
+  keeps its kind and reports label it.
 
 (A model built by :mod:`dpatch.models` also keeps the spec it was built from; that mark
 lives with :class:`~dpatch.models.ModelSpec`.)
@@ -31,13 +35,16 @@ __all__ = [
     "GeneratedCode",
     "PatchMeta",
     "PatchedSite",
+    "ScheduleMark",
     "block_meta",
     "clear_block_meta",
     "clear_original_slot",
     "has_original_slot",
     "original_slot",
+    "schedule_mark",
     "set_block_meta",
     "set_original_slot",
+    "set_schedule_mark",
 ]
 
 
@@ -162,6 +169,7 @@ class PatchMeta:
 
 
 _BLOCK_META = "_dpatch_meta"
+_SCHEDULE = "_dpatch_schedule"
 _ORIGINAL_SLOT = "_dpatch_original"
 
 
@@ -195,3 +203,38 @@ def set_original_slot(slot: nn.Module, value: Any) -> None:
 
 def clear_original_slot(slot: nn.Module) -> None:
     slot.__dict__.pop(_ORIGINAL_SLOT, None)
+
+
+@dataclass(frozen=True)
+class ScheduleMark:
+    """The per-layer schedule a model was last patched with.
+
+    Attributes:
+        schedule: the kind (``linear``, ``cosine``, ``custom``, ``native``, ...).
+        per: ``block`` or ``branch``: what one step covers.
+        max_rate: its deepest rate.
+        min_rate: its first rate (``linear``, ``cosine``).
+        rates: each step's rate.
+    """
+
+    schedule: str
+    per: str
+    max_rate: float
+    min_rate: float
+    rates: tuple[float, ...] = ()
+
+    def describe(self) -> str:
+        """``cosine (per branch)``."""
+        return f"{self.schedule} (per {self.per})"
+
+
+def schedule_mark(model: nn.Module) -> ScheduleMark | None:
+    """The schedule ``model`` was last patched with (None: never, or stripped)."""
+    return model.__dict__.get(_SCHEDULE)
+
+
+def set_schedule_mark(model: nn.Module, mark: ScheduleMark | None) -> None:
+    if mark is None:
+        model.__dict__.pop(_SCHEDULE, None)
+    else:
+        object.__setattr__(model, _SCHEDULE, mark)

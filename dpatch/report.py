@@ -17,6 +17,7 @@ from rich.table import Table
 from rich.text import Text
 
 if TYPE_CHECKING:
+    from dpatch.analysis import Unreached
     from dpatch.depth import FoldReport, PruneStats, SensitivityReport
     from dpatch.patching import PatchReport
     from dpatch.verification import VerifyReport
@@ -105,6 +106,10 @@ def render_report(
         )
     if report.recipe:
         console.print(_recipe_line(report.recipe), highlight=False, markup=False)
+    if report.unreached:
+        given = report.example is not None and report.example.source == "given"
+        line = unreached_note(report.unreached, given=given)
+        console.print(line, highlight=False, markup=False)
     notes = report.skipped if show_all else report.skipped[:5]
     for note in notes:
         console.print(
@@ -115,6 +120,19 @@ def render_report(
             f"note: {len(report.skipped) - len(notes)} more (use --all to list them)",
             highlight=False,
         )
+
+
+def unreached_note(unreached: Sequence[Unreached], *, given: bool) -> str:
+    """``note: N modules holding M parameters did not run on the inferred input (...)``."""
+    which = "given" if given else "inferred"
+    paths = ", ".join(f"{u.path or '(root)'}.*" for u in unreached[:3])
+    more = ", ..." if len(unreached) > 3 else ""
+    count = sum(u.parameters for u in unreached)
+    return (
+        f"note: {len(unreached)} modules holding {count:,} parameters did not run on the "
+        f"{which} input ({paths}{more}); their residual branches were not looked for: pass "
+        "example_inputs / --input-shape that reach them"
+    )
 
 
 def _recipe_line(recipe: dict[str, Any]) -> str:
@@ -324,6 +342,9 @@ def render_verify(console: Console, report: VerifyReport, *, title: str | None =
     if report.sites:
         console.print(table)
     console.print(_summary(report), markup=False, highlight=False, soft_wrap=True)
+    if report.unreached:
+        line = unreached_note(report.unreached, given=report.inputs.endswith("(given)"))
+        console.print(line, markup=False, highlight=False)
 
 
 def _summary(report: VerifyReport) -> str:

@@ -52,14 +52,17 @@ class _GatherRows(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, x: Tensor, index: Tensor) -> Tensor:
         ctx.save_for_backward(index)
-        ctx.meta = (x.shape, x.stride(), x.dtype, x.device)
+        ctx.meta = (x.shape, x.dtype, x.device, _channels_last(x))
         return _take_rows(x, index)
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:
         (index,) = ctx.saved_tensors
-        shape, stride, dtype, device = ctx.meta
-        out = torch.empty_strided(shape, stride, dtype=dtype, device=device).zero_()
+        shape, dtype, device, channels_last = ctx.meta
+        # A dense gradient whatever the input's layout: an expanded input (a class token's
+        # ``expand(B, -1, -1)``, stride 0 on the batch) cannot take row updates in place.
+        fmt = torch.channels_last if channels_last else torch.contiguous_format
+        out = torch.empty(shape, dtype=dtype, device=device, memory_format=fmt).zero_()
         return _add_rows_(out, index, grad.to(dtype), 1.0), None
 
 

@@ -260,6 +260,56 @@ def check_invariants(model: nn.Module, x: Any, patch: Callable[[nn.Module], Any]
         yield "train output at rate 0 differs"
 
 
+def eval_outputs_equal(reference: nn.Module, patched: nn.Module, inputs: tuple[Any, ...]) -> str:
+    """'' when ``patched`` in eval gives ``reference``'s eval output bit for bit (values,
+    dtypes, shapes and strides of every tensor in the output), else what differs. Both run
+    with the same seed (some models draw random numbers in eval), modes restored after."""
+    outs = []
+    for model in (reference, patched):
+        modes = [(m, m.training) for m in model.modules()]
+        model.eval()
+        torch.manual_seed(0)
+        try:
+            with torch.no_grad():
+                outs.append(("ok", model(*inputs)))
+        except Exception as exc:  # the reference may not run: then neither may the patch
+            outs.append(("error", type(exc).__name__))
+        finally:
+            for m, was in modes:
+                m.training = was
+    (kind_a, a), (kind_b, b) = outs
+    if kind_a != kind_b or (kind_a == "error" and a != b):
+        return f"reference gave {kind_a} {a if kind_a == 'error' else ''}, patched {kind_b} {b if kind_b == 'error' else ''}"
+    return "" if kind_a == "error" else _differs(a, b, "output")
+
+
+def _differs(a: Any, b: Any, where: str) -> str:
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        if not (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor)):
+            return f"{where}: {type(a).__name__} vs {type(b).__name__}"
+        if a.dtype != b.dtype or a.shape != b.shape or not torch.equal(a, b):
+            return f"{where}: tensors differ"
+        if a.numel() > 1 and a.stride() != b.stride():
+            return f"{where}: strides {a.stride()} vs {b.stride()}"
+        return ""
+    if isinstance(a, dict) and isinstance(b, dict):
+        if list(a) != list(b):
+            return f"{where}: keys {list(a)} vs {list(b)}"
+        return next((d for k in a if (d := _differs(a[k], b[k], f"{where}[{k!r}]"))), "")
+    if isinstance(a, list | tuple) and isinstance(b, list | tuple):
+        if len(a) != len(b):
+            return f"{where}: {len(a)} vs {len(b)} items"
+        return next(
+            (
+                d
+                for i, (x, y) in enumerate(zip(a, b, strict=True))
+                if (d := _differs(x, y, f"{where}[{i}]"))
+            ),
+            "",
+        )
+    return ""
+
+
 def state_changes(before: dict[str, torch.Tensor], after: dict[str, torch.Tensor]) -> Iterator[str]:
     """A message if ``after`` has other state_dict keys or tensors than ``before``."""
     if list(after) != list(before):

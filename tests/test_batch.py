@@ -360,7 +360,10 @@ def test_cli_retune_keeps_skip_mode_and_scaling(tmp_path: Path) -> None:
     assert code == 0, err
     code, out, err = cli("retune", str(a), "--max-rate", "0.1", "-o", str(b))
     assert code == 0, err
-    assert "changed: rate on 7 of 8 sites; kept: mode, scaling, skip" in out
+    assert (
+        "changed: rate on 7 of 8 sites; kept: schedule linear (per block), mode, scaling, skip"
+        in out
+    )
     sites = dpatch.files.read_manifest(b)["sites"]  # type: ignore[index]
     assert {(s["mode"], s["scaling"]) for s in sites} == {("batch", "expected")}
     assert all(s["skip"] for s in sites)

@@ -192,3 +192,42 @@ def test_layers_answered_from_shapes_still_check_them(first: nn.Module) -> None:
     with pytest.raises(ProbeError, match="does not run on the given input"):
         inspect(model, (torch.randn(2, 7),))
     assert len(inspect(model, (torch.randn(2, 16),)).sites) == 1
+
+
+class LinearPatches(nn.Module):
+    """CaiT/ViT-style with a ``Linear`` patch embedding on unfolded image patches: its first
+    layer suggests (B, 48) or (B, 16, 48) vectors, but it takes an image."""
+
+    def __init__(self, patch: int = 4, c: int = 16) -> None:
+        super().__init__()
+        self.patch = patch
+        self.embed = nn.Linear(3 * patch * patch, c)
+        self.blocks = nn.Sequential(VecBlock(c), VecBlock(c))
+
+    def forward(self, img: torch.Tensor) -> torch.Tensor:
+        tokens = nn.functional.unfold(img, self.patch, stride=self.patch).transpose(1, 2)
+        return self.blocks(self.embed(tokens))
+
+
+def test_the_image_is_tried_after_the_first_layer_candidates() -> None:
+    torch.manual_seed(0)
+    model = LinearPatches()
+    report = inject(model, 0.1)
+    assert len(report.sites) == 2
+    assert report.example is not None and report.example.source == "default image"
+    assert report.example.describe() == "2x3x224x224 float32"
+
+
+def test_the_image_is_the_last_input_tried() -> None:
+    class Picky(nn.Module):  # runs on nothing: the error lists the image last
+        def __init__(self) -> None:
+            super().__init__()
+            self.f = nn.Linear(48, 16)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            raise RuntimeError("never")
+
+    with pytest.raises(ProbeError) as info:
+        find_sites(Picky())
+    tried = str(info.value)
+    assert tried.index("2x48 float32") < tried.index("2x3x224x224 float32 [default image]")

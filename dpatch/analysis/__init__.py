@@ -10,7 +10,7 @@ Other packages import from here only; the modules inside are this package's own.
 
 from __future__ import annotations
 
-from dpatch.analysis._analyze import Analysis, BlockSites, LooseSlot, analyze, qualify
+from dpatch.analysis._analyze import Analysis, BlockSites, LooseSlot, Unreached, analyze, qualify
 from dpatch.analysis._inputs import ExampleInputs, parse_shape
 from dpatch.analysis._meta import materialise, meta_execution, to_meta
 from dpatch.analysis._probe import Call, Probe, probe
@@ -33,6 +33,7 @@ __all__ = [
     "Site",
     "SlotSettings",
     "Span",
+    "Unreached",
     "analyze",
     "bind_inputs",
     "find_sites",

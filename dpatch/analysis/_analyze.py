@@ -18,6 +18,7 @@ from dpatch.analysis._inputs import ExampleInputs
 from dpatch.analysis._metatrace import meta_trace
 from dpatch.analysis._probe import Call, Probe, probe
 from dpatch.analysis._residual import BlockSite, find_residual_adds, native_slots_win
+from dpatch.analysis._shadow import Reads, Recorder
 from dpatch.analysis._slots import (
     assign_slots,
     forward_source,
@@ -30,7 +31,15 @@ from dpatch.errors import InvalidValueError, TraceError, first_line
 from dpatch.marks import block_meta
 from dpatch.settings import COVERAGES
 
-__all__ = ["Analysis", "BlockSites", "LooseSlot", "analyze", "qualify"]
+__all__ = [
+    "Analysis",
+    "BlockSites",
+    "LooseSlot",
+    "Unreached",
+    "analyze",
+    "qualify",
+    "unreached_modules",
+]
 
 
 def qualify(path: str, name: str) -> str:
@@ -94,6 +103,10 @@ class Analysis:
             because the model's native slots define its sites (``coverage="slots"``).
         example: the input the probe ran the model on, and where it came from.
         inputs: each module's recorded call, by ``id(module)``.
+        unanalysed: (path, reason) of blocks that ran, may add a residual and could not be
+            traced: their sites are unknown (empty when native slots define the sites).
+        unreached: modules holding parameters that no operation read in the probe: the
+            input did not reach them (the other tower of a two-tower model).
     """
 
     model: nn.Module
@@ -103,6 +116,61 @@ class Analysis:
     unslotted: list[tuple[str, str]]
     example: ExampleInputs
     inputs: dict[int, Call]
+    unanalysed: list[tuple[str, str]] = field(default_factory=list)
+    unreached: tuple[Unreached, ...] = ()
+
+
+@dataclass(frozen=True)
+class Unreached:
+    """A module whose parameters the probe's input never reached.
+
+    Attributes:
+        path: its qualified name (the outermost such module).
+        parameters: how many parameter values it holds.
+    """
+
+    path: str
+    parameters: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"path": self.path, "parameters": self.parameters}
+
+
+def _pruned_parameters(model: nn.Module) -> frozenset[str]:
+    """Parameters of branches dpatch pruned (never run, by design)."""
+    parts = [
+        qualify(path, d)
+        for path, mod in model.named_modules()
+        if (meta := block_meta(mod)) is not None
+        for s in meta.sites
+        if s.pruned
+        for d in s.dropped
+    ]
+    if not parts:
+        return frozenset()
+    return frozenset(
+        n
+        for n, _ in model.named_parameters(remove_duplicate=False)
+        if any(n == q or n.startswith(q + ".") for q in parts)
+    )
+
+
+def unreached_modules(model: nn.Module, unused: frozenset[str]) -> tuple[Unreached, ...]:
+    """The outermost modules all of whose parameters are in ``unused`` (names), in
+    registration order, with their parameter counts."""
+    if not unused:
+        return ()
+    out: list[Unreached] = []
+    covered: list[str] = []
+    for path, mod in model.named_modules():
+        if any(path == c or path.startswith(c + ".") for c in covered):
+            continue
+        names = [qualify(path, n) for n, _ in mod.named_parameters(remove_duplicate=False)]
+        if names and all(n in unused for n in names):
+            count = sum(p.numel() for p in mod.parameters())
+            out.append(Unreached(path, count))
+            covered.append(path)
+    return tuple(out)
 
 
 def _candidates(model: nn.Module, pr: Probe) -> Iterator[tuple[str, nn.Module]]:
@@ -145,11 +213,14 @@ def _rewritten_block(path: str, mod: nn.Module, order: int) -> BlockSites:
 
 
 class TraceCache:
-    """Traces shared by blocks of one configuration; failures are remembered too."""
+    """Traces shared by blocks that are the same for their forward: equal trace keys
+    (class, plain attributes, the structure under the block, recorded arguments) and equal
+    values wherever the forward read under the block (:class:`Reads`). Failures are
+    remembered the same way."""
 
     def __init__(self, known: dict[int, Any]) -> None:
         self._known = known
-        self._traces: dict[Hashable, TracedBlock | TraceError] = {}
+        self._traces: dict[Hashable, list[tuple[Reads, TracedBlock | TraceError]]] = {}
 
     def get(self, mod: nn.Module, call: Call) -> TracedBlock:
         """The trace of ``mod`` run on ``call``.
@@ -158,24 +229,26 @@ class TraceCache:
             TraceError: the block cannot be traced or its trace does not run.
         """
         key = config_key(mod, call)
-        hit = self._traces.get(key) if key is not None else None
+        entries = self._traces.setdefault(key, []) if key is not None else []
+        hit = next((h for reads, h in entries if reads.match(mod)), None)
         if hit is None:
-            hit = self._trace(mod, call)
+            recorder = Recorder()
+            hit = self._trace(mod, call, recorder)
             if key is not None:
-                self._traces[key] = hit
+                entries.append((recorder.reads(), hit))
         if isinstance(hit, TraceError):
             raise hit
         return hit
 
-    def _trace(self, mod: nn.Module, call: Call) -> TracedBlock | TraceError:
+    def _trace(self, mod: nn.Module, call: Call, recorder: Recorder) -> TracedBlock | TraceError:
         """A plain trace; failing that, one with value-carrying proxies (a forward that
         branches on shapes or unpacks a child's tuple); failing that, the first error."""
         try:
-            return trace_and_run(mod, call, self._known)
+            return trace_and_run(mod, call, self._known, recorder)
         except TraceError as exc:
             first = exc
         try:
-            return meta_trace(mod, call, self._known)
+            return meta_trace(mod, call, self._known, recorder)
         except TraceError:
             return first
 
@@ -222,6 +295,7 @@ def analyze(
     pr = probe(model, example_inputs)
     assert pr.example is not None
     skipped: list[tuple[str, str]] = []
+    unanalysed: list[tuple[str, str]] = []
     slot_paths_called = {
         n
         for n, m in model.named_modules()
@@ -244,7 +318,7 @@ def analyze(
             traced = traces.get(mod, pr.inputs[id(mod)])
         except TraceError as exc:
             if _has_own_add_source(mod, sources):
-                skipped.append((path, first_line(exc, typed=True)))
+                unanalysed.append((path, first_line(exc, typed=True)))
             # timm's ``drop_path = None`` slots still work unfused: the forward calls them
             # once they hold a module.
             none_loose += [
@@ -302,12 +376,13 @@ def analyze(
     )
     if native is not None:
         # Trace failures cannot hide sites here: native slots are found by the probe.
-        skipped = []
+        unanalysed = []
         for b, kept in zip(blocks, native, strict=True):
             b.unslotted += [s.attr for s in b.sites if s not in kept]
             b.sites = kept
         ignored = [(b.path, attr) for b in blocks for attr in b.unslotted]
         blocks = [b for b in blocks if b.sites]
+    skipped = [*unanalysed, *skipped]
     skipped += [
         (s, "empty slot that this block's forward does not use; left alone")
         for s in sorted(idle_none_slots)
@@ -320,4 +395,6 @@ def analyze(
         unslotted=ignored,
         example=pr.example,
         inputs=pr.inputs,
+        unanalysed=unanalysed,
+        unreached=unreached_modules(model, pr.unused - _pruned_parameters(model)),
     )

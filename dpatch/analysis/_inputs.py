@@ -11,7 +11,7 @@ The probe tries candidates in this order and the first one the model runs on win
    builders (B, 3, T, H, W);
 3. the first layer that sees the input: ``Conv1d/2d/3d`` (``in_channels``, at spatial sizes
    a model usually accepts), ``Linear`` (``in_features``), ``Embedding`` (integer ids);
-4. a 3x224x224 image.
+4. a 3x224x224 image, last, whatever came before it.
 
 Values never matter: inputs run on the meta device (integer ids are zeros when a real run
 is needed).
@@ -106,16 +106,17 @@ def parse_shape(text: str) -> tuple[int, ...]:
 
 # --------------------------------------------------------------------------- candidates
 def input_candidates(model: nn.Module, batch: int) -> list[ExampleInputs]:
-    """Inputs worth trying, most specific first, without duplicates."""
+    """Inputs worth trying, most specific first, without duplicates; the last is a
+    3x224x224 image (a model whose first layer embeds image patches with a ``Linear``,
+    CaiT-style, runs on nothing its first layer suggests)."""
     seen: set[tuple[tuple[int, ...], ...]] = set()
     out: list[ExampleInputs] = []
-    for cand in [*_from_metadata(model, batch), *_from_first_layer(model, batch)]:
+    default = ExampleInputs((_meta(batch, 3, 224, 224),), "default image")
+    for cand in [*_from_metadata(model, batch), *_from_first_layer(model, batch), default]:
         key = tuple((tuple(v.shape), v.dtype) for v in cand.values if isinstance(v, Tensor))
         if key not in seen:
             seen.add(key)  # type: ignore[arg-type]
             out.append(cand)
-    if not out:
-        out.append(ExampleInputs((_meta(batch, 3, 224, 224),), "default image"))
     return out
 
 

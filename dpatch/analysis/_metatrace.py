@@ -24,7 +24,8 @@ from torch import Tensor, nn
 
 from dpatch.analysis._meta import meta_execution, to_meta
 from dpatch.analysis._probe import Call
-from dpatch.analysis._trace import LeafTracer, Span, TracedBlock, training_watcher
+from dpatch.analysis._shadow import Recorder, shadow_of, watcher_class
+from dpatch.analysis._trace import LeafTracer, Span, TracedBlock
 from dpatch.errors import TraceError, first_line
 
 __all__ = ["meta_trace"]
@@ -223,7 +224,12 @@ def _flat_forward(
     return forward
 
 
-def meta_trace(mod: nn.Module, call: Call, known: dict[int, Any] | None = None) -> TracedBlock:
+def meta_trace(
+    mod: nn.Module,
+    call: Call,
+    known: dict[int, Any] | None = None,
+    recorder: Recorder | None = None,
+) -> TracedBlock:
     """Trace ``mod``'s own forward on its recorded call with value-carrying proxies.
 
     ``known`` maps id(child) to the output the probe saw when it ran once (not run again).
@@ -245,20 +251,18 @@ def meta_trace(mod: nn.Module, call: Call, known: dict[int, Any] | None = None) 
     this = next(iter(bound.signature.parameters))  # ``self``, whatever its name
     names = [k for k, v in bound.arguments.items() if k != this and isinstance(v, Tensor)]
     placeholders = {k: to_meta(bound.arguments[k]) for k in names}
-    watcher = training_watcher(cls)
-    shadow_cls = type(cls.__name__, (watcher,), {"forward": _flat_forward(fn, bound, names)})
-    shadow: nn.Module = object.__new__(shadow_cls)
-    shadow.__dict__ = dict(mod.__dict__)
-    before = set(shadow.__dict__)
+    forward = _flat_forward(fn, bound, names)
+    shadow_cls = type(cls.__name__, (watcher_class(cls),), {"forward": forward})
+    shadow = shadow_of(mod, recorder=recorder, cls=shadow_cls)
     tracer = _MetaTracer(fn.__code__, placeholders, known or {})
     try:
         with meta_execution(mod):
-            graph = tracer.trace(shadow)
+            graph = tracer.trace(shadow.module)
     except TraceError:
         raise
     except Exception as exc:
         raise TraceError(first_line(exc, typed=True)) from exc
-    consts = {k: v for k, v in shadow.__dict__.items() if k not in before and k[:2] != "__"}
+    consts = {k: v for k, v in shadow.added().items() if k[:2] != "__"}
     return TracedBlock(
         graph,
         consts,

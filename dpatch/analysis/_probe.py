@@ -17,7 +17,9 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
-from torch import nn
+import torch
+import torch.utils._pytree as pytree
+from torch import Tensor, nn
 
 from dpatch.analysis._inputs import ExampleInputs, as_example_inputs, input_candidates
 from dpatch.analysis._meta import materialise, meta_execution, real_execution
@@ -40,6 +42,7 @@ class Probe:
     inputs: dict[int, Call] = field(default_factory=dict)  # the first call's arguments
     outputs: dict[int, Any] = field(default_factory=dict)  # the first call's output
     example: ExampleInputs | None = None  # the input the model ran on
+    unused: frozenset[str] = frozenset()  # parameters no operation read (by name)
 
     def ran_once(self) -> dict[int, Any]:
         """Outputs of the modules that ran exactly once (safe to reuse for their inputs)."""
@@ -109,6 +112,28 @@ def _explain(model: nn.Module, failures: list[tuple[ExampleInputs, str]], *, giv
     )
 
 
+class _Reads(torch.overrides.TorchFunctionMode):
+    """Records which tensors any operation took as an argument (parameters that took part
+    in the computation)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: set[int] = set()
+
+    def __torch_function__(
+        self,
+        func: Any,
+        types: Any,
+        args: Sequence[Any] = (),
+        kwargs: dict[str, Any] | None = None,
+    ) -> Any:
+        kwargs = kwargs or {}
+        for value in pytree.tree_leaves((args, kwargs)):
+            if isinstance(value, Tensor):
+                self.seen.add(id(value))
+        return func(*args, **kwargs)
+
+
 def _probe_once(model: nn.Module, inputs: tuple[Any, ...], *, meta: bool) -> Probe | str:
     """A Probe of one run, or why the run failed (one line)."""
     result = Probe()
@@ -127,7 +152,10 @@ def _probe_once(model: nn.Module, inputs: tuple[Any, ...], *, meta: bool) -> Pro
     handles += [m.register_forward_hook(post_hook) for m in model.modules()]
     try:
         with meta_execution(model) if meta else real_execution(model):
-            model(*inputs)
+            names = {n: id(p) for n, p in model.named_parameters(remove_duplicate=False)}
+            with _Reads() as reads:
+                model(*inputs)
+        result.unused = frozenset(n for n, i in names.items() if i not in reads.seen)
     except Exception as exc:  # any model code can fail here; the caller reports it
         return first_line(exc, 300, typed=True)
     finally:

@@ -15,13 +15,13 @@ from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-import torch
 import torch.fx as fx
 from torch import Tensor, nn
 
 from dpatch.analysis._meta import meta_execution, to_meta
 from dpatch.analysis._probe import Call
 from dpatch.analysis._residual import add_operands
+from dpatch.analysis._shadow import MODULE_INTERNALS, Recorder, freeze, shadow_of, structure
 from dpatch.errors import TraceError, first_line
 
 __all__ = [
@@ -34,7 +34,6 @@ __all__ = [
     "run_graph_meta",
     "trace_and_run",
     "trace_module",
-    "training_watcher",
 ]
 
 
@@ -101,48 +100,27 @@ def _notrace_functions() -> tuple[Callable[..., Any], ...]:
     return tuple(f for f in timm_fx.get_notrace_functions() if callable(f))
 
 
-_READ_TRAINING = "__dpatch_read_training"  # set on the tracer's shadow copy only
-
-
-def training_watcher(cls: type) -> type:
-    """A subclass of ``cls`` whose ``training`` attribute records that it was read."""
-
-    def get(self: nn.Module) -> bool:
-        self.__dict__[_READ_TRAINING] = True
-        return bool(self.__dict__["training"])
-
-    def set_(self: nn.Module, value: bool) -> None:
-        self.__dict__["training"] = value
-
-    return type(
-        cls.__name__, (cls,), {"training": property(get, set_), "__module__": cls.__module__}
-    )
-
-
 def trace_module(
     module: nn.Module,
     training: bool | None = None,
     concrete_args: dict[str, Any] | None = None,
+    recorder: Recorder | None = None,
 ) -> TracedBlock:
     """Trace ``module``'s own forward (children as leaves) without touching ``module``.
 
     Python attributes such as ``self.training`` are read at trace time, so the shadow copy
     carries the requested mode (default: the module's own). ``concrete_args`` (optional
     arguments recorded as None or a constant) are specialised, with torch.fx's guards that
-    fail loudly on other values.
+    fail loudly on other values. ``recorder`` logs what the forward reads (see
+    :mod:`dpatch.analysis._shadow`).
     """
-    shadow: nn.Module = object.__new__(training_watcher(type(module)))
-    shadow.__dict__ = dict(module.__dict__)
-    if training is not None:
-        shadow.__dict__["training"] = training
-    before = set(shadow.__dict__)
-    graph = LeafTracer().trace(shadow, concrete_args=concrete_args)
+    shadow = shadow_of(module, recorder=recorder, training=training)
+    graph = LeafTracer().trace(shadow.module, concrete_args=concrete_args)
     if concrete_args:
         _restore_arg_names(graph, set(concrete_args))
     _resolve_annotations(graph, type(module))
-    reads = bool(shadow.__dict__.pop(_READ_TRAINING, False))
-    consts = {k: v for k, v in shadow.__dict__.items() if k not in before}
-    return TracedBlock(graph, consts, reads, dict(concrete_args or {}))
+    reads = shadow.recorder.read_training
+    return TracedBlock(graph, shadow.added(), reads, dict(concrete_args or {}))
 
 
 def _resolve_annotations(graph: fx.Graph, cls: type[nn.Module]) -> None:
@@ -252,7 +230,12 @@ def _with_env(
     return replace(traced, env=run_graph_meta(mod, traced, call, known))
 
 
-def trace_and_run(mod: nn.Module, call: Call, known: dict[int, Any] | None = None) -> TracedBlock:
+def trace_and_run(
+    mod: nn.Module,
+    call: Call,
+    known: dict[int, Any] | None = None,
+    recorder: Recorder | None = None,
+) -> TracedBlock:
     """Trace ``mod`` and run the graph on its recorded inputs; if either fails, try again
     with its None/constant arguments specialised (``if mask is not None:`` needs that).
 
@@ -262,7 +245,7 @@ def trace_and_run(mod: nn.Module, call: Call, known: dict[int, Any] | None = Non
     known = known or {}
     traced: TracedBlock | None = None
     try:
-        traced = trace_module(mod)
+        traced = trace_module(mod, recorder=recorder)
         return _with_env(mod, traced, call, known)
     except Exception as first:
         stage = "could not trace" if traced is None else "traced graph does not run"
@@ -270,72 +253,26 @@ def trace_and_run(mod: nn.Module, call: Call, known: dict[int, Any] | None = Non
         if not concrete:
             raise TraceError(f"{stage}: {first_line(first, typed=True)}") from first
         try:
-            return _with_env(mod, trace_module(mod, concrete_args=concrete), call, known)
+            retraced = trace_module(mod, concrete_args=concrete, recorder=recorder)
+            return _with_env(mod, retraced, call, known)
         except Exception:
             raise TraceError(f"{stage}: {first_line(first, typed=True)}") from first
 
 
 # --------------------------------------------------------------------------- trace keys
-_MODULE_INTERNALS = frozenset(
-    {
-        "_parameters",
-        "_buffers",
-        "_modules",
-        "_non_persistent_buffers_set",
-        "_backward_pre_hooks",
-        "_backward_hooks",
-        "_is_full_backward_hook",
-        "_forward_hooks",
-        "_forward_hooks_with_kwargs",
-        "_forward_hooks_always_called",
-        "_forward_pre_hooks",
-        "_forward_pre_hooks_with_kwargs",
-        "_state_dict_hooks",
-        "_state_dict_pre_hooks",
-        "_load_state_dict_pre_hooks",
-        "_load_state_dict_post_hooks",
-    }
-)
-_PLAIN = (bool, int, float, str, bytes, type(None), torch.dtype, torch.device, torch.Size)
-
-
-def _freeze(value: Any) -> Hashable:
-    """A hashable stand-in for a configuration value; raises TypeError for tensors and
-    other values a trace could capture (tensor constants)."""
-    if isinstance(value, _PLAIN):
-        return (type(value).__name__, value)
-    if isinstance(value, list | tuple):
-        return (type(value).__name__, tuple(_freeze(v) for v in value))
-    if isinstance(value, dict):
-        return ("dict", tuple((_freeze(k), _freeze(v)) for k, v in value.items()))
-    if isinstance(value, Tensor):
-        raise TypeError("tensor attribute")
-    if callable(value) or isinstance(value, type):
-        return ("id", id(value))
-    raise TypeError(type(value).__name__)
-
-
 def config_key(mod: nn.Module, call: Call) -> Hashable | None:
-    """What a trace of ``mod`` depends on: its class, plain attributes, children's classes,
-    parameter and buffer names, and which recorded arguments are None or constants. None
-    when the module holds something a trace could capture by value (a tensor attribute)."""
+    """What a trace of ``mod`` depends on, as far as can be told before tracing: its class,
+    plain attributes, the structure of every module under it (container lengths and keys
+    included), and which recorded arguments are None or constants. None when the module
+    holds something a trace could capture by value (a tensor attribute). What the forward
+    reads of the modules under it is checked after tracing (:class:`Reads`)."""
     args, kwargs = call
     try:
-        attrs = tuple(
-            (k, _freeze(v)) for k, v in mod.__dict__.items() if k not in _MODULE_INTERNALS
-        )
+        attrs = tuple((k, freeze(v)) for k, v in mod.__dict__.items() if k not in MODULE_INTERNALS)
         arguments = tuple(
-            (k, "tensor" if isinstance(v, Tensor) else _freeze(v))
+            (k, "tensor" if isinstance(v, Tensor) else freeze(v))
             for k, v in [*enumerate(args), *kwargs.items()]
         )
     except TypeError:
         return None
-    children = tuple((k, type(v)) for k, v in mod._modules.items())
-    return (
-        type(mod),
-        attrs,
-        children,
-        tuple(mod._parameters),
-        tuple(mod._buffers),
-        arguments,
-    )
+    return (type(mod), attrs, structure(mod), arguments)

@@ -84,6 +84,10 @@ def run_patch(action: str, settings: Settings, how: Invocation) -> None:
         err().print(f"wrote {written}", markup=False)
     elif how.dry_run and how.output is not None:
         err().print(f"dry run: would write {how.output}", markup=False)
+    else:
+        what = "patched" if action == "inject" else "retuned"
+        note = f"note: nothing written (pass -o OUT.safetensors to save the {what} model)"
+        err().print(note, markup=False)
 
 
 def _many(action: str, settings: Settings, how: Invocation, request: dict[str, Any]) -> None:
@@ -126,12 +130,22 @@ def _summary(result: FileResult, dry_run: bool = False) -> str:
     changed = report.changed_settings()
     if report.schedule != "current" and changed:
         line += "; changed " + ", ".join(f"{k} on {n}" for k, n in changed.items())
+    now = f"{report.schedule} (per {report.per})"
+    if report.previous and report.previous != now:
+        line += f"; schedule {report.previous} -> {now}"
     return f"{line} ({result.seconds:.2f} s)"
 
 
 def _changes_line(report: PatchReport) -> str:
     """What a retune changed and kept, for people."""
     changed = report.changed_settings()
+    did = [f"{k} on {n} of {len(report.sites)} sites" for k, n in changed.items()]
     kept = [k for k in ("mode", "scaling", "skip") if k not in changed]
-    did = ", ".join(f"{k} on {n} of {len(report.sites)} sites" for k, n in changed.items())
-    return f"changed: {did or 'nothing'}" + (f"; kept: {', '.join(kept)}" if kept else "")
+    now = f"{report.schedule} (per {report.per})"
+    if report.previous == now:
+        kept.insert(0, f"schedule {now}")
+    elif report.previous:
+        did.insert(0, f"schedule {report.previous} -> {now}")
+    return f"changed: {', '.join(did) or 'nothing'}" + (
+        f"; kept: {', '.join(kept)}" if kept else ""
+    )

@@ -20,6 +20,7 @@ from dpatch.cli._options import (
     WeightsOpt,
     parse_inputs,
 )
+from dpatch.errors import InvalidValueError
 
 __all__: list[str] = []
 
@@ -51,6 +52,11 @@ def fold_cmd(
     name = loaded.spec.text if loaded.spec else model
     with step("Folding", as_json), about(name):
         result = fold(loaded.model, example_inputs=example)
+    if not result.folded:
+        raise InvalidValueError(
+            f"nothing to fold in {name}: no site uses scaling 'expected' with a rate above 0 "
+            "(fold is for models trained with --scaling expected); nothing written"
+        )
     folded = result.to_dict()["folded"]
     depth = {"folded": folded} if folded else None
     with step(f"Saving {output}", as_json):

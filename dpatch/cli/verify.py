@@ -101,7 +101,7 @@ def verify_cmd(
     loaded = load(target, weights=weights, pretrained=pretrained, arch=arch, quiet=as_json)
     name = loaded.spec.text if loaded.spec else target
     path = Path(target)
-    manifest = read_manifest(path) if path.is_file() and arch is None else None
+    manifest = read_manifest(path) if path.is_file() else None
     declared = report_from_manifest(manifest) if manifest is not None else None
     with step("Running the model", as_json):
         report = verify(loaded.model, declared=declared, **options)

@@ -21,11 +21,12 @@ from typing import Any
 
 from torch import nn
 
-from dpatch.analysis import Analysis, analyze, site_list
+from dpatch.analysis import Analysis, analyze, qualify, site_list
 from dpatch.errors import DPatchError, InvalidValueError, WeightsError
 from dpatch.files._batch_inputs import Batch, BatchInput
 from dpatch.files._files import load_state_dict_file, load_weights, read_manifest, save
-from dpatch.files._manifest import report_from_manifest
+from dpatch.files._manifest import DEPTH_KEY, report_from_manifest, schedule_from_manifest
+from dpatch.marks import ScheduleMark
 from dpatch.models import ModelSpec, create_model, parse_spec
 from dpatch.patching import (
     PatchReport,
@@ -103,12 +104,29 @@ class _Item:
         """The file was written with compute-skipping (its blocks have the skipping form)."""
         return bool(((self.manifest or {}).get("schedule") or {}).get("skip"))
 
-    def key(self, by_skip: bool) -> tuple[str, str, bool]:
-        """Inputs with one key share a built model: spec, kwargs (and the skipping form
-        where the command keeps each file's settings)."""
+    @property
+    def schedule(self) -> ScheduleMark | None:
+        """The schedule the file records (None for a plain checkpoint)."""
+        return schedule_from_manifest(self.manifest) if self.manifest is not None else None
+
+    @property
+    def pruned(self) -> tuple[str, ...]:
+        """The sites the file's model has pruned (their branches' tensors are left out)."""
+        sites = (self.manifest or {}).get("sites") or []
+        return tuple(sorted(qualify(d["path"], d["branch"]) for d in sites if d.get("pruned")))
+
+    @property
+    def pruned_keys(self) -> list[str]:
+        """Tensors the file leaves out: only its pruned branches use them."""
+        depth = (self.manifest or {}).get(DEPTH_KEY) or {}
+        return [str(k) for k in depth.get("pruned_keys") or []]
+
+    def key(self, by_skip: bool) -> tuple[str, str, bool, tuple[str, ...]]:
+        """Inputs with one key share a built model: spec, kwargs, the pruned branches (and
+        the skipping form where the command keeps each file's settings)."""
         assert self.spec is not None
         kwargs = json.dumps(self.spec.kwargs, sort_keys=True, default=str)
-        return self.spec.text, kwargs, by_skip and self.skip
+        return self.spec.text, kwargs, by_skip and self.skip, self.pruned
 
 
 def _manifest_spec(manifest: Mapping[str, Any] | None) -> ModelSpec | None:
@@ -165,7 +183,7 @@ def _drive(
     ``keep_going``. Inputs of one architecture share a group (one built model), started at
     its first input; each of its results is drawn when its input's turn comes, so a
     stop leaves later inputs untouched."""
-    running: dict[tuple[str, str, bool], Iterator[FileResult]] = {}
+    running: dict[tuple[str, str, bool, tuple[str, ...]], Iterator[FileResult]] = {}
     for item in items:
         if item.problem is not None:
             result = _failed(item, item.problem)
@@ -184,9 +202,23 @@ def _drive(
 
 
 def _build(members: list[_Item]) -> nn.Module:
-    spec = members[0].spec
-    assert spec is not None
-    return create_model(spec)
+    """The architecture of a group, with the branches its files prune pruned."""
+    head = members[0]
+    assert head.spec is not None
+    built = create_model(head.spec)
+    if head.pruned and head.manifest is not None:
+        from dpatch.depth import prune
+
+        apply_sites(built, head.manifest["sites"], skip=head.skip, schedule=head.schedule)
+        prune(built, list(head.pruned))
+    return built
+
+
+def _load(built: nn.Module, item: _Item, what: str) -> None:
+    """Load an input's weights into its group's model (a pruned file lacks its pruned
+    branches' tensors, which the group's model does not use either)."""
+    if item.input.is_file:
+        load_weights(built, item.input.text, what=what, missing_ok=item.pruned_keys)
 
 
 def _each(members: list[_Item], work: Callable[[_Item], FileResult]) -> Iterator[FileResult]:
@@ -283,12 +315,11 @@ def patch_many(
 
         def one(item: _Item) -> FileResult:
             nonlocal base
-            if item.input.is_file:
-                load_weights(built, item.input.text, what=spec.text)
+            _load(built, item, spec.text)
             if action == "inject":
                 return write(item, built, report)
             listed = item.manifest["sites"] if item.manifest is not None else pristine
-            configure_sites(built, base, listed)
+            configure_sites(built, base, listed, schedule=item.schedule)
             base = retune(built, allow_empty=allow_empty, analysis=an, settings=settings, **request)
             return write(item, built, base)
 
@@ -329,8 +360,7 @@ def inspect_many(
             return
 
         def one(item: _Item) -> FileResult:
-            if item.input.is_file:
-                load_weights(built, item.input.text, what=head.spec.text if head.spec else "")
+            _load(built, item, head.spec.text if head.spec else "")
             return FileResult(item.input.text, head.spec.text if head.spec else None, None, report)
 
         yield from _each(members, one)
@@ -379,14 +409,13 @@ def verify_many(
             return
 
         def one(item: _Item) -> FileResult:
-            if item.input.is_file:
-                load_weights(built, item.input.text, what=spec.text)
+            _load(built, item, spec.text)
             declared = options.get("declared")
             listed = pristine
             if item.manifest is not None:
                 listed = item.manifest["sites"]
                 declared = report_from_manifest(dict(item.manifest))
-            configure_sites(built, base, listed)
+            configure_sites(built, base, listed, schedule=item.schedule)
             kwargs = {k: v for k, v in options.items() if k != "declared"}
             report = verify(built, analysis=an, declared=declared, **kwargs)
             return FileResult(

@@ -119,6 +119,8 @@ def _output_name(inp: BatchInput, template: str, index: int) -> str:
         "parent": Path(inp.text).resolve().parent.name if inp.is_file else "",
         "index": index + 1,
     }
+    if template == DEFAULT_TEMPLATE and inp.stem.endswith("-dp"):
+        return f"{inp.stem}.safetensors"  # a dpatch output keeps its name: no run0-dp-dp
     try:
         name = template.format(**fields)
     except (KeyError, IndexError, ValueError) as exc:

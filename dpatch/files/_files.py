@@ -24,10 +24,16 @@ import torch
 from torch import Tensor, nn
 
 from dpatch.analysis import qualify
-from dpatch.errors import ManifestError, OutputError, WeightsError, first_line
-from dpatch.files._manifest import DEPTH_KEY, MANIFEST_KEY, build_manifest, parse_manifest
+from dpatch.errors import InvalidValueError, ManifestError, OutputError, WeightsError, first_line
+from dpatch.files._manifest import (
+    DEPTH_KEY,
+    MANIFEST_KEY,
+    build_manifest,
+    parse_manifest,
+    schedule_from_manifest,
+)
 from dpatch.models import ModelSpec, create_model, parse_spec, rebuild, rebuild_info, spec_of
-from dpatch.patching import PatchReport, apply_sites
+from dpatch.patching import PatchReport, apply_sites, disagreement
 from dpatch.patching import inspect as inspect_model
 
 __all__ = [
@@ -114,23 +120,35 @@ def save(
 ) -> Path:
     """Write ``model``'s weights and its patch manifest to a safetensors file, atomically.
 
-    Tensors that only pruned branches use are left out; the manifest lists their keys.
+    The manifest describes the model as it is now. Tensors that only pruned branches use
+    are left out; the manifest lists their keys.
 
     Args:
         model: the patched (or plain) model.
         path: output file.
-        report: the :class:`~dpatch.PatchReport` of the patch (default: inspect ``model``).
+        report: the :class:`~dpatch.PatchReport` of the model's last patch (its schedule
+            labels the file); default: inspect ``model``, labelled with the schedule it was
+            last patched with.
         spec: the model spec to rebuild it (default: what :func:`dpatch.models.create_model`
             recorded, timm's architecture name, or a transformers model's class; the
             manifest of a transformers model also holds its class and full config).
         force: overwrite an existing file.
         depth: extra records for the manifest's ``depth`` entry (folded sites).
+
+    Raises:
+        InvalidValueError: ``report`` does not describe the model as it is now (a report
+            from before a later ``retune``), naming the first difference.
     """
     from safetensors.torch import save_file
 
     from dpatch.depth import unused_state_keys
 
     out = check_output(path, force)
+    if report is not None and (stale := disagreement(model, report.sites)):
+        raise InvalidValueError(
+            f"the report given to save does not describe the model as it is now ({stale}); "
+            "pass the report of the model's last inject/retune, or leave report out"
+        )
     if spec is None:
         spec = spec_of(model)
     manifest = build_manifest(
@@ -353,7 +371,8 @@ def load(path: str | os.PathLike[str], model: nn.Module | None = None) -> nn.Mod
         model = rebuild(entry)
     pruned_keys = [str(k) for k in (manifest.get(DEPTH_KEY) or {}).get("pruned_keys") or []]
     load_weights(model, path, missing_ok=pruned_keys)
-    apply_sites(model, manifest["sites"], skip=bool(manifest.get("schedule", {}).get("skip")))
+    skip = bool(manifest.get("schedule", {}).get("skip"))
+    apply_sites(model, manifest["sites"], skip=skip, schedule=schedule_from_manifest(manifest))
     pruned = [qualify(d["path"], d["branch"]) for d in manifest["sites"] if d.get("pruned")]
     if pruned:
         _prune_again(model, pruned, pruned_keys, path)
@@ -420,9 +439,14 @@ def load_target(
         if not path.exists():
             raise WeightsError(f"file {target!r} does not exist")
         manifest = read_manifest(path) if path.suffix != ".pt" else None
-        if manifest is not None and model is None:
-            loaded = load(path)
-            return Target(loaded, spec_of(loaded))
+        if manifest is not None:
+            # A manifest always applies: with ``model``, onto that architecture.
+            if model is None:
+                loaded = load(path)
+                return Target(loaded, spec_of(loaded))
+            spec, note = parse_spec(model)
+            loaded = load(path, model=create_model(spec, pretrained=pretrained))
+            return Target(loaded, spec, (note,) if note else ())
         if model is None:
             raise WeightsError(
                 f"{target!r} is a checkpoint without a dpatch manifest; say which "

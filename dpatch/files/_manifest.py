@@ -18,7 +18,8 @@ import torch
 from dpatch._version import __version__
 from dpatch.analysis import Site
 from dpatch.errors import ManifestError
-from dpatch.patching import PatchReport
+from dpatch.marks import ScheduleMark
+from dpatch.patching import PatchReport, block_rates
 from dpatch.schedule import expected_depth
 
 __all__ = [
@@ -28,6 +29,7 @@ __all__ = [
     "build_manifest",
     "parse_manifest",
     "report_from_manifest",
+    "schedule_from_manifest",
 ]
 
 FORMAT = "dpatch/1"
@@ -91,6 +93,21 @@ def parse_manifest(raw: str, where: str) -> dict[str, Any]:
     return manifest
 
 
+def schedule_from_manifest(manifest: Mapping[str, Any]) -> ScheduleMark | None:
+    """The schedule a manifest records (None for ``current``: rates as they were)."""
+    sched = manifest.get("schedule") or {}
+    kind = sched.get("schedule")
+    if not kind or kind == "current":
+        return None
+    return ScheduleMark(
+        str(kind),
+        str(sched.get("per") or "block"),
+        float(sched.get("max_rate") or 0.0),
+        float(sched.get("min_rate") or 0.0),
+        tuple(float(r) for r in sched.get("rates") or []),
+    )
+
+
 def report_from_manifest(manifest: dict[str, Any]) -> PatchReport:
     """The report a manifest records, without building the model.
 
@@ -106,6 +123,8 @@ def report_from_manifest(manifest: dict[str, Any]) -> PatchReport:
         raise ManifestError(f"the manifest's sites are malformed ({exc})") from exc
     sched = manifest.get("schedule") or {}
     steps = [float(r) for r in sched.get("rates") or []]
+    # a pruned site never runs: depth 0
+    depth_steps = block_rates(sites) if any(s.pruned for s in sites) else steps
     return PatchReport(
         sites=sites,
         schedule=str(sched.get("schedule") or "current"),
@@ -116,6 +135,6 @@ def report_from_manifest(manifest: dict[str, Any]) -> PatchReport:
         scaling=str(sched.get("scaling") or "inverted"),
         skip=bool(sched.get("skip")),
         rates=tuple(steps),
-        expected_depth=expected_depth(steps),
+        expected_depth=expected_depth(depth_steps),
         recipe=manifest.get("recipe"),
     )

@@ -19,6 +19,8 @@ import inspect
 import os
 import sys
 from collections.abc import Callable, Mapping
+from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 from torch import nn
@@ -188,25 +190,60 @@ def _download_message(spec: ModelSpec, exc: BaseException) -> str:
 
 
 def _import_factory(text: str) -> Callable[..., Any]:
+    """The callable a ``package.module:factory`` or ``path/file.py:factory`` spec names."""
     module_name, _, attr = text.partition(":")
+    if module_name.endswith(".py"):
+        module = _load_file(module_name, text)
+    else:
+        module = _import(module_name, text)
+    factory = getattr(module, attr, None)
+    if not callable(factory):
+        raise ModelNotFoundError(f"{module_name!r} has no callable {attr!r} (model spec {text!r})")
+    return factory
+
+
+def _import(module_name: str, text: str) -> ModuleType:
     cwd = os.getcwd()
     added = cwd not in sys.path
     if added:
         sys.path.insert(0, cwd)
     try:
-        module = importlib.import_module(module_name)
+        return importlib.import_module(module_name)
     except ImportError as exc:
         raise ModelNotFoundError(
             f"cannot import {module_name!r} for model spec {text!r} ({exc}); run from the "
-            "folder that holds it or install it"
+            "folder that holds it, install it, or name its file (path/to/file.py:factory)"
         ) from exc
     finally:
         if added:
             sys.path.remove(cwd)
-    factory = getattr(module, attr, None)
-    if not callable(factory):
-        raise ModelNotFoundError(f"{module_name!r} has no callable {attr!r} (model spec {text!r})")
-    return factory
+
+
+def _load_file(file_name: str, text: str) -> ModuleType:
+    """A Python file as a module, registered under its stem (so its classes pickle) unless
+    another module holds that name."""
+    path = Path(file_name).expanduser().resolve()
+    if not path.is_file():
+        raise ModelNotFoundError(f"model file {file_name!r} does not exist (model spec {text!r})")
+    name = path.stem if path.stem.isidentifier() else "dpatch_model_file"
+    loaded = sys.modules.get(name)
+    if loaded is not None and getattr(loaded, "__file__", None) == str(path):
+        return loaded
+    if loaded is not None:
+        name = f"dpatch_model_file_{abs(hash(str(path)))}"
+    spec = importlib.util.spec_from_file_location(name, path)
+    if spec is None or spec.loader is None:
+        raise ModelNotFoundError(f"cannot load {file_name!r} as Python (model spec {text!r})")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    try:
+        spec.loader.exec_module(module)
+    except Exception as exc:
+        del sys.modules[name]
+        raise ModelNotFoundError(
+            f"{file_name!r} fails to run (model spec {text!r}): {first_line(exc, typed=True)}"
+        ) from exc
+    return module
 
 
 def spec_of(model: nn.Module) -> ModelSpec | None:

@@ -12,7 +12,7 @@ Other packages import from here only; the modules inside are this package's own.
 from __future__ import annotations
 
 from dpatch.patching._apply import configure_slot, second_probe
-from dpatch.patching._listed import configure_sites, module_or_none
+from dpatch.patching._listed import configure_sites, disagreement, module_or_none
 from dpatch.patching._patch import STRIP_PRUNED, apply_sites, inject, inspect, retune, strip
 from dpatch.patching._results import Change, PatchReport, Skipped, block_rates
 
@@ -25,6 +25,7 @@ __all__ = [
     "block_rates",
     "configure_sites",
     "configure_slot",
+    "disagreement",
     "inject",
     "inspect",
     "module_or_none",

@@ -10,8 +10,14 @@ from typing import Any
 from torch import nn
 
 from dpatch.analysis import Analysis, Site, SlotSettings, analyze, qualify, site_list
-from dpatch.errors import InvalidValueError, NoResidualSitesError, NoSlotsError
-from dpatch.marks import block_meta
+from dpatch.errors import (
+    DPatchError,
+    InvalidValueError,
+    NoResidualSitesError,
+    NoSlotsError,
+    UnanalysedError,
+)
+from dpatch.marks import ScheduleMark, block_meta, schedule_mark, set_schedule_mark
 from dpatch.patching._apply import (
     apply_block,
     restore_slots,
@@ -22,7 +28,7 @@ from dpatch.patching._apply import (
 from dpatch.patching._keep import SETTINGS, changes, common, current_seed
 from dpatch.patching._listed import configure_sites
 from dpatch.patching._resolve import Request, resolve, site_rates
-from dpatch.patching._results import PatchReport, Skipped
+from dpatch.patching._results import PatchReport, Skipped, block_rates
 from dpatch.rewrite import RewriteCache, unpatch_block
 from dpatch.schedule import expected_depth
 from dpatch.settings import KEPT, Settings, check_choice
@@ -30,10 +36,22 @@ from dpatch.settings import KEPT, Settings, check_choice
 __all__ = ["STRIP_PRUNED", "apply_sites", "inject", "inspect", "retune", "strip"]
 
 
-def _empty_error(an: Analysis, what: str) -> NoResidualSitesError:
+def _empty_error(an: Analysis, what: str) -> DPatchError:
+    """ "No residual branch" only when every block that ran was analysed; else an error
+    naming the blocks that could not be analysed."""
+    ran_on = f"{an.example.describe()} [{an.example.source}]"
+    if an.unanalysed:
+        shown = "; ".join(f"{p or '(root)'}: {why}" for p, why in an.unanalysed[:3])
+        more = f"; and {len(an.unanalysed) - 3} more" if len(an.unanalysed) > 3 else ""
+        return UnanalysedError(
+            f"{what} ran on {ran_on}, but {len(an.unanalysed)} of its blocks could not be "
+            f"analysed, so its residual branches are unknown ({shown}{more}); a forward "
+            "that branches on tensor values or that tracing cannot follow stays "
+            "unanalysed: give inputs that take a traceable path (example_inputs=, "
+            "--input-shape), or move the residual addition into a module of its own"
+        )
     return NoResidualSitesError(
-        f"{what} has no residual branch to put stochastic depth on (it ran on "
-        f"{an.example.describe()} [{an.example.source}])"
+        f"{what} has no residual branch to put stochastic depth on (it ran on {ran_on})"
     )
 
 
@@ -49,12 +67,16 @@ def inspect(
     Raises:
         ProbeError: the model runs on no input; pass ``example_inputs``.
         NoResidualSitesError: no residual branch and ``allow_empty`` is False.
+        UnanalysedError: no residual site found, and blocks that ran could not be
+            analysed (whatever ``allow_empty`` says: "none" would be a guess).
     """
     an = analyze(model, example_inputs, coverage)
     sites = site_list(an)
-    if not sites and not allow_empty:
+    if not sites and (an.unanalysed or not allow_empty):
         raise _empty_error(an, "the model")
-    return PatchReport.current(sites, _skipped(an), model=model, example=an.example)
+    return PatchReport.current(
+        sites, _skipped(an), model=model, example=an.example, unreached=an.unreached
+    )
 
 
 def _skipped(an: Analysis) -> tuple[Skipped, ...]:
@@ -125,6 +147,8 @@ def inject(
         InvalidValueError: a bad rate, schedule, mode, scaling, ``per`` or recipe.
         ProbeError: the model runs on no input; pass ``example_inputs``.
         NoResidualSitesError: no residual branch and ``allow_empty`` is False.
+        UnanalysedError: no residual site found, and blocks that ran could not be
+            analysed (whatever ``allow_empty`` says: "none" would be a guess).
     """
     req = resolve(_given(settings, locals()), model, recipe, size, example_inputs)
     return _patch(
@@ -174,7 +198,9 @@ def retune(
         NoSlotsError: the model has no slot at all (use ``inject`` to add them).
         NoResidualSitesError: no residual branch at all, unless ``allow_empty``.
     """
-    req = resolve(_given(settings, locals()), model, recipe, size, example_inputs, keep=KEPT)
+    given = _given(settings, locals())
+    kept = schedule_mark(model)
+    req = resolve(given, model, recipe, size, example_inputs, keep=KEPT, kept=kept)
     return _patch(
         model,
         req,
@@ -220,7 +246,7 @@ def _patch(
 
     an = analysis if analysis is not None else analyze(model, example_inputs, coverage)
     before = {s.name: s for s in site_list(an)}
-    if not before and not allow_empty:
+    if not before and (an.unanalysed or not allow_empty):
         raise _empty_error(an, "the model")
     if before and slots_only and not any(s.kind == "native" or s.fused for s in before.values()):
         raise NoSlotsError(
@@ -266,6 +292,10 @@ def _patch(
             skipped.append(Skipped(loose.slot_path, why))
 
     after = tuple(site_list(an))
+    previous = schedule_mark(model)
+    rates = req.settings.rates if req.schedule == "custom" and req.settings.rates else steps
+    mark = ScheduleMark(req.schedule, req.per, req.max_rate, req.min_rate, tuple(rates))
+    set_schedule_mark(model, mark)
     changed = tuple(
         s.name
         for s in after
@@ -287,12 +317,21 @@ def _patch(
         ),
         skip=want.skip if want.skip is not None else any(s.skip for s in after),
         rates=tuple(steps),
-        expected_depth=expected_depth(steps),
+        expected_depth=_expected_depth(after, steps),
         model=model,
         example=an.example,
         recipe=req.recipe,
         changes=changes(before, after),
+        unreached=an.unreached,
+        previous=previous.describe() if previous is not None else "",
     )
+
+
+def _expected_depth(sites: Sequence[Site], steps: Sequence[float]) -> float:
+    """``sum(1 - p)`` over the steps; a pruned site never runs, so it counts as depth 0."""
+    if any(s.pruned for s in sites):
+        return expected_depth(block_rates(sites))
+    return expected_depth(steps)
 
 
 def _site_settings(s: Site) -> tuple[Any, ...]:
@@ -332,6 +371,8 @@ def strip(model: nn.Module, *, pruned: str = "error") -> int:
             continue
         unpatch_block(mod)
         restored += 1
+    if not any(block_meta(m) for m in model.modules()):
+        set_schedule_mark(model, None)  # nothing of the patch is left to label
     return restored + restore_slots(model)
 
 
@@ -342,8 +383,10 @@ def apply_sites(
     skip: bool = False,
     seed: int = 0,
     example_inputs: Sequence[Any] | None = None,
+    schedule: ScheduleMark | None = None,
 ) -> PatchReport:
-    """Patch ``model`` so each site has exactly the settings listed (a manifest's ``sites``).
+    """Patch ``model`` so each site has exactly the settings listed (a manifest's ``sites``;
+    ``schedule``: the manifest's schedule, which the model then carries).
 
     Raises:
         ManifestError: a listed site does not exist in the model, or the model has sites
@@ -352,4 +395,4 @@ def apply_sites(
     report = inject(
         model, 0.0, schedule="uniform", skip=skip, seed=seed, example_inputs=example_inputs
     )
-    return configure_sites(model, report, sites, seed=seed)
+    return configure_sites(model, report, sites, seed=seed, schedule=schedule)

@@ -11,6 +11,7 @@ from torch import nn
 
 from dpatch.analysis import Site
 from dpatch.errors import InvalidValueError
+from dpatch.marks import ScheduleMark
 from dpatch.schedule import schedule_rates
 from dpatch.settings import DEFAULTS, Settings
 
@@ -56,15 +57,20 @@ def resolve(
     example_inputs: Sequence[Any] | None,
     *,
     keep: Sequence[str] = (),
+    kept: ScheduleMark | None = None,
 ) -> Request:
     """Defaults (those in ``keep``: not given, so each site keeps its own), then the
+    schedule the model has (``kept``: ``retune`` keeps its kind and ``per``), then the
     recipe's settings, then ``given``.
 
     Raises:
-        InvalidValueError: an unknown recipe or size, ``size`` without a recipe, or
-            settings that do not go together once merged.
+        InvalidValueError: an unknown recipe or size, ``size`` without a recipe,
+            settings that do not go together once merged, or new rates for a kept
+            ``custom`` schedule given as ``max_rate``/``min_rate`` (no meaning for it).
     """
     base = DEFAULTS.without(keep)
+    if kept is not None and recipe is None:
+        base = _keeping(given, kept).over(base)
     resolved = None
     if recipe is not None:
         from dpatch.recipes import resolve_recipe
@@ -74,6 +80,24 @@ def resolve(
     elif size is not None:
         raise InvalidValueError(f"size={size!r} needs recipe= (a recipe's model size)")
     return Request(given.over(base), resolved.to_dict() if resolved is not None else None)
+
+
+def _keeping(given: Settings, kept: ScheduleMark) -> Settings:
+    """What ``retune`` keeps of the model's schedule: its kind and ``per``; its first rate
+    and, for ``custom``, its rates, unless the call names another schedule."""
+    if given.schedule is not None:
+        return Settings(per=kept.per)
+    if kept.schedule == "custom" and given.rates is None:
+        if given.max_rate is not None or given.min_rate is not None:
+            raise InvalidValueError(
+                "the model's schedule is 'custom' (one rate per step): max_rate/min_rate "
+                "have no meaning for it; pass schedule= (CLI --schedule KIND) or rates="
+            )
+        return Settings(schedule="custom", per=kept.per, rates=kept.rates)
+    min_rate = kept.min_rate if kept.schedule in ("linear", "cosine") else None
+    if min_rate is not None and given.max_rate is not None and min_rate > given.max_rate:
+        min_rate = None  # a lower deepest rate than the kept first one: start from 0
+    return Settings(schedule=kept.schedule, per=kept.per, min_rate=min_rate)
 
 
 def site_rates(

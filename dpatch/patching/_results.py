@@ -8,7 +8,8 @@ from typing import Any
 
 from torch import nn
 
-from dpatch.analysis import ExampleInputs, Site
+from dpatch.analysis import ExampleInputs, Site, Unreached
+from dpatch.marks import schedule_mark
 from dpatch.schedule import expected_depth
 
 __all__ = ["Change", "PatchReport", "Skipped", "block_rates"]
@@ -57,6 +58,10 @@ class PatchReport:
         example: the input the model was probed with, and where it came from.
         recipe: the published recipe the arguments came from (``ResolvedRecipe.to_dict``),
             with its time schedule for ``DropPathScheduler``.
+        unreached: modules holding parameters that the probe's input never reached: their
+            residual branches, if any, were not looked for (pass inputs that reach them).
+        previous: the schedule the model had before this operation (``cosine (per
+            branch)``; "" when it had none): ``retune`` keeps it unless told.
     """
 
     sites: tuple[Site, ...]
@@ -75,6 +80,8 @@ class PatchReport:
     changes: tuple[Change, ...] = ()
     example: ExampleInputs | None = field(default=None, compare=False, repr=False)
     recipe: dict[str, Any] | None = field(default=None, compare=False)
+    unreached: tuple[Unreached, ...] = ()
+    previous: str = ""
 
     @classmethod
     def current(
@@ -85,8 +92,10 @@ class PatchReport:
         example: ExampleInputs | None = None,
         **extra: Any,
     ) -> PatchReport:
-        """A report of the sites as they are (``schedule="current"``): one step per block,
-        its rate the mean of its sites'."""
+        """A report of the sites as they are: one step per block, its rate the mean of its
+        sites' (a pruned site counts as always dropped: depth 0). Labelled with the
+        schedule ``model`` was last patched with (a file's manifest, ``inject``, ``retune``),
+        else ``"current"``."""
         steps = block_rates(sites)
         defaults: dict[str, Any] = {
             "max_rate": max((s.rate for s in sites), default=0.0),
@@ -94,11 +103,16 @@ class PatchReport:
             "mode": sites[0].mode if sites else "row",
             "scaling": sites[0].scaling if sites else "inverted",
             "skip": any(s.skip for s in sites),
+            "schedule": "current",
         }
+        mark = schedule_mark(model) if model is not None else None
+        if mark is not None:
+            defaults.update(
+                schedule=mark.schedule, per=mark.per, max_rate=mark.max_rate, min_rate=mark.min_rate
+            )
         return cls(
             sites=tuple(sites),
             skipped=tuple(skipped),
-            schedule="current",
             rates=tuple(steps),
             expected_depth=expected_depth(steps),
             model=model,
@@ -148,6 +162,8 @@ class PatchReport:
             ],
             "inputs": self.example.to_dict() if self.example is not None else None,
             "recipe": self.recipe,
+            "unreached": [u.to_dict() for u in self.unreached],
+            "previous": self.previous,
         }
 
     def changed_settings(self) -> dict[str, int]:
@@ -159,8 +175,9 @@ class PatchReport:
 
 
 def block_rates(sites: Sequence[Site]) -> list[float]:
-    """One rate per block: the mean of its sites' rates."""
+    """One rate per block: the mean of its sites' rates, a pruned site counting as always
+    dropped (rate 1: it adds nothing to the expected depth)."""
     by_block: dict[int, list[float]] = {}
     for s in sites:
-        by_block.setdefault(s.block, []).append(s.rate)
+        by_block.setdefault(s.block, []).append(1.0 if s.pruned else s.rate)
     return [sum(r) / len(r) for _, r in sorted(by_block.items())]

@@ -10,7 +10,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from dpatch.analysis import Site
+from dpatch.analysis import Site, Unreached
 from dpatch.verification._observe import Tally
 
 __all__ = [
@@ -223,6 +223,13 @@ def compare_declared(
         if have is None:
             out.append((name, "declared, but the model has no such site"))
             continue
+        if bool(have.get("pruned")) != bool(want.get("pruned")):
+            out.append(
+                (name, "declared pruned, but the model runs it")
+                if want.get("pruned")
+                else (name, "pruned in the model, but declared to run")
+            )
+            continue
         for key, value in want.items():
             got = have.get(key)
             if key == "rate":
@@ -287,6 +294,8 @@ class VerifyReport:
         interval: how intervals are computed (``wilson``).
         seconds: wall-clock time of the whole check.
         inputs: the training-pass inputs (shapes, dtypes) and where their shape came from.
+        unreached: modules holding parameters the input never reached (their branches
+            were not checked).
     """
 
     ok: bool
@@ -304,6 +313,7 @@ class VerifyReport:
     seconds: float
     interval: str = "wilson"
     inputs: str = ""
+    unreached: tuple[Unreached, ...] = ()
 
     @property
     def errors(self) -> tuple[Finding, ...]:
@@ -335,4 +345,5 @@ class VerifyReport:
             },
             "sites": [c.to_dict() for c in self.sites],
             "findings": [f.to_dict() for f in self.findings],
+            "unreached": [u.to_dict() for u in self.unreached],
         }

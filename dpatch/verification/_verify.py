@@ -45,7 +45,7 @@ from dpatch.analysis import (
 )
 from dpatch.droppath import DropPath
 from dpatch.errors import InvalidValueError, ModelRunError, first_line
-from dpatch.marks import block_meta
+from dpatch.marks import block_meta, schedule_mark
 from dpatch.patching import PatchReport, block_rates, module_or_none, strip
 from dpatch.schedule import schedule_rates
 from dpatch.settings import FINDING_CODES
@@ -218,7 +218,9 @@ def _declared_settings(
         raise InvalidValueError("give declared= or schedule=/max_rate=, not both")
     if isinstance(declared, PatchReport):
         return {
-            s.name: {"rate": s.rate, "mode": s.mode, "scaling": s.scaling, "skip": s.skip}
+            s.name: {"pruned": True}
+            if s.pruned
+            else {"rate": s.rate, "mode": s.mode, "scaling": s.scaling, "skip": s.skip}
             for s in declared.sites
         }, True
     if declared is not None:
@@ -243,6 +245,15 @@ def _declared_settings(
     steps = schedule_rates(kind, depth, max_rate, min_rate)
     order = {b: i for i, b in enumerate(sorted(set(step_of.values())))}
     return {s.name: {"rate": steps[order[step_of[s.name]]]} for s in sites}, True
+
+
+def _label(model: nn.Module, declared: object, shape: str) -> str:
+    """What the rates are called: the declared schedule (a file's manifest), else the one
+    the model was patched with, else the shape they have."""
+    if isinstance(declared, PatchReport) and declared.schedule != "current":
+        return declared.schedule
+    mark = schedule_mark(model)
+    return mark.schedule if mark is not None else shape
 
 
 def verify(
@@ -393,6 +404,8 @@ def verify(
         }
         for c in checks
     }
+    # A pruned branch is declared pruned and nothing else (it never runs).
+    configured |= {s.name: {"pruned": True} for s in every if s.pruned}
     if wanted is not None:
         for where, message in compare_declared(configured, wanted[0], complete=wanted[1]):
             report("declared", where, message)
@@ -427,7 +440,7 @@ def verify(
         findings=tuple(found),
         eval_check="close" if expected else "bitwise",
         eval_equal=eval_equal,
-        schedule=shape,
+        schedule=_label(model, declared, shape),
         steps=steps,
         batch=batch,
         draws=draws,
@@ -436,4 +449,5 @@ def verify(
         confidence=confidence,
         seconds=time.perf_counter() - started,
         inputs=_describe(inputs, "given" if example_inputs else an.example.source),
+        unreached=an.unreached,
     )
