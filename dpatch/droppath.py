@@ -31,11 +31,13 @@ compiler fuses the mask into its own kernel, together with the branch's last op)
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from typing import Any, ClassVar, Optional
 
 import torch
 from torch import Tensor, nn
 
+from dpatch.ranks import RankCheck, Replay, attach_zero_grads, in_backward
 from dpatch.rows import scatter_add_rows
 
 MODES: tuple[str, ...] = ("row", "batch")
@@ -275,12 +277,19 @@ class DropPath(nn.Module):
         skip: in rewritten blocks, compute the branch only where it is kept (training).
         seed: batch mode only: when set, drop decisions come from a host generator seeded
             with it, so every DDP rank makes the same choice with no collective and no
-            device synchronisation; ``None`` draws from torch's default generator instead.
+            device synchronisation; ``None`` draws from torch's default generator instead
+            (a skipping site seeds its generator with 0 then).
     """
 
-    # The host generator is runtime state, not configuration: TorchScript need not see it.
-    __jit_ignored_attributes__: ClassVar[list[str]] = ["_generator", "_rate"]
-    __jit_unused_properties__: ClassVar[list[str]] = ["drop_prob", "scale_by_keep"]
+    # Runtime state, not configuration: TorchScript need not see it.
+    __jit_ignored_attributes__: ClassVar[list[str]] = [
+        "_generator",
+        "_rate",
+        "_replay",
+        "_draws",
+        "_ranks",
+    ]
+    __jit_unused_properties__: ClassVar[list[str]] = ["drop_prob", "scale_by_keep", "draws"]
 
     def __init__(
         self,
@@ -304,6 +313,10 @@ class DropPath(nn.Module):
         self.skip = bool(skip)
         self.seed = seed
         self._generator: torch.Generator | None = None
+        self._draws = 0  # batch decisions drawn since the generator was seeded
+        self._replay = Replay()
+        # Set by inject/retune: shared by the slots of one model (dpatch.ranks).
+        self._ranks: RankCheck | None = None
 
     def _apply(self, fn: Any, recurse: bool = True) -> DropPath:
         # .to()/.cuda() move parameters and buffers; the rate tensor follows (in float32).
@@ -378,14 +391,48 @@ class DropPath(nn.Module):
         return self._p == 0.0 or (not self.training and self.scaling != "expected")
 
     # -- batch mode with a shared host generator --------------------------------------
+    @property
+    def draws(self) -> int:
+        """Batch decisions drawn from the host generator since it was (re)seeded."""
+        return self._draws
+
     def keep_batch(self) -> bool:
-        """Draw this step's batch-mode decision on the host: True keeps the branch."""
-        p = self._p
-        if p == 0.0:
-            return True
-        if self._generator is None:
-            self._generator = torch.Generator().manual_seed(int(self.seed or 0))
-        return bool(torch.rand((), generator=self._generator).item() >= p)
+        """This step's batch-mode decision, drawn on the host: True keeps the branch.
+
+        A call inside backward is activation checkpointing running the forward again: it
+        gets the decision the forward took (:class:`dpatch.ranks.Replay`, which draws one
+        number from torch's default CPU generator per call to find it), since the host
+        generator is not part of the RNG state checkpointing restores. The first call of a
+        patched model under ``torch.distributed`` compares the ranks' sites and seeds
+        (:class:`dpatch.ranks.RankCheck`).
+
+        Raises:
+            RankMismatchError: at the first call, when ranks would decide differently.
+        """
+        tag = self._replay.tag()
+        recompute = in_backward()
+        if recompute:
+            again = self._replay.take(tag)
+            if again is not None:
+                return again
+        elif self._ranks is not None and not self._ranks.done:
+            self._ranks.run()
+        keep = True
+        if self._p > 0.0:
+            if self._generator is None:
+                self._generator = torch.Generator().manual_seed(int(self.seed or 0))
+                self._draws = 0
+            keep = bool(torch.rand((), generator=self._generator).item() >= self._p)
+            self._draws += 1
+        if not recompute:
+            self._replay.record(tag, keep)
+        return keep
+
+    def dropped(self, residual: Tensor, params: Sequence[Tensor]) -> Tensor:
+        """The output of a branch dropped for the whole batch and not computed: a copy of
+        ``residual``, with the branch's ``params`` kept in the step with zero gradients
+        (DDP without ``find_unused_parameters``, FSDP; see :mod:`dpatch.ranks`)."""
+        return attach_zero_grads(residual, params)
 
     def batch_scale(self) -> float:
         """The factor a kept batch-mode branch is multiplied by in training (0 at p = 1,
@@ -440,4 +487,12 @@ class DropPath(nn.Module):
         # A torch.Generator is not picklable everywhere; it is re-created from the seed.
         state = self.__dict__.copy()
         state["_generator"] = None
+        state["_draws"] = 0
         return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        # Slots pickled by earlier dpatch versions lack the batch-mode runtime state.
+        state.setdefault("_draws", 0)
+        state.setdefault("_replay", Replay())
+        state.setdefault("_ranks", None)
+        super().__setstate__(state)

@@ -85,3 +85,9 @@ class UnsupportedSiteError(DPatchError):
 class ModelRunError(DPatchError):
     """The model could not be run on the inputs given (or inferred) for it: ``verify``
     runs real forward passes."""
+
+
+class RankMismatchError(DPatchError):
+    """Distributed ranks would take different batch-mode decisions (different sites,
+    settings, seeds or draw counts), or a rank never joined the first-step comparison; the
+    message names the rank and the site."""

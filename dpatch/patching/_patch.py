@@ -14,6 +14,7 @@ from dpatch.errors import InvalidValueError, NoResidualSitesError, NoSlotsError
 from dpatch.marks import block_meta
 from dpatch.patching._apply import (
     apply_block,
+    attach_rank_check,
     restore_slots,
     second_probe,
     set_slot,
@@ -285,6 +286,7 @@ def _patch(
             skipped.append(Skipped(loose.slot_path, why))
 
     after = tuple(site_list(an))
+    attach_rank_check(model, after)
     changed = tuple(
         s.name for s in after if s.name not in before or _settings(before[s.name]) != _settings(s)
     )
