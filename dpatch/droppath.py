@@ -26,6 +26,10 @@ compiler fuses the mask into its own kernel, together with the branch's last op)
 - ``"0"``: never the kernel;
 - ``"interpret"``: also CPU tensors go through the kernel, run by Triton's interpreter
   (slow and exact: how the kernel is tested without a GPU).
+
+The first time a case (device, dtypes, memory layout) would go to the kernel, the kernel
+is checked against ``addcmul`` on small tensors (:func:`dpatch.kernels.self_check`); a case
+that fails uses ``addcmul`` from then on, with one warning.
 """
 
 from __future__ import annotations
@@ -180,7 +184,14 @@ def _use_kernels(x: Tensor, branch: Tensor) -> bool:
         return False
     from dpatch import kernels  # imports Triton: only when a kernel could run
 
-    return kernels.available() and kernels.supports(x, branch)
+    if not (kernels.available() and kernels.supports(x, branch)):
+        return False
+    if device == "cuda" and torch.cuda.is_current_stream_capturing():
+        # The self-check reads results on the host: not while a CUDA graph is captured.
+        known = kernels.known_check(x, branch)
+        return known is not None and known.ok
+    # First use of a case: run it against addcmul once; a failed case takes addcmul.
+    return kernels.self_check(x, branch).ok
 
 
 def _kernel_drop_add(x: Tensor, branch: Tensor, keep: float, mode: str, value: float) -> Tensor:
