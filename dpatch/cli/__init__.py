@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dpatch.cli import (  # noqa: F401 - commands register on import
     depth,
+    env,
     inspecting,
     listing,
     patching,
