@@ -34,6 +34,8 @@ from dpatch.errors import (
     NoSlotsError,
     OutputError,
     ProbeError,
+    RankMismatchError,
+    ReplayError,
     UnsupportedSiteError,
     WeightsError,
 )
@@ -66,6 +68,8 @@ __all__ = [
     "PatchReport",
     "ProbeError",
     "PruneStats",
+    "RankMismatchError",
+    "ReplayError",
     "SensitivityReport",
     "Site",
     "SiteCheck",

@@ -41,6 +41,7 @@ from typing import Any, ClassVar, Optional
 import torch
 from torch import Tensor, nn
 
+from dpatch.errors import ReplayError
 from dpatch.ranks import RankCheck, Replay, attach_zero_grads, in_backward
 from dpatch.rows import scatter_add_rows
 
@@ -419,14 +420,21 @@ class DropPath(nn.Module):
 
         Raises:
             RankMismatchError: at the first call, when ranks would decide differently.
+            ReplayError: a recomputation whose decision is not known (checkpointing
+                without ``preserve_rng_state``, or over 64 forwards before one backward).
         """
         tag = self._replay.tag()
-        recompute = in_backward()
-        if recompute:
+        if in_backward():
             again = self._replay.take(tag)
-            if again is not None:
-                return again
-        elif self._ranks is not None and not self._ranks.done:
+            if again is None:
+                raise ReplayError(
+                    "activation checkpointing recomputed a batch-mode site whose decision "
+                    "cannot be found again, so its gradient would be another network's: "
+                    "checkpoint with preserve_rng_state=True (the default), and run at most "
+                    "64 training forwards before each backward"
+                )
+            return again
+        if self._ranks is not None and not self._ranks.done:
             self._ranks.run()
         keep = True
         if self._p > 0.0:
@@ -435,8 +443,7 @@ class DropPath(nn.Module):
                 self._draws = 0
             keep = bool(torch.rand((), generator=self._generator).item() >= self._p)
             self._draws += 1
-        if not recompute:
-            self._replay.record(tag, keep)
+        self._replay.record(tag, keep)
         return keep
 
     def dropped(self, residual: Tensor, params: Sequence[Tensor]) -> Tensor:

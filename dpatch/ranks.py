@@ -113,6 +113,9 @@ class Replay:
     order backward visits regions in and whether or not it recomputes a region at all.
     The tag is drawn in every call, forward or recompute, so both consume the CPU stream
     alike and the region's other random ops see the numbers they saw the first time.
+    Checkpointing with ``preserve_rng_state=False`` restores no state: the tag is then not
+    found, and the slot raises :class:`~dpatch.errors.ReplayError` rather than recompute
+    another branch than the forward ran.
     """
 
     def __init__(self) -> None:

@@ -182,6 +182,16 @@ def test_checkpointing_recomputes_the_decisions_the_forward_took(
         assert torch.allclose(a, b, atol=1e-6)
 
 
+def test_checkpointing_without_rng_state_is_an_error_not_a_wrong_gradient() -> None:
+    model = stack(skip=True)
+    x = torch.randn(6, 8, requires_grad=True)
+    h = x
+    for block in model.blocks:
+        h = checkpoint(block, h, use_reentrant=True, preserve_rng_state=False)
+    with pytest.raises(dpatch.DPatchError, match="preserve_rng_state=True"):
+        h.sum().backward()
+
+
 # --------------------------------------------------------------------------- rank check
 def test_inject_shares_one_rank_check_and_retune_renews_it() -> None:
     model = stack(skip=True)
