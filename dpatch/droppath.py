@@ -506,6 +506,7 @@ class DropPath(nn.Module):
         state = self.__dict__.copy()
         state["_generator"] = None
         state["_draws"] = 0
+        state["_replay"] = Replay()  # tags of this process's RNG stream mean nothing elsewhere
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:

@@ -183,6 +183,10 @@ class RankCheck:
         self._slots = tuple(slots)
         self.done = False
 
+    def __getstate__(self) -> dict[str, Any]:
+        # A copy or an unpickled model may train in another job: compare its ranks anew.
+        return {**self.__dict__, "done": False}
+
     def states(self) -> tuple[SlotState, ...]:
         """Every site's state now, in the model's site order."""
         return tuple(
