@@ -40,9 +40,11 @@ the verdicts are kept for the process (:func:`self_checks`, shown by ``dpatch en
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -474,6 +476,7 @@ def _run_check(
         torch.enable_grad(),
         torch.autocast(device.type, enabled=False),
         torch.autograd.graph.saved_tensors_hooks(_same, _same),
+        _syncs_allowed(device),
     ):
         try:
             # Samples longer than a kernel block (one program row each) and shorter.
@@ -485,6 +488,21 @@ def _run_check(
             text = str(exc).strip().splitlines()
             return record(False, f"{type(exc).__name__}: {text[0][:160] if text else ''}")
     return record(True)
+
+
+@contextlib.contextmanager
+def _syncs_allowed(device: torch.device) -> Iterator[None]:
+    """The check reads its results on the host, once: a step run under
+    ``torch.cuda.set_sync_debug_mode("error")`` must not turn that into a failed verdict."""
+    if device.type != "cuda":
+        yield
+        return
+    mode = torch.cuda.get_sync_debug_mode()
+    torch.cuda.set_sync_debug_mode(0)
+    try:
+        yield
+    finally:
+        torch.cuda.set_sync_debug_mode(mode)
 
 
 def _case_tensor(

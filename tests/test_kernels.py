@@ -627,3 +627,18 @@ def test_self_check_runs_once_per_case_and_leaves_the_caller_untouched(
     with torch.no_grad():
         drop_add(r, x, 0.5, True)
     assert len(runs) == 1 and out.requires_grad
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_cuda_self_check_passes(dtype: torch.dtype, fresh_checks: None) -> None:
+    """On a real GPU every layout the kernels read in place passes its self-check (what
+    `dpatch env` reports), also under sync debugging."""
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for order in [(0,), (0, 1), (0, 1, 2), (0, 2, 3, 1), (0, 2, 3, 4, 1), (0, 2, 1)]:
+            verdict = K.check_case("cuda", dtype, dtype, order)
+            assert verdict.ok, (verdict.case, verdict.detail)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
