@@ -49,10 +49,11 @@ __all__ = [
     "in_backward",
 ]
 
-#: How long the first-step check waits for the other ranks. Ranks reach their first
-#: training step at about the same time (DDP and FSDP synchronise them while wrapping the
-#: model); a rank that never arrives runs other code, and would otherwise hang the job.
-RANK_CHECK_TIMEOUT = datetime.timedelta(minutes=5)
+#: How long the first-step check waits for the other ranks; None: the process group's own
+#: timeout (``init_process_group(timeout=...)``; by default 10 min for NCCL, 30 min for
+#: gloo). A rank that never arrives runs other code; a shorter wait could fail a job
+#: whose ranks merely reach their first step minutes apart (a slow first batch).
+RANK_CHECK_TIMEOUT: datetime.timedelta | None = None
 
 # Enough for every forward a training step runs before its backward (multi-crop
 # self-supervision runs a handful); older entries belong to forwards no backward needs.
@@ -205,7 +206,8 @@ class RankCheck:
 
         Raises:
             RankMismatchError: the ranks' sites, settings, seeds or draw counts differ, or a
-                rank did not join within :data:`RANK_CHECK_TIMEOUT`.
+                rank did not join within :data:`RANK_CHECK_TIMEOUT` (default: the process
+                group's timeout).
         """
         if self.done:
             return
@@ -225,10 +227,18 @@ class RankCheck:
         work = dist.all_gather(everyone, mine, async_op=True)
         try:
             assert work is not None
-            work.wait(timeout=RANK_CHECK_TIMEOUT)
+            if RANK_CHECK_TIMEOUT is None:
+                work.wait()
+            else:
+                work.wait(timeout=RANK_CHECK_TIMEOUT)
         except RuntimeError as exc:
+            waited = (
+                "the process group's timeout"
+                if RANK_CHECK_TIMEOUT is None
+                else _duration(RANK_CHECK_TIMEOUT)
+            )
             raise RankMismatchError(
-                f"rank {dist.get_rank()} waited {_duration(RANK_CHECK_TIMEOUT)} for the other "
+                f"rank {dist.get_rank()} waited {waited} for the other "
                 "ranks to compare their batch-mode stochastic depth, and some never did "
                 f"({first_line(exc, 80)}): is the model patched the same way on every rank? "
                 "(set DPATCH_RANK_CHECK=0 if ranks hold different models on purpose)"
