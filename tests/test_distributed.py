@@ -304,6 +304,7 @@ DDP_RUNS: list[tuple[str, str, bool, dict[str, Any], str, int]] = [
     ("batch-mask", "batch", False, {}, "", 1),
     ("batch-skip", "batch", True, {}, "", 1),
     ("batch-skip-static", "batch", True, {"static_graph": True}, "", 1),
+    ("batch-skip-bucket-view", "batch", True, {"gradient_as_bucket_view": True}, "", 1),
     ("batch-skip-no-sync", "batch", True, {}, "", 2),
     ("batch-skip-checkpoint", "batch", True, {}, "non-reentrant", 1),
     ("batch-skip-checkpoint-reentrant", "batch", True, {"static_graph": True}, "reentrant", 1),
@@ -407,8 +408,8 @@ def test_ddp_batch_skip_without_find_unused_parameters(tmp_path: Path) -> None:
         assert compiled["host_draws"] == 0
         # Same seed, same data: skipping takes masking's decisions and gives its losses.
         reference = r["batch-mask"]
-        for label in ("batch-skip", "batch-skip-static", "batch-skip-checkpoint",
-                      "batch-skip-checkpoint-reentrant"):  # fmt: skip
+        for label in ("batch-skip", "batch-skip-static", "batch-skip-bucket-view",
+                      "batch-skip-checkpoint", "batch-skip-checkpoint-reentrant"):  # fmt: skip
             assert r[label]["decisions"] == reference["decisions"], label
             assert r[label]["losses"] == pytest.approx(reference["losses"], rel=1e-5), label
 
