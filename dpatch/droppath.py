@@ -26,18 +26,25 @@ compiler fuses the mask into its own kernel, together with the branch's last op)
 - ``"0"``: never the kernel;
 - ``"interpret"``: also CPU tensors go through the kernel, run by Triton's interpreter
   (slow and exact: how the kernel is tested without a GPU).
+
+The first time a case (device, dtypes, memory layout) would go to the kernel, the kernel
+is checked against ``addcmul`` on small tensors (:func:`dpatch.kernels.self_check`); a case
+that fails uses ``addcmul`` from then on, with one warning.
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from typing import Any, ClassVar, Optional
 
 import torch
 from torch import Tensor, nn
 
+from dpatch.errors import ReplayError
+from dpatch.ranks import RankCheck, Replay, attach_zero_grads, in_backward
 from dpatch.rows import scatter_add_rows
-from dpatch.settings import MODES, SCALINGS
+from dpatch.settings import KERNEL_SETTINGS, MODES, SCALINGS
 
 __all__ = ["DropPath", "drop_add", "drop_path", "keep_count"]
 
@@ -161,14 +168,11 @@ def drop_add(
     return torch.addcmul(x, branch, mask, value=value)
 
 
-_KERNEL_SETTINGS: tuple[str, ...] = ("", "0", "1", "interpret")
-
-
 def _use_kernels(x: Tensor, branch: Tensor) -> bool:
     """Whether training-mode ``drop_add`` runs the Triton kernel (see ``DPATCH_KERNELS``)."""
     setting = os.environ.get("DPATCH_KERNELS", "")
-    if setting not in _KERNEL_SETTINGS:
-        raise ValueError(f"DPATCH_KERNELS has to be one of {_KERNEL_SETTINGS}, but got {setting!r}")
+    if setting not in KERNEL_SETTINGS:
+        raise ValueError(f"DPATCH_KERNELS has to be one of {KERNEL_SETTINGS}, but got {setting!r}")
     if setting == "0" or torch.compiler.is_compiling():
         return False
     device = x.device.type
@@ -176,7 +180,14 @@ def _use_kernels(x: Tensor, branch: Tensor) -> bool:
         return False
     from dpatch import kernels  # imports Triton: only when a kernel could run
 
-    return kernels.available() and kernels.supports(x, branch)
+    if not (kernels.available() and kernels.supports(x, branch)):
+        return False
+    if device == "cuda" and torch.cuda.is_current_stream_capturing():
+        # The self-check reads results on the host: not while a CUDA graph is captured.
+        known = kernels.known_check(x, branch)
+        return known is not None and known.ok
+    # First use of a case: run it against addcmul once; a failed case takes addcmul.
+    return kernels.self_check(x, branch).ok
 
 
 def _kernel_drop_add(x: Tensor, branch: Tensor, keep: float, mode: str, value: float) -> Tensor:
@@ -273,12 +284,19 @@ class DropPath(nn.Module):
         skip: in rewritten blocks, compute the branch only where it is kept (training).
         seed: batch mode only: when set, drop decisions come from a host generator seeded
             with it, so every DDP rank makes the same choice with no collective and no
-            device synchronisation; ``None`` draws from torch's default generator instead.
+            device synchronisation; ``None`` draws from torch's default generator instead
+            (a skipping site seeds its generator with 0 then).
     """
 
-    # The host generator is runtime state, not configuration: TorchScript need not see it.
-    __jit_ignored_attributes__: ClassVar[list[str]] = ["_generator", "_rate"]
-    __jit_unused_properties__: ClassVar[list[str]] = ["drop_prob", "scale_by_keep"]
+    # Runtime state, not configuration: TorchScript need not see it.
+    __jit_ignored_attributes__: ClassVar[list[str]] = [
+        "_generator",
+        "_rate",
+        "_replay",
+        "_draws",
+        "_ranks",
+    ]
+    __jit_unused_properties__: ClassVar[list[str]] = ["drop_prob", "scale_by_keep", "draws"]
 
     def __init__(
         self,
@@ -302,6 +320,10 @@ class DropPath(nn.Module):
         self.skip = bool(skip)
         self.seed = seed
         self._generator: torch.Generator | None = None
+        self._draws = 0  # batch decisions drawn since the generator was seeded
+        self._replay = Replay()
+        # Set by inject/retune: shared by the slots of one model (dpatch.ranks).
+        self._ranks: RankCheck | None = None
 
     def _apply(self, fn: Any, recurse: bool = True) -> DropPath:
         # .to()/.cuda() move parameters and buffers; the rate tensor follows (in float32).
@@ -376,14 +398,54 @@ class DropPath(nn.Module):
         return self._p == 0.0 or (not self.training and self.scaling != "expected")
 
     # -- batch mode with a shared host generator --------------------------------------
+    @property
+    def draws(self) -> int:
+        """Batch decisions drawn from the host generator since it was (re)seeded."""
+        return self._draws
+
     def keep_batch(self) -> bool:
-        """Draw this step's batch-mode decision on the host: True keeps the branch."""
-        p = self._p
-        if p == 0.0:
-            return True
-        if self._generator is None:
-            self._generator = torch.Generator().manual_seed(int(self.seed or 0))
-        return bool(torch.rand((), generator=self._generator).item() >= p)
+        """This step's batch-mode decision, drawn on the host: True keeps the branch.
+
+        A call inside backward is activation checkpointing running the forward again: it
+        gets the decision the forward took (:class:`dpatch.ranks.Replay`, which draws one
+        number from torch's default CPU generator per call to find it), since the host
+        generator is not part of the RNG state checkpointing restores. The first call of a
+        patched model under ``torch.distributed`` compares the ranks' sites and seeds
+        (:class:`dpatch.ranks.RankCheck`).
+
+        Raises:
+            RankMismatchError: at the first call, when ranks would decide differently.
+            ReplayError: a recomputation whose decision is not known (checkpointing
+                without ``preserve_rng_state``, or over 64 forwards before one backward).
+        """
+        tag = self._replay.tag()
+        if in_backward():
+            again = self._replay.take(tag)
+            if again is None:
+                raise ReplayError(
+                    "activation checkpointing recomputed a batch-mode site whose decision "
+                    "cannot be found again, so its gradient would be another network's: "
+                    "checkpoint with preserve_rng_state=True (the default), and run at most "
+                    "64 training forwards before each backward"
+                )
+            return again
+        if self._ranks is not None and not self._ranks.done:
+            self._ranks.run()
+        keep = True
+        if self._p > 0.0:
+            if self._generator is None:
+                self._generator = torch.Generator().manual_seed(int(self.seed or 0))
+                self._draws = 0
+            keep = bool(torch.rand((), generator=self._generator).item() >= self._p)
+            self._draws += 1
+        self._replay.record(tag, keep)
+        return keep
+
+    def dropped(self, residual: Tensor, params: Sequence[Tensor]) -> Tensor:
+        """The output of a branch dropped for the whole batch and not computed: a copy of
+        ``residual``, with the branch's ``params`` kept in the step with zero gradients
+        (DDP without ``find_unused_parameters``, FSDP; see :mod:`dpatch.ranks`)."""
+        return attach_zero_grads(residual, params)
 
     def batch_scale(self) -> float:
         """The factor a kept batch-mode branch is multiplied by in training (0 at p = 1,
@@ -438,4 +500,13 @@ class DropPath(nn.Module):
         # A torch.Generator is not picklable everywhere; it is re-created from the seed.
         state = self.__dict__.copy()
         state["_generator"] = None
+        state["_draws"] = 0
+        state["_replay"] = Replay()  # tags of this process's RNG stream mean nothing elsewhere
         return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        # Slots pickled by earlier dpatch versions lack the batch-mode runtime state.
+        state.setdefault("_draws", 0)
+        state.setdefault("_replay", Replay())
+        state.setdefault("_ranks", None)
+        super().__setstate__(state)

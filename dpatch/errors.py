@@ -104,3 +104,15 @@ class UnsupportedSiteError(DPatchError):
 class ModelRunError(DPatchError):
     """The model could not be run on the inputs given (or inferred) for it: ``verify``
     runs real forward passes."""
+
+
+class RankMismatchError(DPatchError):
+    """Distributed ranks would take different batch-mode decisions (different sites,
+    settings, seeds or draw counts), or a rank never joined the first-step comparison; the
+    message names the rank and the site."""
+
+
+class ReplayError(DPatchError):
+    """Activation checkpointing recomputed a batch-mode site whose decision could not be
+    found again (checkpointing without ``preserve_rng_state``): the recomputed branch
+    would not be the one the forward ran."""

@@ -29,11 +29,23 @@ missing Triton fall back to the same formula in eager PyTorch.
 A dropped sample (``row_scale[r] == 0``) does not read its branch at all: its output is
 ``x`` exactly, where eager ``x + branch * 0`` would turn an inf or NaN in a dropped branch
 into NaN.
+
+Self-check: the kernels have been tested exactly in Triton's interpreter, not on every GPU
+and Triton release. So before ``drop_add`` first sends a case (device, dtypes, memory
+layout) to them, :func:`self_check` runs them once on small tensors of that case, forward
+and backward, against ``torch.addcmul``. A mismatch or an error (a compile failure, say)
+makes that case use ``addcmul`` from then on, with one warning naming ``DPATCH_KERNELS``;
+the verdicts are kept for the process (:func:`self_checks`, shown by ``dpatch env``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import math
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -46,7 +58,19 @@ except ImportError:  # pragma: no cover - the test environment has Triton
     triton = None
     tl = None
 
-__all__ = ["DTYPES", "available", "fused_drop_add", "scale_rows", "supports"]
+__all__ = [
+    "DTYPES",
+    "SelfCheck",
+    "available",
+    "check_case",
+    "clear_self_checks",
+    "fused_drop_add",
+    "known_check",
+    "scale_rows",
+    "self_check",
+    "self_checks",
+    "supports",
+]
 
 DTYPES: tuple[torch.dtype, ...] = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -325,3 +349,209 @@ def scale_rows(x: Tensor, row_scale: Tensor, dtype: torch.dtype | None = None) -
     ``drop_add``'s backward for the branch)."""
     out: Tensor = _scale_rows(x, row_scale, x.dtype if dtype is None else dtype)
     return out
+
+
+# --------------------------------------------------------------------------- self-check
+@dataclass(frozen=True)
+class SelfCheck:
+    """The kernels run once against ``torch.addcmul`` for one case.
+
+    Attributes:
+        device: where they ran (``cuda:0``; ``cpu`` is Triton's interpreter).
+        dtypes: the shortcut's and the branch's dtype (``float32/bfloat16``; one name
+            when they are equal).
+        dim_order: the memory layout, outermost dimension first (``(0, 2, 3, 1)`` is
+            channels_last).
+        ok: forward and backward agreed with ``addcmul``.
+        detail: why not (a mismatch or the error), else "".
+    """
+
+    device: str
+    dtypes: str
+    dim_order: tuple[int, ...]
+    ok: bool
+    detail: str = ""
+
+    @property
+    def case(self) -> str:
+        """``float32 channels_last (rank 4) on cuda:0``."""
+        layout = _layout_name(self.dim_order)
+        return f"{self.dtypes} {layout} (rank {len(self.dim_order)}) on {self.device}"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"case": self.case, "ok": self.ok, "detail": self.detail}
+
+
+# Verdicts for this process: facts about its GPU and Triton, found once per case.
+_VERDICTS: dict[tuple[str, torch.dtype, torch.dtype, tuple[int, ...]], SelfCheck] = {}
+
+# Agreement with addcmul computed in float32 and rounded to the output dtype: the kernel
+# may fuse the multiply-add (float32: one rounding less); the interpreter truncates to
+# bfloat16 where the GPU rounds to nearest.
+_TOLERANCE = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}
+
+
+def _layout_name(order: tuple[int, ...]) -> str:
+    if order == tuple(range(len(order))):
+        return "contiguous"
+    if order == (0, 2, 3, 1):
+        return "channels_last"
+    if order == (0, 2, 3, 4, 1):
+        return "channels_last_3d"
+    return f"dim order {order}"
+
+
+def self_check(x: Tensor, branch: Tensor) -> SelfCheck:
+    """The verdict for ``drop_add(x, branch)``'s case (run now if it is the first)."""
+    return check_case(x.device, x.dtype, branch.dtype, tuple(x.dim_order()))
+
+
+def check_case(
+    device: torch.device | str,
+    x_dtype: torch.dtype,
+    branch_dtype: torch.dtype,
+    dim_order: tuple[int, ...],
+) -> SelfCheck:
+    """Run the kernels once for a case against ``torch.addcmul`` (cached per process).
+
+    A failed case warns once, naming ``DPATCH_KERNELS``. CPU tensors run in Triton's
+    interpreter. Must not be called while ``torch.compile`` traces (``drop_add`` never
+    sends compiled code here) or while a CUDA graph is being captured (the comparison
+    reads results on the host).
+    """
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    key = (str(device), x_dtype, branch_dtype, tuple(dim_order))
+    verdict = _VERDICTS.get(key)
+    if verdict is None:
+        verdict = _VERDICTS[key] = _run_check(device, x_dtype, branch_dtype, tuple(dim_order))
+        if not verdict.ok:
+            warnings.warn(
+                f"dpatch: the Triton drop-add kernel failed its self-check for {verdict.case} "
+                f"({verdict.detail}); torch.addcmul is used for that case instead. Set "
+                "DPATCH_KERNELS=0 to turn the kernels off, and please report this with the "
+                "output of `dpatch env`",
+                RuntimeWarning,
+                stacklevel=4,
+            )
+    return verdict
+
+
+def known_check(x: Tensor, branch: Tensor) -> SelfCheck | None:
+    """The verdict for ``drop_add(x, branch)``'s case if it was reached, without running
+    anything (for code that must not synchronise, such as CUDA graph capture)."""
+    device = x.device
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    return _VERDICTS.get((str(device), x.dtype, branch.dtype, tuple(x.dim_order())))
+
+
+def self_checks() -> tuple[SelfCheck, ...]:
+    """Every verdict this process has reached, in the order they were reached."""
+    return tuple(_VERDICTS.values())
+
+
+def clear_self_checks() -> None:
+    """Forget every verdict (tests; a case is checked again at its next use)."""
+    _VERDICTS.clear()
+
+
+def _same(t: Tensor) -> Tensor:
+    return t
+
+
+def _run_check(
+    device: torch.device, x_dtype: torch.dtype, branch_dtype: torch.dtype, order: tuple[int, ...]
+) -> SelfCheck:
+    names = [str(d).removeprefix("torch.") for d in (x_dtype, branch_dtype)]
+    dtypes = names[0] if names[0] == names[1] else "/".join(names)
+    record = functools.partial(SelfCheck, str(device), dtypes, order)
+    if not available():
+        return record(False, "Triton is not installed")
+    # A training step may be under no_grad, inference_mode, autocast or a checkpoint's
+    # saved-tensor hooks: none of them may see (or change) this little graph.
+    with (
+        torch.inference_mode(False),
+        torch.enable_grad(),
+        torch.autocast(device.type, enabled=False),
+        torch.autograd.graph.saved_tensors_hooks(_same, _same),
+        _syncs_allowed(device),
+    ):
+        try:
+            # Samples longer than a kernel block (one program row each) and shorter.
+            for rows, elements in ((3, 2100), (5, 21)):
+                problem = _compare(device, x_dtype, branch_dtype, order, rows, elements)
+                if problem:
+                    return record(False, problem)
+        except Exception as exc:  # a compile error, a launch failure: the verdict
+            text = str(exc).strip().splitlines()
+            return record(False, f"{type(exc).__name__}: {text[0][:160] if text else ''}")
+    return record(True)
+
+
+@contextlib.contextmanager
+def _syncs_allowed(device: torch.device) -> Iterator[None]:
+    """The check reads its results on the host, once: a step run under
+    ``torch.cuda.set_sync_debug_mode("error")`` must not turn that into a failed verdict."""
+    if device.type != "cuda":
+        yield
+        return
+    mode = torch.cuda.get_sync_debug_mode()
+    torch.cuda.set_sync_debug_mode(0)
+    try:
+        yield
+    finally:
+        torch.cuda.set_sync_debug_mode(mode)
+
+
+def _case_tensor(
+    shape: tuple[int, ...], order: tuple[int, ...], dtype: torch.dtype, device: torch.device, g: Any
+) -> Tensor:
+    """A random tensor of ``shape`` laid out in memory in ``order`` (outermost first)."""
+    physical = torch.randn([shape[d] for d in order], generator=g)
+    logical = physical.permute(sorted(range(len(order)), key=order.__getitem__))
+    return logical.to(device=device, dtype=dtype)
+
+
+def _compare(
+    device: torch.device,
+    x_dtype: torch.dtype,
+    branch_dtype: torch.dtype,
+    order: tuple[int, ...],
+    rows: int,
+    elements: int,
+) -> str:
+    """Forward and backward of one shape against addcmul: '' or what differs."""
+    rank = len(order)
+    if rank == 1:
+        shape: tuple[int, ...] = (rows * elements,)
+    else:
+        middle = (3, 2, 2, 2)[: rank - 2]
+        shape = (rows, *middle, math.ceil(elements / math.prod(middle)))
+    g = torch.Generator().manual_seed(0)
+    x = _case_tensor(shape, order, x_dtype, device, g).requires_grad_(True)
+    b = _case_tensor(shape, order, branch_dtype, device, g).requires_grad_(True)
+    pattern = torch.tensor([0.0, 1.25, 2.5])
+    scale = pattern[torch.arange(shape[0]) % 3].to(device)
+    view = _rows_view(scale, x)
+    out = fused_drop_add(x, b, scale)
+    ref = torch.addcmul(x.detach().float(), b.detach().float(), view).to(out.dtype)
+    tol = max(_TOLERANCE.get(x_dtype, 1e-5), _TOLERANCE.get(branch_dtype, 1e-5))
+    if out.stride() != x.stride():
+        return f"output strides {out.stride()} instead of the shortcut's {x.stride()}"
+    if not torch.allclose(out.float(), ref.float(), rtol=tol, atol=tol):
+        err = (out.float() - ref.float()).abs().max().item()
+        return f"forward differs from addcmul by up to {err:.3g} (tolerance {tol:g})"
+    dropped = scale == 0
+    if not torch.equal(out.detach()[dropped], x.detach()[dropped].to(out.dtype)):
+        return "a dropped sample's output is not the shortcut"
+    grad = _case_tensor(shape, order, out.dtype, device, g)
+    gx, gb = torch.autograd.grad(out, (x, b), grad)
+    if not torch.equal(gx, grad.to(x_dtype)):
+        return "the shortcut's gradient is not the incoming gradient"
+    ref_b = (grad.float() * view).to(branch_dtype)
+    if not torch.allclose(gb.float(), ref_b.float(), rtol=tol, atol=tol):
+        err = (gb.float() - ref_b.float()).abs().max().item()
+        return f"the branch's gradient differs by up to {err:.3g} (tolerance {tol:g})"
+    return ""

@@ -24,6 +24,7 @@ __all__ = [
     "DEFAULT_TEMPLATE",
     "FINDING_CODES",
     "KEPT",
+    "KERNEL_SETTINGS",
     "MODES",
     "PRUNE_BY",
     "SCALINGS",
@@ -186,6 +187,10 @@ FINDING_CODES: dict[str, str] = {
     "schedule": "the rates do not follow a schedule (one rate per stage inside a ramp)",
     "unmeasured": "a measurement could not be made",
 }
+
+#: Values of the ``DPATCH_KERNELS`` environment variable: unset/``""``/``"1"`` the Triton
+#: kernels on CUDA, ``"0"`` never, ``"interpret"`` also CPU tensors in Triton's interpreter.
+KERNEL_SETTINGS: tuple[str, ...] = ("", "0", "1", "interpret")
 
 #: The name of each output of a many-checkpoint run inside ``-o DIR`` (``{stem}``,
 #: ``{name}``, ``{parent}``, ``{index}``).

@@ -322,3 +322,57 @@ def test_list_bare_word_is_a_substring() -> None:
     assert all("vit_small" in n for n in names)
     code, out, _ = cli("list", "vit_small_patch16_22?", "--source", "timm", "--json")
     assert [e["model"] for e in json.loads(out)] == ["timm:vit_small_patch16_224"]
+
+
+# --------------------------------------------------------------------------- env
+def test_env_prints_what_a_bug_report_needs(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("DPATCH_KERNELS", raising=False)
+    monkeypatch.setenv("DPATCH_DEBUG", "0")
+    code, out, err = cli("env")
+    assert code == 0, err
+    rows = dict(line.split(None, 1) for line in out.splitlines())
+    assert rows["dpatch"] == dpatch_version()
+    assert rows["torch"].startswith(torch.__version__)
+    for name in ("python", "torchvision", "timm", "transformers", "lightning", "triton"):
+        assert rows[name], name
+    if not torch.cuda.is_available():
+        assert rows["cuda"] == "no device"
+        assert rows["kernels"].startswith("off: no CUDA device")
+        assert rows["self-check"] == "not run (kernels not in use)"
+    assert rows["DPATCH_DEBUG"] == "0"
+
+
+def test_env_json_with_interpreted_kernels(monkeypatch: pytest.MonkeyPatch) -> None:
+    """With DPATCH_KERNELS=interpret the kernels' self-check runs in Triton's interpreter
+    and its verdicts are part of the one JSON document on stdout."""
+    pytest.importorskip("triton")
+    monkeypatch.setenv("DPATCH_KERNELS", "interpret")
+    code, out, err = cli("env", "--json")
+    assert code == 0, err
+    doc = json.loads(out)
+    assert doc["dpatch"] == dpatch_version() and doc["packages"]["torch"] == torch.__version__
+    assert set(doc["packages"]) == {
+        "torch", "torchvision", "timm", "transformers", "lightning", "triton"
+    }  # fmt: skip
+    kernels = doc["kernels"]
+    assert kernels["state"] == "interpreted"
+    assert [c["case"] for c in kernels["self_checks"]] == [
+        f"{d} contiguous (rank 3) on cpu" for d in ("float32", "bfloat16", "float16")
+    ]
+    assert all(c["ok"] for c in kernels["self_checks"])
+    assert doc["variables"]["DPATCH_KERNELS"] == "interpret"
+    assert isinstance(doc["cuda"]["devices"], list)
+
+
+def test_env_names_a_bad_kernel_setting(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("DPATCH_KERNELS", "yes")
+    code, out, _ = cli("env", "--json", "--no-self-check")
+    assert code == 0
+    kernels = json.loads(out)["kernels"]
+    assert kernels["state"] == "invalid" and "'yes'" in kernels["reason"]
+
+
+def dpatch_version() -> str:
+    from dpatch import __version__
+
+    return __version__

@@ -529,3 +529,116 @@ def test_cuda_compile_with_inductor() -> None:
     r = torch.randn(64, 197, 96, device="cuda")
     y = m(torch.randn(64, 197, 96, device="cuda"), r)
     assert torch.isfinite(y).all() and bool((y == r).flatten(1).all(dim=1).any())
+
+
+# --------------------------------------------------------------------------- self-check
+@pytest.fixture
+def fresh_checks() -> Iterator[None]:
+    """No verdict from earlier tests, and none left behind for later ones."""
+    K.clear_self_checks()
+    yield
+    K.clear_self_checks()
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize(("layout", "shape"), CASES[:1] + CASES[4:7] + CASES[-1:], ids=str)
+def test_self_check_passes_for_the_real_kernel(
+    layout: str, shape: tuple[int, ...], dtype: torch.dtype, fresh_checks: None
+) -> None:
+    x, b, _ = make(shape, dtype, layout, seed=30)
+    verdict = K.self_check(x, b)
+    assert verdict.ok, verdict.detail
+    assert verdict.dim_order == tuple(x.dim_order()) and verdict.device == "cpu"
+    assert K.self_checks() == (verdict,)
+
+
+def _broken_launch(kind: str) -> Callable[..., None]:
+    def launch(x: torch.Tensor | None, b: torch.Tensor, s: torch.Tensor, out: torch.Tensor) -> None:
+        if kind == "raises":
+            raise RuntimeError("PTX compilation failed (simulated)")
+        out.fill_(0.5)  # wrong values
+
+    return launch
+
+
+@pytest.mark.parametrize("kind", ["raises", "wrong"])
+def test_a_failed_self_check_falls_back_to_addcmul_with_one_warning(
+    kind: str, monkeypatch: pytest.MonkeyPatch, fresh_checks: None
+) -> None:
+    """A kernel that fails on this machine (simulated in the interpreter) is never used for
+    that case: drop_add gives addcmul's result, bit for bit, and warns once."""
+    g = torch.Generator().manual_seed(31)
+    x = torch.randn(16, 3, 50, generator=g, requires_grad=True)
+    b = torch.randn(16, 3, 50, generator=g, requires_grad=True)
+    monkeypatch.setenv("DPATCH_KERNELS", "0")
+    torch.manual_seed(32)
+    expected = drop_add(x, b, 0.3, True)
+    monkeypatch.setattr(K, "_launch", _broken_launch(kind))
+    monkeypatch.setenv("DPATCH_KERNELS", "interpret")
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.manual_seed(32)
+        first = drop_add(x, b, 0.3, True)
+        with op_log() as names:
+            torch.manual_seed(32)
+            second = drop_add(x, b, 0.3, True)
+    assert torch.equal(first, expected) and torch.equal(second, expected)
+    assert "dpatch.drop_add.default" not in names and "aten.addcmul.default" in names
+    messages = [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
+    assert len(messages) == 1, messages
+    assert "DPATCH_KERNELS=0" in messages[0] and "float32 contiguous (rank 3) on cpu" in messages[0]
+    (verdict,) = K.self_checks()
+    assert not verdict.ok
+    assert ("simulated" in verdict.detail) if kind == "raises" else "forward" in verdict.detail
+    # another case (a new dtype) is checked on its own
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        drop_add(x.detach().bfloat16(), b.detach().bfloat16(), 0.3, True)
+    assert len(K.self_checks()) == 2 and len(caught) == 1
+
+
+def test_self_check_runs_once_per_case_and_leaves_the_caller_untouched(
+    monkeypatch: pytest.MonkeyPatch, fresh_checks: None
+) -> None:
+    """Run from inside a training step under no_grad/autocast/checkpoint hooks: it neither
+    sees nor disturbs them, and the second call of a case does not run it again."""
+    monkeypatch.setenv("DPATCH_KERNELS", "interpret")
+    runs: list[str] = []
+    real = K._run_check
+
+    def counted(*args: Any) -> K.SelfCheck:
+        runs.append(str(args))
+        return real(*args)
+
+    monkeypatch.setattr(K, "_run_check", counted)
+    packed: list[torch.Tensor] = []
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        packed.append(t)
+        return t
+
+    x, r = torch.randn(8, 20, requires_grad=True), torch.randn(8, 20)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = drop_add(r, x, 0.5, True)
+    assert len(runs) == 1 and K.self_checks()[0].ok
+    assert len(packed) == 1  # only drop_add's own row scale, none of the check's tensors
+    with torch.no_grad():
+        drop_add(r, x, 0.5, True)
+    assert len(runs) == 1 and out.requires_grad
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_cuda_self_check_passes(dtype: torch.dtype, fresh_checks: None) -> None:
+    """On a real GPU every layout the kernels read in place passes its self-check (what
+    `dpatch env` reports), also under sync debugging."""
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for order in [(0,), (0, 1), (0, 1, 2), (0, 2, 3, 1), (0, 2, 3, 4, 1), (0, 2, 1)]:
+            verdict = K.check_case("cuda", dtype, dtype, order)
+            assert verdict.ok, (verdict.case, verdict.detail)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")

@@ -13,6 +13,7 @@ from __future__ import annotations
 from dpatch.cli import inject, inspect, retune, verify  # noqa: F401
 from dpatch.cli import schedule, recipes, list  # noqa: F401
 from dpatch.cli import sensitivity, prune, fold  # noqa: F401
+from dpatch.cli import env  # noqa: F401
 
 # isort: on
 from dpatch.cli._app import app

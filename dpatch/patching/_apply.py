@@ -6,21 +6,31 @@ module makes one block or loose slot carry it.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import torch
 import torch.fx as fx
 from torch import nn
 
-from dpatch.analysis import Analysis, BlockSites, Call, SlotSettings, probe, run_graph_meta
+from dpatch.analysis import (
+    Analysis,
+    BlockSites,
+    Call,
+    Site,
+    SlotSettings,
+    probe,
+    run_graph_meta,
+)
 from dpatch.droppath import DropPath
 from dpatch.errors import ProbeError, TraceError, first_line
 from dpatch.marks import block_meta, has_original_slot, set_original_slot
 from dpatch.patching._results import Skipped
+from dpatch.ranks import RankCheck
 from dpatch.rewrite import RewriteCache, rewrite_block, unpatch_block
 
 __all__ = [
     "apply_block",
+    "attach_rank_check",
     "configure_slot",
     "second_probe",
     "set_slot",
@@ -38,6 +48,22 @@ def configure_slot(dp: DropPath, s: SlotSettings) -> None:
     if seed != dp.seed:
         dp.seed = seed
         dp._generator = None
+
+
+def attach_rank_check(model: nn.Module, sites: Sequence[Site]) -> None:
+    """Give the slots of ``sites`` one shared :class:`RankCheck` (a new one: a patch may
+    have changed modes and seeds, so the ranks are compared again at the next step)."""
+    slots: list[tuple[str, DropPath]] = []
+    for s in sites:
+        try:
+            dp = model.get_submodule(s.slot) if s.slot else None
+        except AttributeError:
+            dp = None
+        if isinstance(dp, DropPath):
+            slots.append((s.name, dp))
+    check = RankCheck(slots)
+    for _, dp in slots:
+        dp._ranks = check
 
 
 def _make_slot(s: SlotSettings) -> DropPath:

@@ -20,6 +20,7 @@ from dpatch.errors import (
 from dpatch.marks import ScheduleMark, block_meta, schedule_mark, set_schedule_mark
 from dpatch.patching._apply import (
     apply_block,
+    attach_rank_check,
     restore_slots,
     second_probe,
     set_slot,
@@ -292,6 +293,7 @@ def _patch(
             skipped.append(Skipped(loose.slot_path, why))
 
     after = tuple(site_list(an))
+    attach_rank_check(model, after)
     previous = schedule_mark(model)
     rates = req.settings.rates if req.schedule == "custom" and req.settings.rates else steps
     mark = ScheduleMark(req.schedule, req.per, req.max_rate, req.min_rate, tuple(rates))

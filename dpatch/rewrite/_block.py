@@ -54,6 +54,8 @@ from dpatch.rewrite._skip import (
     SITE_TEMPLATE,
     SkipPlan,
     branch_graph,
+    branch_parameters,
+    branch_sources,
     is_batched,
     plan_skip,
     prune_dead,
@@ -181,7 +183,11 @@ def _generate(
             graph.erase_node(e.slot_node)
 
     functions: dict[str, str] = {}
-    globals_: dict[str, Any] = {"torch": torch, "gather_rows": gather_rows}
+    globals_: dict[str, Any] = {
+        "torch": torch,
+        "gather_rows": gather_rows,
+        "branch_parameters": branch_parameters,
+    }
     skippable: list[bool] = []
     reasons: list[str] = []
     cut = Pruning(bs.module)
@@ -219,8 +225,11 @@ def _generate(
                 f"gather_rows({p}, index)" if is_batched(x, env, alt) else p
                 for p, x in zip(params, plan.externals, strict=True)
             ]
+            modules, tensors = branch_sources(plan)
             functions[site_fn] = SITE_TEMPLATE.format(
                 name=site_fn,
+                modules=modules,
+                tensors=tensors,
                 slot=site.attr,
                 branch=branch_fn,
                 params=", ".join(params),

@@ -13,9 +13,18 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch.fx as fx
-from torch import Tensor
+from torch import Tensor, nn
 
-__all__ = ["SITE_TEMPLATE", "SkipPlan", "branch_graph", "is_batched", "plan_skip", "prune_dead"]
+__all__ = [
+    "SITE_TEMPLATE",
+    "SkipPlan",
+    "branch_graph",
+    "branch_parameters",
+    "branch_sources",
+    "is_batched",
+    "plan_skip",
+    "prune_dead",
+]
 
 # Shape-only operations a branch may recompute on its gathered inputs.
 _SHAPE_METHODS = frozenset({"size", "dim", "numel"})
@@ -35,7 +44,9 @@ _SHAPE_FUNCTIONS = frozenset(
 #: The generated site method of a skippable branch: in training with skipping on, the
 #: branch runs on a fixed-size random subset of rows (row mode; at rate 1 on zero rows, so
 #: nothing is computed yet every parameter stays in the graph, as DDP needs) or not at all
-#: (batch mode, host decision); otherwise the fused masking form.
+#: (batch mode, host decision; the branch's parameters, found by :func:`branch_parameters`,
+#: get zero gradients, so DDP and FSDP see them in every step); otherwise the fused masking
+#: form.
 SITE_TEMPLATE = """
 def {name}(self, residual, {params}):
     slot = self.{slot}
@@ -44,7 +55,7 @@ def {name}(self, residual, {params}):
             if slot.mode == "batch":
                 if not torch.compiler.is_compiling():
                     if not slot.keep_batch():
-                        return residual.clone()
+                        return slot.dropped(residual, branch_parameters(self, {modules!r}, {tensors!r}))
                     return torch.add(residual, self.{branch}({params}), alpha=slot.batch_scale() * {alpha!r})
             else:
                 index = slot.keep_indices(residual)
@@ -150,6 +161,32 @@ def plan_skip(
     return SkipPlan(
         tuple(sorted(nodes, key=order.__getitem__)), tuple(externals_list), frozenset(moved)
     )
+
+
+def branch_sources(plan: SkipPlan) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """Where a branch's parameters live, relative to its block: the submodules it calls and
+    the attributes it reads (``layer_scale.gamma``), each sorted."""
+    modules = sorted({str(n.target) for n in plan.nodes if n.op == "call_module"})
+    tensors = sorted({str(e.target) for e in plan.externals if e.op == "get_attr"})
+    return tuple(modules), tuple(tensors)
+
+
+def branch_parameters(
+    block: nn.Module, modules: tuple[str, ...], tensors: tuple[str, ...]
+) -> list[Tensor]:
+    """The parameters a branch uses (see :func:`branch_sources`), read at call time:
+    FSDP2 swaps a block's parameters between their sharded and gathered forms around each
+    forward, so a list kept from an earlier step would hold the wrong tensors."""
+    found: dict[int, Tensor] = {}
+    for path in modules:
+        for p in block.get_submodule(path).parameters():
+            found.setdefault(id(p), p)
+    for path in tensors:
+        owner, _, name = path.rpartition(".")
+        value = getattr(block.get_submodule(owner), name)
+        if isinstance(value, Tensor) and value.requires_grad:
+            found.setdefault(id(value), value)
+    return list(found.values())
 
 
 def branch_graph(plan: SkipPlan, branch: fx.Node) -> fx.Graph:
