@@ -251,7 +251,7 @@ def native_rates(model: nn.Module, max_rate: float) -> dict[str, float]:
         return hf_native_rates(model, max_rate)
     raise InvalidValueError(
         "schedule 'native' needs a timm, torchvision or transformers model whose library sets "
-        "drop-path rates; use linear, uniform, huang, efficientnet, cosine or custom"
+        "drop-path rates; use linear, uniform, huang, efficientnet, cosine, exponential or custom"
     )
 
 
