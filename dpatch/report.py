@@ -123,6 +123,8 @@ def _recipe_line(recipe: dict[str, Any]) -> str:
     sched = recipe.get("scheduler") or {}
     if sched.get("kind", "constant") != "constant":
         args = ", ".join(f"{k}={v!r}" for k, v in sched.items())
+        if recipe.get("needs_total_steps"):
+            args += ", total_steps=<optimizer steps of the run>"
         line += f"; over training time: DropPathScheduler(model, {args})"
     return line
 

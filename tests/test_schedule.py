@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import pytest
@@ -88,8 +89,8 @@ def test_exponential_is_layerskip_d_of_l() -> None:
     expected = [0.2 * (math.exp(i * math.log(2) / 4) - 1) for i in range(5)]
     assert rates == pytest.approx(expected, rel=1e-12)
     assert rates[0] == 0.0 and rates[-1] == 0.2
-    steps = [b - a for a, b in zip(rates, rates[1:], strict=False)]
-    assert all(b > a for a, b in zip(steps, steps[1:], strict=False))
+    steps = [b - a for a, b in itertools.pairwise(rates)]
+    assert all(b > a for a, b in itertools.pairwise(steps))
     assert schedule_rates("exponential", 1, 0.3) == [0.3]
     with pytest.raises(InvalidValueError, match="no meaning for schedule 'exponential'"):
         schedule_rates("exponential", 4, 0.2, 0.1)
