@@ -24,6 +24,7 @@ __all__ = [
     "DEFAULT_TEMPLATE",
     "FINDING_CODES",
     "KEPT",
+    "METRICS",
     "MODES",
     "PRUNE_BY",
     "SCALINGS",
@@ -165,9 +166,15 @@ DEFAULTS = Settings(
     seed=0,
 )
 
+#: What :func:`dpatch.sensitivity` measures: ``loss`` (the model with one branch removed,
+#: per branch), ``angular`` (Gromov et al.'s angular distance of a layer's input and
+#: output) or ``bi`` (ShortGPT's Block Influence, ``1 - cos``), one score per layer.
+METRICS: tuple[str, ...] = ("loss", "angular", "bi")
+
 #: How ``prune(count=N)`` chooses: highest rate first, deepest first, every other block
-#: (fairseq), or least sensitive first (a :func:`dpatch.sensitivity` result).
-PRUNE_BY: tuple[str, ...] = ("rate", "depth", "every-other", "sensitivity")
+#: (fairseq), least sensitive first (a :func:`dpatch.sensitivity` result), or whole layers
+#: by their angular distance or Block Influence, lowest first.
+PRUNE_BY: tuple[str, ...] = ("rate", "depth", "every-other", "sensitivity", "angular", "bi")
 
 #: Libraries ``list_models`` can list (``--source``; ``tv`` is short for torchvision,
 #: ``hf`` for transformers).

@@ -15,7 +15,7 @@ import typer
 
 from dpatch.errors import InvalidValueError
 from dpatch.schedule import PER, SCHEDULES, check_rate
-from dpatch.settings import COVERAGES, MODES, SCALINGS, Settings
+from dpatch.settings import COVERAGES, METRICS, MODES, SCALINGS, Settings
 
 if TYPE_CHECKING:
     from torch import Tensor
@@ -30,6 +30,7 @@ __all__ = [
     "InputShapeOpt",
     "JsonOpt",
     "MaxRate",
+    "MetricOpt",
     "MinRate",
     "ModeOpt",
     "ModelArg",
@@ -186,6 +187,17 @@ JsonOpt = Annotated[
 AllowEmptyOpt = Annotated[
     bool,
     typer.Option("--allow-empty", help="Exit 0, not 3, when the model has no residual branch."),
+]
+MetricOpt = Annotated[
+    str,
+    typer.Option(
+        "--metric",
+        metavar=_bar(METRICS),
+        help="loss: each branch removed in turn (one score per branch); angular "
+        "(Gromov et al.) or bi (ShortGPT's Block Influence): how much each layer changes its "
+        "hidden state, one forward pass (one score per layer).",
+        autocompletion=complete(METRICS),
+    ),
 ]
 ArchOpt = Annotated[
     str | None,
