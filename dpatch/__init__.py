@@ -47,7 +47,7 @@ if TYPE_CHECKING:
         UnsupportedSiteError,
         WeightsError,
     )
-    from dpatch.files import Target, load, load_target, load_weights, save
+    from dpatch.files import Target, load, load_target, load_weights, save, save_pretrained
     from dpatch.patching import Change, PatchReport, Skipped, inject, inspect, retune, strip
     from dpatch.schedule import PER, SCHEDULES, expected_depth, schedule_rates
     from dpatch.scheduler import DropPathScheduler
@@ -94,6 +94,7 @@ _HOMES: dict[str, str] = {
     "load_target": "dpatch.files",
     "load_weights": "dpatch.files",
     "save": "dpatch.files",
+    "save_pretrained": "dpatch.files",
     "Target": "dpatch.files",
     "Change": "dpatch.patching",
     "inject": "dpatch.patching",
@@ -167,6 +168,7 @@ __all__ = [
     "prune_order",
     "retune",
     "save",
+    "save_pretrained",
     "schedule_rates",
     "sensitivity",
     "strip",

@@ -345,6 +345,7 @@ LAYER_BAD = [
     ("prune lms:lm --drop 5 --by bi -o out.safetensors", "cannot prune 5 layers"),
     ("prune mods:small --drop 1 --by bi -o out.safetensors", "--by bi measures each layer"),
     ("prune lms:lm --drop 1 --synthetic 3 -o out.safetensors", "--data and --synthetic are for"),
+    ("prune lms:lm --drop 1 --by bi -o outdir", "only transformers models have"),
     # a text model given --input-shape without --input-dtype long
     ("inspect lms:lm --input-shape 2,8", "--input-dtype long"),
     ("sensitivity lms:lm --synthetic 2 --input-shape 2,8", "its first layer is an Embedding"),
@@ -361,6 +362,79 @@ def test_layer_bad_input_is_one_line_and_writes_nothing(
     assert code == 1
     one_line_error(err, needle)
     assert not any((lm_work / n).exists() for n in ("out.json", "out.safetensors", "outdir"))
+
+
+transformers = pytest.importorskip("transformers")
+
+
+@pytest.fixture
+def hf_dir(tmp_path: Path) -> Path:
+    """A tiny pre-norm BERT-architecture masked LM saved with save_pretrained."""
+    torch.manual_seed(0)
+    cfg = transformers.RobertaPreLayerNormConfig(
+        hidden_size=32, num_hidden_layers=4, num_attention_heads=2, intermediate_size=37,
+        vocab_size=99, max_position_embeddings=64,
+    )  # fmt: skip
+    transformers.RobertaPreLayerNormForMaskedLM(cfg).save_pretrained(tmp_path / "src")
+    return tmp_path / "src"
+
+
+def _tree(path: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(path)): p.read_bytes() for p in path.rglob("*") if p.is_file()}
+
+
+def test_prune_writes_a_save_pretrained_directory(hf_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "pruned"
+    code, stdout, err = cli("prune", f"hf:{hf_dir}", "--drop", "2", "--by", "bi",
+                            "--synthetic", "4", "--iterations", "1", "-o", str(out), "--json")  # fmt: skip
+    assert code == 0, err
+    doc = json.loads(stdout)
+    assert len(doc["pruned_layers"]) == 2 and doc["output"] == str(out)
+    change = doc["save_pretrained"]["changes"][0]
+    assert change["before"] == 4 and change["after"] == 2
+    assert {"key": "num_hidden_layers", "old": 4, "new": 2} in change["config"]
+    back = transformers.AutoModelForMaskedLM.from_pretrained(out)
+    assert back.config.num_hidden_layers == 2 and len(back.roberta_prelayernorm.encoder.layer) == 2
+    code, stdout, err = cli("inspect", f"hf:{out}", "--json")  # hf:DIR, offline
+    assert code == 0, err
+    paths = {s["path"] for s in json.loads(stdout)["sites"]}
+    assert "roberta_prelayernorm.encoder.layer.1.output" in paths
+    assert not any(".layer.2." in p for p in paths)
+    # a pruned directory over an existing one: only with --force, never over its source
+    before = _tree(out)
+    code, _, err = cli("prune", f"hf:{hf_dir}", "--drop", "1", "--by", "bi", "--synthetic", "2",
+                       "--iterations", "1", "-o", str(out))  # fmt: skip
+    assert code == 1
+    one_line_error(err, "exists; pass --force")
+    assert _tree(out) == before
+    src = _tree(hf_dir)
+    code, _, err = cli("prune", f"hf:{hf_dir}", "--drop", "1", "--by", "bi", "--synthetic", "2",
+                       "--iterations", "1", "-o", str(hf_dir), "--force")  # fmt: skip
+    assert code == 1
+    one_line_error(err, "the directory the model was loaded from")
+    assert _tree(hf_dir) == src
+    code, _, err = cli("prune", f"hf:{hf_dir}", "--drop", "1", "--by", "bi", "--synthetic", "2",
+                       "--iterations", "1", "-o", str(out), "--force")  # fmt: skip
+    assert code == 0, err
+    assert transformers.AutoConfig.from_pretrained(out).num_hidden_layers == 3
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["pruned", "src"]
+
+
+def test_prune_directory_refusals_write_nothing(hf_dir: Path, tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    cfg = transformers.BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                  intermediate_size=37, vocab_size=99, max_position_embeddings=64)  # fmt: skip
+    transformers.BertForMaskedLM(cfg).save_pretrained(tmp_path / "bert")
+    cases = [
+        ((f"hf:{tmp_path / 'bert'}", "--drop", "1", "--by", "bi"), "post-norm"),
+        ((f"hf:{hf_dir}", "--drop", "7", "--by", "bi"), "cannot prune 7 layers"),
+        ((f"hf:{hf_dir}", "--drop", "1", "--by", "rate"), "not the rest of its layer"),
+    ]
+    for args, needle in cases:
+        code, _, err = cli("prune", *args, "--iterations", "1", "-o", str(tmp_path / "out"))
+        assert code == 1, err
+        one_line_error(err, needle)
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["bert", "src"]
 
 
 def test_progress_bar_only_on_a_terminal(monkeypatch: pytest.MonkeyPatch) -> None:

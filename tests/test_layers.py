@@ -1,9 +1,12 @@
 """Whole layers: grouping sites into layers, angular distance and Block Influence against
-their formulas, pruning whole layers."""
+their formulas, pruning whole layers, and removing them from a transformers model so
+``from_pretrained`` loads it without dpatch."""
 
 from __future__ import annotations
 
 import math
+from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -17,10 +20,14 @@ from dpatch.depth import (
     find_layers,
     prune,
     prune_order,
+    remove_layers,
     sensitivity,
     suggest_rates,
+    without_pruned_layers,
 )
-from dpatch.errors import InvalidValueError
+from dpatch.errors import InvalidValueError, OutputError, UnsupportedSiteError
+from dpatch.files import save_pretrained
+from dpatch.marks import block_meta
 
 transformers = pytest.importorskip("transformers")
 
@@ -237,3 +244,183 @@ def test_prune_layer_errors_change_nothing(kwargs: dict, message: str) -> None:
 def test_prune_order_sends_layer_metrics_to_prune() -> None:
     with pytest.raises(InvalidValueError, match="needs the model"):
         prune_order(dpatch.find_sites(tiny_lm()), "bi", {"blocks.0": 1.0})
+
+
+# --------------------------------------------------------------------------- removing
+def test_remove_layers_updates_count_lists_and_indices_and_generates() -> None:
+    """A Qwen2 decoder (transformers' per-layer layer_types, layer_idx for the KV cache)
+    loses its layer 1 of 3: the config, the list and the indices follow, and generate()
+    with its cache gives what the model run without cache gives."""
+    torch.manual_seed(0)
+    cfg = transformers.Qwen2Config(
+        hidden_size=32, num_hidden_layers=3, num_attention_heads=2, num_key_value_heads=1,
+        intermediate_size=37, vocab_size=99, max_position_embeddings=64,
+        layer_types=["full_attention", "sliding_attention", "full_attention"],
+        use_sliding_window=True, sliding_window=8,
+    )  # fmt: skip
+    model = transformers.Qwen2ForCausalLM(cfg).eval()
+    kept = [model.model.layers[0], model.model.layers[2]]
+    (change,) = remove_layers(model, ["model.layers.1"])
+    assert list(model.model.layers) == kept
+    assert (change.container, change.removed, change.before, change.after) == (
+        "model.layers", (1,), 3, 2
+    )  # fmt: skip
+    assert model.config.num_hidden_layers == 2
+    assert model.config.layer_types == ["full_attention", "full_attention"]
+    assert [layer.self_attn.layer_idx for layer in model.model.layers] == [0, 1]
+    old = ["full_attention", "sliding_attention", "full_attention"]
+    assert ("layer_types", old, ["full_attention", "full_attention"]) in change.config
+    prompt = torch.tensor([[5, 7, 9, 11]])
+    with torch.no_grad():
+        out = model.generate(prompt, max_new_tokens=5, do_sample=False, use_cache=True)
+        again = model.generate(prompt, max_new_tokens=5, do_sample=False, use_cache=False)
+    assert torch.equal(out, again) and out.shape == (1, 9)
+
+
+def test_per_layer_config_lists() -> None:
+    cfg = SimpleNamespace(
+        num_hidden_layers=4,
+        layer_types=["a", "b", "c", "d"],
+        mlp_only_layers=[1, 3],
+        every_layer=[0, 1, 2, 3],
+        hidden_sizes=[1, 2, 3, 4],
+        out_indices=[0, 1, 2, 3],
+    )
+    model = nn.Module()
+    model.layers = nn.ModuleList([nn.Linear(2, 2) for _ in range(4)])
+    model.config = cfg
+    remove_layers(model, ["layers.1"])
+    assert cfg.num_hidden_layers == 3 and len(model.layers) == 3
+    assert cfg.layer_types == ["a", "c", "d"]
+    assert cfg.mlp_only_layers == [2]  # layer 3 is now layer 2; layer 1 is gone
+    assert cfg.every_layer == [0, 1, 2]
+    # lists not named after layers are not layer lists, whatever their length
+    assert cfg.hidden_sizes == [1, 2, 3, 4] and cfg.out_indices == [0, 1, 2, 3]
+    with pytest.raises(InvalidValueError, match="not an item of a layer list"):
+        remove_layers(model, ["config"])
+    with pytest.raises(InvalidValueError, match="leaves no model"):
+        remove_layers(model, ["layers.0", "layers.1", "layers.2"])
+    odd = nn.Module()
+    odd.layers = nn.ModuleList([nn.Linear(2, 2) for _ in range(2)])
+    odd.config = SimpleNamespace(encoder_layers=2, decoder_layers=2)
+    with pytest.raises(InvalidValueError, match="cannot tell which config entry"):
+        remove_layers(odd, ["layers.0"])
+
+
+def test_encoder_and_decoder_counts_are_told_apart() -> None:
+    model = nn.Module()
+    model.encoder = nn.Module()
+    model.encoder.layers = nn.ModuleList([nn.Linear(2, 2) for _ in range(2)])
+    model.config = SimpleNamespace(encoder_layers=2, decoder_layers=2)
+    remove_layers(model, ["encoder.layers.1"])
+    assert (model.config.encoder_layers, model.config.decoder_layers) == (1, 2)
+
+
+def _pruned_prelayernorm(count: int = 2) -> tuple[nn.Module, nn.Module, torch.Tensor]:
+    model, x = prelayernorm(), ids(4, 10, vocab=99)
+    report = prune(model, count=count, by="bi", scores=sensitivity(model, x, metric="bi"),
+                   inplace=False)  # fmt: skip
+    assert report.model is not None
+    return model, report.model.eval(), x
+
+
+def test_save_pretrained_loads_without_dpatch_and_computes_the_same(tmp_path: Path) -> None:
+    model, pruned, x = _pruned_prelayernorm()
+    export = save_pretrained(pruned, tmp_path / "out")
+    gone = [layer.path for layer in export.plain.removed]
+    assert len(gone) == 2 and all(p.startswith("roberta_prelayernorm.encoder.layer.") for p in gone)
+    back = transformers.AutoModelForMaskedLM.from_pretrained(tmp_path / "out").eval()
+    assert type(back) is transformers.RobertaPreLayerNormForMaskedLM
+    assert not any(block_meta(m) for m in back.modules())
+    assert back.config.num_hidden_layers == 2 and len(back.roberta_prelayernorm.encoder.layer) == 2
+    with torch.no_grad():
+        assert torch.equal(back(x).logits, pruned(x).logits)
+    # the kept layers' weights moved up: new layer 0 is the first kept one
+    first = min(i for i in range(4) if f"roberta_prelayernorm.encoder.layer.{i}" not in gone)
+    assert torch.equal(
+        back.roberta_prelayernorm.encoder.layer[0].intermediate.dense.weight,
+        model.roberta_prelayernorm.encoder.layer[first].intermediate.dense.weight,
+    )
+    assert not any(s.pruned for s in dpatch.find_sites(model))  # the input model is untouched
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no temporary left
+
+
+def test_save_pretrained_refuses_what_a_plain_model_cannot_hold(tmp_path: Path) -> None:
+    # post-norm BERT: a layer with both branches pruned still applies its LayerNorms
+    model = bert()
+    report = prune(model, count=1, by="bi", scores=sensitivity(model, ids(2, 8, 99), metric="bi"),
+                   inplace=False)  # fmt: skip
+    with pytest.raises(UnsupportedSiteError, match="post-norm layer such as BERT's"):
+        save_pretrained(report.model, tmp_path / "bert")
+    # one branch of a layer: not a whole layer
+    half = prune(prelayernorm(), ["roberta_prelayernorm.encoder.layer.1.output.drop_path"],
+                 inplace=False)  # fmt: skip
+    with pytest.raises(UnsupportedSiteError, match="not the rest of its layer"):
+        save_pretrained(half.model, tmp_path / "half")
+    with pytest.raises(InvalidValueError, match="not a transformers model"):
+        save_pretrained(tiny_lm(), tmp_path / "tiny")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_save_pretrained_output_rules(tmp_path: Path) -> None:
+    _, pruned, _ = _pruned_prelayernorm(1)
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep me")
+    for target, force, message in (
+        ("mine", False, "pass --force"),
+        ("mine", True, "not a save_pretrained directory"),
+        ("nofolder/out", False, "does not exist"),
+    ):
+        with pytest.raises(OutputError, match=message):
+            save_pretrained(pruned, tmp_path / target, force=force)
+    assert (tmp_path / "mine" / "notes.txt").read_text() == "keep me"
+    save_pretrained(pruned, tmp_path / "out")
+    (tmp_path / "out" / "extra.txt").write_text("old")
+    save_pretrained(pruned, tmp_path / "out", force=True)  # a save_pretrained dir: replaced
+    assert not (tmp_path / "out" / "extra.txt").exists()
+    loaded = transformers.AutoModelForMaskedLM.from_pretrained(tmp_path / "out")
+    with pytest.raises(OutputError, match="the directory the model was loaded from"):
+        save_pretrained(loaded, tmp_path / "out", force=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mine", "out"]
+
+
+def test_without_pruned_layers_shares_tensors_and_leaves_the_model() -> None:
+    _, pruned, _ = _pruned_prelayernorm()
+    plain = without_pruned_layers(pruned)
+    shared = {p.data_ptr() for p in pruned.parameters()}
+    assert all(p.data_ptr() in shared for p in plain.model.parameters())
+    assert pruned.config.num_hidden_layers == 4 and plain.model.config.num_hidden_layers == 2
+    assert len(pruned.roberta_prelayernorm.encoder.layer) == 4
+
+
+def _llama_has_sites() -> bool:
+    cfg = transformers.LlamaConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                   num_key_value_heads=1, intermediate_size=37, vocab_size=99)  # fmt: skip
+    return len(dpatch.find_sites(transformers.LlamaForCausalLM(cfg))) > 0
+
+
+@pytest.mark.skipif(
+    not _llama_has_sites(),
+    reason="needs traceable decoder layers: transformers' LlamaDecoderLayer gives 0 dpatch "
+    "sites until decoder LLMs are traceable",
+)
+def test_llama_pruned_directory_loads_and_generates(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(
+        hidden_size=32, num_hidden_layers=4, num_attention_heads=2, num_key_value_heads=1,
+        intermediate_size=37, vocab_size=99, max_position_embeddings=64,
+    )  # fmt: skip
+    model = transformers.LlamaForCausalLM(cfg).eval()
+    x = ids(4, 10, vocab=99)
+    report = prune(model, count=2, by="angular", scores=sensitivity(model, x, metric="angular"),
+                   inplace=False)  # fmt: skip
+    save_pretrained(report.model, tmp_path / "llama")
+    back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "llama").eval()
+    assert back.config.num_hidden_layers == 2 and len(back.model.layers) == 2
+    assert [layer.self_attn.layer_idx for layer in back.model.layers] == [0, 1]
+    with torch.no_grad():
+        assert torch.allclose(back(x).logits, report.model.eval()(x).logits, atol=1e-6)
+        prompt = x[:1, :4]
+        cached = back.generate(prompt, max_new_tokens=5, do_sample=False, use_cache=True)
+        plain = back.generate(prompt, max_new_tokens=5, do_sample=False, use_cache=False)
+    assert torch.equal(cached, plain)

@@ -37,6 +37,7 @@ __all__ = [
     "OutOpt",
     "PerOpt",
     "PretrainedOpt",
+    "PrunedOutOpt",
     "RatesFromOpt",
     "RatesOpt",
     "RecipeOpt",
@@ -178,6 +179,16 @@ PretrainedOpt = Annotated[
 ]
 OutOpt = Annotated[
     Path | None, typer.Option("-o", "--output", metavar="OUT", help="Write a .safetensors file.")
+]
+PrunedOutOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "-o",
+        "--output",
+        metavar="OUT",
+        help="FILE.safetensors: a dpatch file; any other name: a save_pretrained directory "
+        "without the pruned layers (transformers models; loads without dpatch).",
+    ),
 ]
 ForceOpt = Annotated[bool, typer.Option("--force", help="Overwrite OUT if it exists.")]
 DryRunOpt = Annotated[bool, typer.Option("--dry-run", help="Do everything but write OUT.")]

@@ -17,8 +17,8 @@ from dpatch.cli._options import (
     InputShapeOpt,
     JsonOpt,
     ModelArg,
-    OutOpt,
     PretrainedOpt,
+    PrunedOutOpt,
     WeightsOpt,
     parse_inputs,
 )
@@ -126,7 +126,7 @@ def prune_cmd(
     batch_size: Annotated[
         int, typer.Option("--batch-size", metavar="N", help="Inputs per forward pass.")
     ] = 64,
-    output: OutOpt = None,
+    output: PrunedOutOpt = None,
     force: ForceOpt = False,
     device: Annotated[
         str, typer.Option("--device", metavar="DEVICE", help="Where to time eval latency.")
@@ -155,13 +155,22 @@ def prune_cmd(
             "--data and --synthetic are for --by angular|bi (the layers are measured on them)"
         )
     from dpatch.depth import layers_of, measure_pruning, prune, pruned_layers
-    from dpatch.files import check_output, save
+    from dpatch.files import check_output, check_output_dir, is_transformers_model, save
 
     example = parse_inputs(input_shape, input_dtype)
-    if output is not None:
+    as_dir = output is not None and output.suffix != ".safetensors"
+    if output is not None and as_dir:
+        source = Path(model[3:]).expanduser() if model.startswith("hf:") else None
+        check_output_dir(output, force, source=source.resolve() if source else None)
+    elif output is not None:
         check_output(output, force)
     loaded = load(model, weights=weights, pretrained=pretrained, arch=arch, quiet=as_json)
     name = loaded.spec.text if loaded.spec else model
+    if as_dir and not is_transformers_model(loaded.model):
+        raise InvalidValueError(
+            f"-o {str(output)!r} would be a save_pretrained directory, which only transformers "
+            "models have; give -o FILE.safetensors for a dpatch file"
+        )
     measured, layer_report = None, None
     if rule in _LAYER_METRICS and (drop is not None or keep is not None):
         with about(name):
@@ -187,8 +196,14 @@ def prune_cmd(
             example_inputs=example,
         )
     assert report.model is not None
-    written, size = None, None
-    if output is not None:
+    written, size, export = None, None, None
+    if output is not None and as_dir:
+        from dpatch.files import save_pretrained
+
+        with step(f"Saving {output}", as_json), about(name):
+            export = save_pretrained(report.model, output, force=force, example_inputs=example)
+        written, size = str(output), sum(f.stat().st_size for f in output.rglob("*"))
+    elif output is not None:
         with step(f"Saving {output}", as_json):
             save(report.model.cpu(), output, report, spec=loaded.spec, force=force)
         written, size = str(output), output.stat().st_size
@@ -208,6 +223,7 @@ def prune_cmd(
         doc: dict[str, Any] = {"dpatch": __version__, "model": name, "output": written}
         doc["file_bytes"] = size
         doc["pruned_layers"] = gone
+        doc["save_pretrained"] = export.to_dict() if export is not None else None
         if measured is not None and layer_report is not None:
             doc["measured"] = {
                 "metric": layer_report.metric,
@@ -224,5 +240,15 @@ def prune_cmd(
     if by_layer:
         out().print(f"layers pruned whole: {', '.join(gone)}", highlight=False, markup=False)
     render_prune_stats(out(), stats, size)
-    if written:
+    if export is not None:
+        changed = [
+            f"{k} {old!r} -> {new!r}" for c in export.plain.changes for k, old, new in c.config
+        ]
+        err().print(
+            f"wrote {written} (save_pretrained, loads without dpatch"
+            + "".join(f"; {c}" for c in changed)
+            + ")",
+            markup=False,
+        )
+    elif written:
         err().print(f"wrote {written}", markup=False)

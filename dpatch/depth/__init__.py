@@ -13,6 +13,7 @@ from dpatch.depth._fold import FoldedSite, FoldReport, fold
 from dpatch.depth._layers import Layer, find_layers, layers_of, pruned_layers
 from dpatch.depth._measure import PruneStats, measure_pruning
 from dpatch.depth._prune import prune, prune_order, unused_state_keys
+from dpatch.depth._remove import LayerRemoval, PlainModel, remove_layers, without_pruned_layers
 from dpatch.depth._sensitivity import (
     LayerSensitivity,
     SensitivityReport,
@@ -29,7 +30,9 @@ __all__ = [
     "FoldReport",
     "FoldedSite",
     "Layer",
+    "LayerRemoval",
     "LayerSensitivity",
+    "PlainModel",
     "PruneStats",
     "SensitivityReport",
     "SiteSensitivity",
@@ -44,8 +47,10 @@ __all__ = [
     "random_example",
     "read_rates",
     "read_scores",
+    "remove_layers",
     "sensitivity",
     "suggest_rates",
     "suggestion",
     "unused_state_keys",
+    "without_pruned_layers",
 ]

@@ -41,6 +41,7 @@ __all__ = [
     "rebuild",
     "rebuild_info",
     "spec_of",
+    "transformers_quiet",
 ]
 
 _SCHEMES = {
@@ -346,3 +347,10 @@ def list_models(pattern: str | None = None, source: str | None = None) -> list[M
             or fnmatch.fnmatchcase(e.spec.lower(), low)
         ]
     return out
+
+
+def transformers_quiet() -> Any:
+    """A context in which transformers shows no progress bars (imports transformers)."""
+    from dpatch.models._hf import quiet
+
+    return quiet()
