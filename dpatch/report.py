@@ -232,7 +232,9 @@ def _render_layer_sensitivity(
     for e in report.layers:
         shown = e.score if e.score is not None and e.score > 0 else 0.0
         last: str | Text = Text(e.reason) if e.reason else Text(bar(shown, top), style="magenta")
-        table.add_row(str(e.layer.index), e.name, str(len(e.layer.sites)), _num(e.score), last)
+        # similarities of a barely trained model are small: significant digits, not places
+        score = "-" if e.score is None else f"{e.score:.4g}"
+        table.add_row(str(e.layer.index), e.name, str(len(e.layer.sites)), score, last)
     console.print(table)
     measured = sum(1 for e in report.layers if e.score is not None)
     console.print(
