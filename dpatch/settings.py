@@ -24,6 +24,7 @@ __all__ = [
     "DEFAULT_TEMPLATE",
     "FINDING_CODES",
     "KEPT",
+    "LAYER_METRICS",
     "METRICS",
     "MODES",
     "PRUNE_BY",
@@ -169,7 +170,8 @@ DEFAULTS = Settings(
 #: What :func:`dpatch.sensitivity` measures: ``loss`` (the model with one branch removed,
 #: per branch), ``angular`` (Gromov et al.'s angular distance of a layer's input and
 #: output) or ``bi`` (ShortGPT's Block Influence, ``1 - cos``), one score per layer.
-METRICS: tuple[str, ...] = ("loss", "angular", "bi")
+LAYER_METRICS: tuple[str, ...] = ("angular", "bi")
+METRICS: tuple[str, ...] = ("loss", *LAYER_METRICS)
 
 #: How ``prune(count=N)`` chooses: highest rate first, deepest first, every other block
 #: (fairseq), least sensitive first (a :func:`dpatch.sensitivity` result), or whole layers

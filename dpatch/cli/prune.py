@@ -24,12 +24,10 @@ from dpatch.cli._options import (
 )
 from dpatch.cli.sensitivity import progress_bar
 from dpatch.errors import InvalidValueError
-from dpatch.settings import METRICS, PRUNE_BY
+from dpatch.settings import LAYER_METRICS, PRUNE_BY
 
 __all__: list[str] = []
 
-#: Layer metrics (measured on data by ``--by angular|bi``).
-_LAYER_METRICS = tuple(m for m in METRICS if m != "loss")
 #: Random token ids a text model is measured on when no data is given (a smoke test).
 _SMOKE_IDS = 8
 
@@ -150,7 +148,7 @@ def prune_cmd(
     if sites is not None and by is not None:
         raise InvalidValueError("--by chooses branches for --drop/--keep; --sites names them")
     rule, scores = _by(by)
-    if rule not in _LAYER_METRICS and (data is not None or synthetic is not None):
+    if rule not in LAYER_METRICS and (data is not None or synthetic is not None):
         raise InvalidValueError(
             "--data and --synthetic are for --by angular|bi (the layers are measured on them)"
         )
@@ -172,7 +170,7 @@ def prune_cmd(
             "models have; give -o FILE.safetensors for a dpatch file"
         )
     measured, layer_report = None, None
-    if rule in _LAYER_METRICS and (drop is not None or keep is not None):
+    if rule in LAYER_METRICS and (drop is not None or keep is not None):
         with about(name):
             layer_report, measured = _layer_scores(
                 loaded.model,

@@ -35,10 +35,9 @@ from torch import Tensor, nn
 
 from dpatch.analysis import Site, find_sites
 from dpatch.errors import InvalidValueError
-from dpatch.settings import METRICS
+from dpatch.settings import LAYER_METRICS
 
 __all__ = [
-    "LAYER_METRICS",
     "Layer",
     "find_layers",
     "hidden_of",
@@ -47,9 +46,6 @@ __all__ = [
     "layers_of",
     "pruned_layers",
 ]
-
-#: The metrics measured per layer (one forward pass); ``loss`` is measured per branch.
-LAYER_METRICS: tuple[str, ...] = tuple(m for m in METRICS if m != "loss")
 
 
 @dataclass(frozen=True)

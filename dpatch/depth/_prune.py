@@ -21,12 +21,12 @@ from torch import Tensor, nn
 
 from dpatch.analysis import Analysis, BlockSites, Probe, Site, analyze, probe, qualify, site_list
 from dpatch.depth._blocks import rebuild_blocks, take_apart
-from dpatch.depth._layers import LAYER_METRICS, Layer, layers_of
+from dpatch.depth._layers import Layer, layers_of
 from dpatch.errors import InvalidValueError, ProbeError, UnsupportedSiteError, first_line
 from dpatch.marks import block_meta, set_block_meta
 from dpatch.patching import Change, PatchReport, Skipped
 from dpatch.rewrite import ancestors
-from dpatch.settings import PRUNE_BY
+from dpatch.settings import LAYER_METRICS, PRUNE_BY
 
 __all__ = [
     "prune",

@@ -35,10 +35,10 @@ from torch import Tensor, nn
 
 from dpatch.analysis import Site, analyze, site_list
 from dpatch.depth._blocks import rebuild_blocks, removable, removed_branch, take_apart
-from dpatch.depth._layers import LAYER_METRICS, Layer, layer_similarity, layers_of
+from dpatch.depth._layers import Layer, layer_similarity, layers_of
 from dpatch.errors import DataError, InvalidValueError
 from dpatch.schedule import check_rate
-from dpatch.settings import METRICS, check_choice
+from dpatch.settings import LAYER_METRICS, METRICS, check_choice
 
 __all__ = [
     "LOSS_METRICS",
