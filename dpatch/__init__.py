@@ -17,9 +17,12 @@ if TYPE_CHECKING:
         Data,
         FoldedSite,
         FoldReport,
+        Layer,
+        LayerSensitivity,
         PruneStats,
         SensitivityReport,
         SiteSensitivity,
+        find_layers,
         fold,
         load_data,
         measure_pruning,
@@ -47,7 +50,7 @@ if TYPE_CHECKING:
         UnsupportedSiteError,
         WeightsError,
     )
-    from dpatch.files import Target, load, load_target, load_weights, save
+    from dpatch.files import Target, load, load_target, load_weights, save, save_pretrained
     from dpatch.patching import Change, PatchReport, Skipped, inject, inspect, retune, strip
     from dpatch.schedule import PER, SCHEDULES, expected_depth, schedule_rates
     from dpatch.scheduler import DropPathScheduler
@@ -59,9 +62,12 @@ _HOMES: dict[str, str] = {
     "find_sites": "dpatch.analysis",
     "Site": "dpatch.analysis",
     "Data": "dpatch.depth",
+    "find_layers": "dpatch.depth",
     "fold": "dpatch.depth",
     "FoldedSite": "dpatch.depth",
     "FoldReport": "dpatch.depth",
+    "Layer": "dpatch.depth",
+    "LayerSensitivity": "dpatch.depth",
     "load_data": "dpatch.depth",
     "measure_pruning": "dpatch.depth",
     "prune": "dpatch.depth",
@@ -94,6 +100,7 @@ _HOMES: dict[str, str] = {
     "load_target": "dpatch.files",
     "load_weights": "dpatch.files",
     "save": "dpatch.files",
+    "save_pretrained": "dpatch.files",
     "Target": "dpatch.files",
     "Change": "dpatch.patching",
     "inject": "dpatch.patching",
@@ -128,6 +135,8 @@ __all__ = [
     "FoldReport",
     "FoldedSite",
     "InvalidValueError",
+    "Layer",
+    "LayerSensitivity",
     "ManifestError",
     "ModelNotFoundError",
     "ModelRunError",
@@ -154,6 +163,7 @@ __all__ = [
     "drop_add",
     "drop_path",
     "expected_depth",
+    "find_layers",
     "find_sites",
     "fold",
     "inject",
@@ -167,6 +177,7 @@ __all__ = [
     "prune_order",
     "retune",
     "save",
+    "save_pretrained",
     "schedule_rates",
     "sensitivity",
     "strip",

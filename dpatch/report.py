@@ -141,6 +141,8 @@ def _recipe_line(recipe: dict[str, Any]) -> str:
     sched = recipe.get("scheduler") or {}
     if sched.get("kind", "constant") != "constant":
         args = ", ".join(f"{k}={v!r}" for k, v in sched.items())
+        if recipe.get("needs_total_steps"):
+            args += ", total_steps=<optimizer steps of the run>"
         line += f"; over training time: DropPathScheduler(model, {args})"
     return line
 
@@ -204,6 +206,10 @@ _LABELS = {
     "ce_increase": "cross-entropy increase",
     "kl": "KL divergence of the softmax outputs",
     "rel_l2": "relative L2 change of the output",
+    "angular": "angular distance arccos(cos(in, out))/pi of the layer's hidden state "
+    "(Gromov et al.), mean over tokens",
+    "bi": "Block Influence 1 - cos(in, out) of the layer's hidden state (ShortGPT), mean "
+    "over tokens",
 }
 
 
@@ -219,7 +225,48 @@ def render_sensitivity(
     source: str = "",
     synthetic: bool = False,
 ) -> None:
-    """One row per site in depth order: its rate, scores and a bar of the primary score."""
+    """One row per site in depth order: its rate, scores and a bar of the primary score;
+    one row per layer for layer metrics."""
+    if report.per == "layer":
+        _render_layer_sensitivity(console, report, title, source)
+    else:
+        _render_site_sensitivity(console, report, title, source)
+    if synthetic:
+        console.print(
+            "note: synthetic inputs: a smoke test, not a measurement", highlight=False, markup=False
+        )
+    for note in report.notes:
+        console.print(f"note: {note}", highlight=False, markup=False)
+
+
+def _render_layer_sensitivity(
+    console: Console, report: SensitivityReport, title: str | None, source: str
+) -> None:
+    top = max((e.score for e in report.layers if e.score is not None), default=0.0)
+    table = _table(console, title)
+    for col, justify in (("layer", "right"), ("module", "left"), ("branches", "right"),
+                         ("score", "right"), ("", "left")):  # fmt: skip
+        table.add_column(col, justify=justify)  # type: ignore[arg-type]
+    for e in report.layers:
+        shown = e.score if e.score is not None and e.score > 0 else 0.0
+        last: str | Text = Text(e.reason) if e.reason else Text(bar(shown, top), style="magenta")
+        # similarities of a barely trained model are small: significant digits, not places
+        score = "-" if e.score is None else f"{e.score:.4g}"
+        table.add_row(str(e.layer.index), e.name, str(len(e.layer.sites)), score, last)
+    console.print(table)
+    measured = sum(1 for e in report.layers if e.score is not None)
+    console.print(
+        f"{measured} of {len(report.layers)} layers measured on {report.samples} samples"
+        + (f" ({source})" if source else "")
+        + f"; score: {_LABELS.get(report.metric, report.metric)}; lowest first when pruning",
+        highlight=False,
+        markup=False,
+    )
+
+
+def _render_site_sensitivity(
+    console: Console, report: SensitivityReport, title: str | None, source: str
+) -> None:
     top = max((s.score for s in report.sites if s.score is not None), default=0.0)
     with_targets = report.accuracy is not None
     table = _table(console, title)
@@ -251,12 +298,6 @@ def render_sensitivity(
             f"cross-entropy {_num(report.cross_entropy)}"
         )
     console.print(line, highlight=False, markup=False)
-    if synthetic:
-        console.print(
-            "note: synthetic inputs: a smoke test, not a measurement", highlight=False, markup=False
-        )
-    for note in report.notes:
-        console.print(f"note: {note}", highlight=False, markup=False)
 
 
 def _mb(n: int) -> str:

@@ -9,7 +9,13 @@ Index ``i`` counts blocks (or branches) from 0 in forward order; ``N`` is the de
 | ``huang``      | ``max * (i + 1) / N``                         | Huang et al. 2016, Composer       |
 | ``efficientnet`` | ``max * i / N``                             | timm/torchvision EfficientNet     |
 | ``cosine``     | ``min + (max - min) * (1 - cos(pi i/(N-1)))/2`` | smooth ramp                     |
+| ``exponential`` | ``max * (2 ** (i / (N - 1)) - 1)``           | LayerSkip ``D(l)``                |
 | ``custom``     | ``rates[i]``                                  | explicit list                     |
+
+``exponential`` is LayerSkip's per-layer scale (Elhoushi et al. 2024, arXiv:2404.16710):
+``D(l) = e^(l ln 2 / (L - 1)) - 1``, rising from 0 at the first layer to 1 at the last, as
+torchtune's ``get_scale(ScaleType.EXP, L - 1, l)`` (``torchtune/modules/layer_dropout.py``)
+computes it; one block gets ``max``, as torchtune's ``scale_period == 0`` does.
 
 No torch import: schedules are plain arithmetic and are usable without a model.
 """
@@ -21,7 +27,15 @@ from collections.abc import Sequence
 
 from dpatch.errors import InvalidValueError
 
-SCHEDULES: tuple[str, ...] = ("linear", "uniform", "huang", "efficientnet", "cosine", "custom")
+SCHEDULES: tuple[str, ...] = (
+    "linear",
+    "uniform",
+    "huang",
+    "efficientnet",
+    "cosine",
+    "exponential",
+    "custom",
+)
 #: What one schedule step covers: a block (its branches share a rate, timm's rule) or a branch.
 PER: tuple[str, ...] = ("block", "branch")
 _USES_MIN = frozenset({"linear", "cosine"})
@@ -60,7 +74,8 @@ def schedule_rates(
         kind: one of ``SCHEDULES``.
         depth: number of blocks (or branches with ``per="branch"``), >= 0.
         max_rate: rate of the deepest block (every block for ``uniform``).
-        min_rate: rate of the first block for ``linear`` and ``cosine``; must be 0 for others.
+        min_rate: rate of the first block for ``linear`` and ``cosine``; must be 0 for others
+            (``exponential`` starts at 0, as LayerSkip's ``D(0)``).
         rates: the explicit list for ``custom`` (length ``depth``).
 
     Returns:
@@ -106,8 +121,12 @@ def schedule_rates(
         out = [hi * (i + 1) / n for i in range(n)]
     elif kind == "efficientnet":
         out = [hi * i / n for i in range(n)]
-    elif n == 1:  # linear and cosine of one block: the deepest rate
+    elif n == 1:  # linear, cosine and exponential of one block: the deepest rate
         out = [hi]
+    elif kind == "exponential":
+        # 2 ** (i / (N-1)) is torchtune's exp(i ln 2 / (N-1)); it is 2 exactly at the last
+        # block, so the deepest rate is max_rate bit for bit
+        out = [hi * (2.0 ** (i / (n - 1)) - 1.0) for i in range(n)]
     elif kind == "linear":
         out = [lo + (hi - lo) * i / (n - 1) for i in range(n)]
     else:  # cosine

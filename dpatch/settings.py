@@ -25,6 +25,8 @@ __all__ = [
     "FINDING_CODES",
     "KEPT",
     "KERNEL_SETTINGS",
+    "LAYER_METRICS",
+    "METRICS",
     "MODES",
     "PRUNE_BY",
     "SCALINGS",
@@ -166,9 +168,16 @@ DEFAULTS = Settings(
     seed=0,
 )
 
+#: What :func:`dpatch.sensitivity` measures: ``loss`` (the model with one branch removed,
+#: per branch), ``angular`` (Gromov et al.'s angular distance of a layer's input and
+#: output) or ``bi`` (ShortGPT's Block Influence, ``1 - cos``), one score per layer.
+LAYER_METRICS: tuple[str, ...] = ("angular", "bi")
+METRICS: tuple[str, ...] = ("loss", *LAYER_METRICS)
+
 #: How ``prune(count=N)`` chooses: highest rate first, deepest first, every other block
-#: (fairseq), or least sensitive first (a :func:`dpatch.sensitivity` result).
-PRUNE_BY: tuple[str, ...] = ("rate", "depth", "every-other", "sensitivity")
+#: (fairseq), least sensitive first (a :func:`dpatch.sensitivity` result), or whole layers
+#: by their angular distance or Block Influence, lowest first.
+PRUNE_BY: tuple[str, ...] = ("rate", "depth", "every-other", "sensitivity", "angular", "bi")
 
 #: Libraries ``list_models`` can list (``--source``; ``tv`` is short for torchvision,
 #: ``hf`` for transformers).

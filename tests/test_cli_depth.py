@@ -258,3 +258,201 @@ def test_depth_commands_take_the_input_shape(work: Path, args: tuple[str, ...]) 
         return
     assert code == 0, err
     assert ("3 sites" in out) if command == "prune" else out
+
+
+# --------------------------------------------------------------------------- whole layers
+LM = """
+import torch
+import torch.nn as nn
+
+
+class Block(nn.Module):
+    def __init__(self, d):
+        super().__init__()
+        self.norm1, self.attn = nn.LayerNorm(d), nn.Linear(d, d)
+        self.norm2, self.mlp = nn.LayerNorm(d), nn.Linear(d, d)
+
+    def forward(self, x):
+        x = x + self.attn(self.norm1(x))
+        return x + self.mlp(self.norm2(x))
+
+
+class TinyLM(nn.Module):
+    def __init__(self, n=4, d=16, vocab=50):
+        super().__init__()
+        self.embed = nn.Embedding(vocab, d)
+        self.blocks = nn.ModuleList([Block(d) for _ in range(n)])
+        self.head = nn.Linear(d, vocab)
+
+    def forward(self, ids):
+        x = self.embed(ids)
+        for b in self.blocks:
+            x = b(x)
+        return self.head(x)
+
+
+def lm():
+    torch.manual_seed(0)
+    return TinyLM()
+"""
+
+
+@pytest.fixture
+def lm_work(work: Path) -> Path:
+    (work / "lms.py").write_text(LM)
+    return work
+
+
+def test_sensitivity_by_layer_and_prune_by_its_file(lm_work: Path) -> None:
+    code, out, err = cli("sensitivity", "lms:lm", "--synthetic", "6", "--metric", "bi", "--json",
+                         cwd=lm_work)  # fmt: skip
+    assert code == 0, err
+    doc = json.loads(out)
+    assert doc["metric"] == "bi" and doc["per"] == "layer" and doc["data"] == "6 random token ids"
+    assert set(doc["scores"]) == {f"blocks.{i}" for i in range(4)}
+    assert [len(e["sites"]) for e in doc["layers"]] == [2, 2, 2, 2]
+    (lm_work / "bi.json").write_text(out)
+    lowest = min(doc["scores"], key=doc["scores"].__getitem__)
+    code, out, err = cli("prune", "lms:lm", "--drop", "1", "--by", "bi.json", "--iterations", "1",
+                         "--json", cwd=lm_work)  # fmt: skip
+    assert code == 0, err
+    pruned = json.loads(out)
+    assert pruned["pruned_layers"] == [lowest]
+    assert sorted(pruned["changed"]) == [f"{lowest}.drop_path1", f"{lowest}.drop_path2"]
+    code, out, err = cli("sensitivity", "lms:lm", "--synthetic", "4", "--metric", "angular",
+                         cwd=lm_work)  # fmt: skip
+    assert code == 0, err
+    assert "4 of 4 layers measured on 4 samples" in out and "angular distance" in out
+
+
+def test_prune_by_bi_measures_on_random_ids_and_says_so(lm_work: Path) -> None:
+    code, out, err = cli("prune", "lms:lm", "--drop", "2", "--by", "bi", "--iterations", "1",
+                         "--json", cwd=lm_work)  # fmt: skip
+    assert code == 0, err
+    doc = json.loads(out)
+    assert "a smoke test, not a measurement" in err
+    assert doc["measured"]["synthetic"] is True and doc["measured"]["metric"] == "bi"
+    two = sorted(doc["measured"]["scores"], key=doc["measured"]["scores"].__getitem__)[:2]
+    assert sorted(doc["pruned_layers"]) == sorted(two) and len(doc["changed"]) == 4
+    code, out, err = cli("prune", "lms:lm", "--drop", "1", "--by", "angular", "--synthetic", "3",
+                         "--iterations", "1", cwd=lm_work)  # fmt: skip
+    assert code == 0, err
+    assert "layers pruned whole: blocks." in out
+
+
+LAYER_BAD = [
+    ("sensitivity lms:lm --synthetic 2 --metric cka", "unknown --metric 'cka'"),
+    (
+        "sensitivity lms:lm --synthetic 2 --metric bi --suggest 0.2 -o out.json",
+        "--suggest needs per-branch scores",
+    ),
+    ("prune lms:lm --drop 5 --by bi -o out.safetensors", "cannot prune 5 layers"),
+    ("prune mods:small --drop 1 --by bi -o out.safetensors", "--by bi measures each layer"),
+    ("prune lms:lm --drop 1 --synthetic 3 -o out.safetensors", "--data and --synthetic are for"),
+    ("prune lms:lm --drop 1 --by bi -o outdir", "only transformers models have"),
+    # a text model given --input-shape without --input-dtype long
+    ("inspect lms:lm --input-shape 2,8", "--input-dtype long"),
+    ("sensitivity lms:lm --synthetic 2 --input-shape 2,8", "its first layer is an Embedding"),
+    ("prune lms:lm --drop 1 --by bi --input-shape 2,8 -o out.safetensors", "--input-dtype long"),
+]
+
+
+@pytest.mark.parametrize(("args", "needle"), LAYER_BAD, ids=[a for a, _ in LAYER_BAD])
+def test_layer_bad_input_is_one_line_and_writes_nothing(
+    lm_work: Path, args: str, needle: str
+) -> None:
+    argv = args.split() + (["--iterations", "1"] if args.startswith("prune") else [])
+    code, _, err = cli(*argv, cwd=lm_work)
+    assert code == 1
+    one_line_error(err, needle)
+    assert not any((lm_work / n).exists() for n in ("out.json", "out.safetensors", "outdir"))
+
+
+transformers = pytest.importorskip("transformers")
+
+
+@pytest.fixture
+def hf_dir(tmp_path: Path) -> Path:
+    """A tiny pre-norm BERT-architecture masked LM saved with save_pretrained."""
+    torch.manual_seed(0)
+    cfg = transformers.RobertaPreLayerNormConfig(
+        hidden_size=32, num_hidden_layers=4, num_attention_heads=2, intermediate_size=37,
+        vocab_size=99, max_position_embeddings=64,
+    )  # fmt: skip
+    transformers.RobertaPreLayerNormForMaskedLM(cfg).save_pretrained(tmp_path / "src")
+    return tmp_path / "src"
+
+
+def _tree(path: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(path)): p.read_bytes() for p in path.rglob("*") if p.is_file()}
+
+
+def test_prune_writes_a_save_pretrained_directory(hf_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "pruned"
+    code, stdout, err = cli("prune", f"hf:{hf_dir}", "--drop", "2", "--by", "bi",
+                            "--synthetic", "4", "--iterations", "1", "-o", str(out), "--json")  # fmt: skip
+    assert code == 0, err
+    doc = json.loads(stdout)
+    assert len(doc["pruned_layers"]) == 2 and doc["output"] == str(out)
+    change = doc["save_pretrained"]["changes"][0]
+    assert change["before"] == 4 and change["after"] == 2
+    assert {"key": "num_hidden_layers", "old": 4, "new": 2} in change["config"]
+    back = transformers.AutoModelForMaskedLM.from_pretrained(out)
+    assert back.config.num_hidden_layers == 2 and len(back.roberta_prelayernorm.encoder.layer) == 2
+    code, stdout, err = cli("inspect", f"hf:{out}", "--json")  # hf:DIR, offline
+    assert code == 0, err
+    paths = {s["path"] for s in json.loads(stdout)["sites"]}
+    assert "roberta_prelayernorm.encoder.layer.1.output" in paths
+    assert not any(".layer.2." in p for p in paths)
+    # a pruned directory over an existing one: only with --force, never over its source
+    before = _tree(out)
+    code, _, err = cli("prune", f"hf:{hf_dir}", "--drop", "1", "--by", "bi", "--synthetic", "2",
+                       "--iterations", "1", "-o", str(out))  # fmt: skip
+    assert code == 1
+    one_line_error(err, "exists; pass --force")
+    assert _tree(out) == before
+    src = _tree(hf_dir)
+    code, _, err = cli("prune", f"hf:{hf_dir}", "--drop", "1", "--by", "bi", "--synthetic", "2",
+                       "--iterations", "1", "-o", str(hf_dir), "--force")  # fmt: skip
+    assert code == 1
+    one_line_error(err, "the directory the model was loaded from")
+    assert _tree(hf_dir) == src
+    code, _, err = cli("prune", f"hf:{hf_dir}", "--drop", "1", "--by", "bi", "--synthetic", "2",
+                       "--iterations", "1", "-o", str(out), "--force")  # fmt: skip
+    assert code == 0, err
+    assert transformers.AutoConfig.from_pretrained(out).num_hidden_layers == 3
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["pruned", "src"]
+
+
+def test_prune_directory_refusals_write_nothing(hf_dir: Path, tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    cfg = transformers.BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                  intermediate_size=37, vocab_size=99, max_position_embeddings=64)  # fmt: skip
+    transformers.BertForMaskedLM(cfg).save_pretrained(tmp_path / "bert")
+    cases = [
+        ((f"hf:{tmp_path / 'bert'}", "--drop", "1", "--by", "bi"), "post-norm"),
+        ((f"hf:{hf_dir}", "--drop", "7", "--by", "bi"), "cannot prune 7 layers"),
+        ((f"hf:{hf_dir}", "--drop", "1", "--by", "rate"), "not the rest of its layer"),
+    ]
+    for args, needle in cases:
+        code, _, err = cli("prune", *args, "--iterations", "1", "-o", str(tmp_path / "out"))
+        assert code == 1, err
+        one_line_error(err, needle)
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["bert", "src"]
+
+
+def test_progress_bar_only_on_a_terminal(monkeypatch: pytest.MonkeyPatch) -> None:
+    import sys
+
+    from dpatch.cli.sensitivity import progress_bar
+
+    with progress_bar("Measuring layers", quiet=True) as update:
+        assert update is None  # --json
+    monkeypatch.setattr(sys.stdout, "isatty", lambda: False)
+    with progress_bar("Measuring layers", quiet=False) as update:
+        assert update is None  # piped
+    monkeypatch.setattr(sys.stdout, "isatty", lambda: True)
+    with progress_bar("Measuring layers", quiet=False) as update:
+        assert update is not None
+        update(1, 2)
+        update(2, 2)

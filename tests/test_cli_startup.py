@@ -53,6 +53,7 @@ def _run(args: list[str], env: dict[str, str] | None = None) -> tuple[list[str],
         ["prune", "--help"],
         ["inject", "x", "--bogus"],  # usage error
         ["schedule", "--depth", "0"],  # a bad value
+        ["sensitivity", "tv:resnet18", "--synthetic", "2", "--metric", "cka"],
         ["inject", "tv:resnet18", "--max-rate", "1.5"],  # a bad setting
         ["inject", "tv:resnet18", "--schedule", "nope"],
         ["list", "--source", "nope"],

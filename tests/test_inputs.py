@@ -121,6 +121,26 @@ def test_a_model_that_runs_on_nothing_raises_never_empty() -> None:
     assert len(inspect(model, (torch.randn(2, 16), torch.randn(2, 16))).sites) == 1
 
 
+def test_float_input_for_a_text_model_names_the_integer_dtype() -> None:
+    """A model that embeds token ids, given a float input: one line naming
+    --input-dtype long, for an Embedding first layer and for a transformers config."""
+    text = nn.Sequential(nn.Embedding(10, 8), PlainRes())
+    with pytest.raises(ProbeError) as info:
+        inspect(text, (torch.randn(2, 5),))
+    msg = str(info.value)
+    assert "takes token ids (its first layer is an Embedding)" in msg and "\n" not in msg
+    assert "2x5 float32: add --input-dtype long" in msg
+    assert len(inspect(text, (torch.zeros(2, 5, dtype=torch.long),)).sites) == 1
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.BertConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                  intermediate_size=16, vocab_size=20)  # fmt: skip
+    with pytest.raises(ProbeError, match="its transformers config takes input_ids"):
+        inspect(transformers.BertModel(cfg), (torch.randn(2, 5),))
+    # an image model given the wrong shape keeps the general message
+    with pytest.raises(ProbeError, match="check the shapes and dtypes"):
+        inspect(nn.Sequential(nn.Conv2d(3, 4, 3), PlainRes(4)), (torch.randn(2, 5),))
+
+
 def test_model_that_ran_with_no_residual_is_empty_not_an_error() -> None:
     report = inject(nn.Sequential(nn.Linear(4, 4), nn.ReLU()), 0.2)
     assert report.sites == () and report.example is not None

@@ -328,6 +328,21 @@ def test_transformers_recipe_uses_the_run_length(tmp_path: Path) -> None:
 
 
 @needs_hf
+def test_transformers_runs_layerskip(tmp_path: Path) -> None:
+    """The layerskip recipe: exponential over depth (0 at the first block, 0.2 at the last),
+    times S(t) = 2^(t/T) - 1 over the Trainer's max_steps T = 6, kept branches unscaled."""
+    cb = HFCallback(recipe="layerskip", example_inputs=EXAMPLE)
+    _, rec, trainer = hf_fit(cb, tmp_path)
+    assert cb.report is not None and {s.scaling for s in cb.report.sites} == {"none"}
+    depth = [0.2 * (2 ** (i / 2) - 1) for i in range(3)]
+    assert [s for s, _ in rec.seen] == [0, 1, 2, 3, 4, 5]
+    for step, got in rec.seen:
+        assert got == pytest.approx([(2 ** (step / 6) - 1) * d for d in depth], rel=1e-9)
+    logged = {h["step"]: h["droppath/mean_rate"] for h in trainer.state.log_history if "loss" in h}
+    assert logged[6] == pytest.approx(sum(depth) / 3)
+
+
+@needs_hf
 def test_transformers_resume_continues_the_schedule(tmp_path: Path) -> None:
     """Checkpoints at steps 3 and 6 carry the scheduler state as JSON; resuming from
     checkpoint-3 with a callback built with another rate continues the first run."""

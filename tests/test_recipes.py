@@ -62,6 +62,7 @@ PUBLISHED = {
     ("late-sd-vit-b", None): (0.4, "linear"),
     ("composer-resnet", "50"): (0.2, "huang"),
     ("composer-resnet", "101"): (0.4, "huang"),
+    ("layerskip", None): (0.2, "exponential"),
 }
 
 
@@ -91,6 +92,13 @@ def test_modes_and_time_schedules() -> None:
     assert resolve_recipe("deit").scheduler_kwargs == {"kind": "constant"}
     assert resolve_recipe("deit").needs_total_steps is False
     assert resolve_recipe("late-sd-vit-b").needs_total_steps is True
+    layerskip = resolve_recipe("layerskip")
+    assert layerskip.scheduler_kwargs == {"kind": "exp-ramp"} and layerskip.needs_total_steps
+    assert (layerskip.inject_kwargs["per"], layerskip.inject_kwargs["scaling"]) == (
+        "block",
+        "none",
+    )
+    assert "could not be checked" in layerskip.recipe.notes
 
 
 def test_every_recipe_cites_a_paper_and_a_file_in_listing_and_json() -> None:

@@ -72,3 +72,24 @@ def test_sensitivity_of_an_untrained_zero_init_model_says_why_scores_are_zero() 
     assert "note: every score is 0" in buf.getvalue()
     torch.nn.init.normal_(model[0].f[2].weight)
     assert not dpatch.sensitivity(model, x).notes
+
+
+def test_layer_sensitivity_table_has_one_row_per_layer_and_the_reason() -> None:
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.nn.Linear(8, 8), torch.nn.Sequential(PlainRes(), PlainRes()), torch.nn.Linear(8, 3)
+    )
+    x = torch.randn(6, 4, 8)
+    report = dpatch.sensitivity(model, x, metric="angular")
+    console, buf = _console()
+    render_sensitivity(console, report, title="m", source="6 inputs")
+    text = buf.getvalue()
+    rows = [ln.split() for ln in text.splitlines() if ln.split()[:1] in (["0"], ["1"])]
+    assert [r[1] for r in rows] == ["1.0", "1.1"] and [r[2] for r in rows] == ["1", "1"]
+    assert f"{report.scores['1.0']:.4g}" in text
+    assert "2 of 2 layers measured on 6 samples (6 inputs); score: angular distance" in text
+    for block in model[1]:
+        torch.nn.init.zeros_(block.f[2].weight)
+        torch.nn.init.zeros_(block.f[2].bias)
+    zero = dpatch.sensitivity(model, x, metric="bi")
+    assert zero.notes and "no layer changes its hidden state" in zero.notes[0]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import pytest
@@ -79,3 +80,17 @@ def test_expected_depth() -> None:
     # Huang et al.: linear decay to p_L = 0.5 over L blocks keeps about 3L/4 of them.
     rates = schedule_rates("huang", 54, 0.5)
     assert expected_depth(rates) == pytest.approx(54 - 0.5 * 55 / 2)
+
+
+def test_exponential_is_layerskip_d_of_l() -> None:
+    """LayerSkip's D(l) = e^(l ln2 / (L-1)) - 1 (torchtune get_scale(EXP, L-1, l)) times
+    p_max: 0 at the first block, p_max at the last, rising faster towards the end."""
+    rates = schedule_rates("exponential", 5, 0.2)
+    expected = [0.2 * (math.exp(i * math.log(2) / 4) - 1) for i in range(5)]
+    assert rates == pytest.approx(expected, rel=1e-12)
+    assert rates[0] == 0.0 and rates[-1] == 0.2
+    steps = [b - a for a, b in itertools.pairwise(rates)]
+    assert all(b > a for a, b in itertools.pairwise(steps))
+    assert schedule_rates("exponential", 1, 0.3) == [0.3]
+    with pytest.raises(InvalidValueError, match="no meaning for schedule 'exponential'"):
+        schedule_rates("exponential", 4, 0.2, 0.1)

@@ -63,6 +63,23 @@ def test_progressive_layer_drop_matches_deepspeed() -> None:
         assert got == pytest.approx(want)
 
 
+def test_exp_ramp_is_layerskip_curriculum() -> None:
+    """LayerSkip's p(l, t) = S(t) D(l) p_max with S(t) = e^(t ln2 / T) - 1: 0 at the start,
+    p_max * D(l) once t reaches T (the run's length, or warmup_steps), and no further."""
+    model = patched(4, 0.2, "exponential")
+    targets = rates(model)
+    sched = DropPathScheduler(model, kind="exp-ramp", total_steps=10)
+    assert rates(model) == [0.0] * 4
+    for t in range(1, 13):
+        sched.step()
+        s = 1.0 if t >= 10 else math.exp(t * math.log(2) / 10) - 1
+        assert rates(model) == pytest.approx([s * p for p in targets], rel=1e-12), t
+    assert sched.current_factor == 1.0
+    short = DropPathScheduler(patched(4, 0.2, "exponential"), kind="exp-ramp", warmup_steps=4,
+                              total_steps=10)  # fmt: skip
+    assert [short.factor(t) for t in (0, 2, 4, 9)] == pytest.approx([0.0, 2**0.5 - 1, 1.0, 1.0])
+
+
 def test_scheduler_errors() -> None:
     with pytest.raises(InvalidValueError, match="inject"):
         DropPathScheduler(nn.Sequential(PlainRes()), warmup_steps=3)
@@ -198,6 +215,7 @@ def test_step_epoch_needs_steps_per_epoch() -> None:
 KINDS = {
     "warmup": {"kind": "warmup", "warmup_steps": 6},
     "progressive": {"kind": "progressive", "gamma": 0.3},
+    "exp-ramp": {"kind": "exp-ramp", "total_steps": 8},
     "early-linear": {"kind": "early", "shape": "linear", "cutoff": 7},
     "late": {"kind": "late", "cutoff_fraction": 0.5, "total_steps": 10},
     "step": {"kind": "step", "milestones": [(3, 0.5), (6, 1.5)]},
@@ -304,6 +322,9 @@ BAD = [
     ({"kind": "warmup", "warmup_steps": True}, "True"),
     ({"kind": "constant", "total_steps": 0}, "total_steps"),
     ({"kind": "progressive", "gamma": -1.0}, "-1.0"),
+    ({"kind": "exp-ramp"}, "needs total_steps"),
+    ({"kind": "exp-ramp", "warmup_steps": 20, "total_steps": 10}, "beyond total_steps 10"),
+    ({"kind": "exp-ramp", "total_steps": 10, "gamma": 0.1}, "gamma=0.1 has no meaning"),
 ]
 
 

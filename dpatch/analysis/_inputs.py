@@ -26,7 +26,13 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-__all__ = ["ExampleInputs", "as_example_inputs", "input_candidates", "parse_shape"]
+__all__ = [
+    "ExampleInputs",
+    "as_example_inputs",
+    "input_candidates",
+    "parse_shape",
+    "takes_token_ids",
+]
 
 
 @dataclass(frozen=True)
@@ -167,13 +173,24 @@ def _from_hf_config(model: nn.Module, batch: int) -> Iterator[ExampleInputs]:
         yield ExampleInputs((_meta(batch, bins, 3000),), source)
 
 
-_SIZES_1D = (1024, 256, 64)
-_SIZES_2D = (224, 64, 32, 256)
-_SIZES_3D = ((16, 112), (16, 224), (8, 64))
+def takes_token_ids(model: nn.Module) -> str:
+    """Why ``model`` takes integer token ids ("" when nothing says so): a transformers
+    config whose main input is ``input_ids``, or an ``Embedding`` as the first layer that
+    sees the input."""
+    config = getattr(model, "config", None)
+    if config is not None and type(config).__module__.startswith("transformers."):
+        if getattr(model, "main_input_name", "") == "input_ids":
+            return "its transformers config takes input_ids"
+        return ""
+    if isinstance(_first_layer(model), nn.Embedding):
+        return "its first layer is an Embedding"
+    return ""
 
 
-def _from_first_layer(model: nn.Module, batch: int) -> Iterator[ExampleInputs]:
-    first = next(
+def _first_layer(
+    model: nn.Module,
+) -> nn.Conv1d | nn.Conv2d | nn.Conv3d | nn.Linear | nn.Embedding | None:
+    return next(
         (
             m
             for m in model.modules()
@@ -181,6 +198,15 @@ def _from_first_layer(model: nn.Module, batch: int) -> Iterator[ExampleInputs]:
         ),
         None,
     )
+
+
+_SIZES_1D = (1024, 256, 64)
+_SIZES_2D = (224, 64, 32, 256)
+_SIZES_3D = ((16, 112), (16, 224), (8, 64))
+
+
+def _from_first_layer(model: nn.Module, batch: int) -> Iterator[ExampleInputs]:
+    first = _first_layer(model)
     if first is None:
         return
     what = f"first layer {type(first).__name__}"
@@ -195,6 +221,6 @@ def _from_first_layer(model: nn.Module, batch: int) -> Iterator[ExampleInputs]:
     elif isinstance(first, nn.Conv2d):
         for s in _SIZES_2D:
             yield ExampleInputs((_meta(batch, first.in_channels, s, s),), what)
-    else:
+    elif isinstance(first, nn.Conv3d):
         for t, s in _SIZES_3D:
             yield ExampleInputs((_meta(batch, first.in_channels, t, s, s),), what)

@@ -21,7 +21,12 @@ import torch
 import torch.utils._pytree as pytree
 from torch import Tensor, nn
 
-from dpatch.analysis._inputs import ExampleInputs, as_example_inputs, input_candidates
+from dpatch.analysis._inputs import (
+    ExampleInputs,
+    as_example_inputs,
+    input_candidates,
+    takes_token_ids,
+)
 from dpatch.analysis._meta import materialise, meta_execution, real_execution
 from dpatch.errors import ProbeError, first_line
 
@@ -99,6 +104,14 @@ def _mode(model: nn.Module, training: bool) -> Iterator[None]:
 def _explain(model: nn.Module, failures: list[tuple[ExampleInputs, str]], *, given: bool) -> str:
     name = type(model).__name__
     first = failures[0][1] if failures else "no input to try"
+    ids = takes_token_ids(model)
+    values = failures[0][0].values if failures else ()
+    if given and ids and any(isinstance(v, Tensor) and v.is_floating_point() for v in values):
+        return (
+            f"{name} takes token ids ({ids}), but the given input is "
+            f"{failures[0][0].describe()}: add --input-dtype long (in Python: integer tensors "
+            "in example_inputs)"
+        )
     if given:
         return (
             f"{name} does not run on the given input ({failures[0][0].describe()}): {first}; "

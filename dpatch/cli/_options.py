@@ -15,7 +15,7 @@ import typer
 
 from dpatch.errors import InvalidValueError
 from dpatch.schedule import PER, SCHEDULES, check_rate
-from dpatch.settings import COVERAGES, MODES, SCALINGS, Settings
+from dpatch.settings import COVERAGES, METRICS, MODES, SCALINGS, Settings
 
 if TYPE_CHECKING:
     from torch import Tensor
@@ -30,12 +30,14 @@ __all__ = [
     "InputShapeOpt",
     "JsonOpt",
     "MaxRate",
+    "MetricOpt",
     "MinRate",
     "ModeOpt",
     "ModelArg",
     "OutOpt",
     "PerOpt",
     "PretrainedOpt",
+    "PrunedOutOpt",
     "RatesFromOpt",
     "RatesOpt",
     "RecipeOpt",
@@ -178,6 +180,16 @@ PretrainedOpt = Annotated[
 OutOpt = Annotated[
     Path | None, typer.Option("-o", "--output", metavar="OUT", help="Write a .safetensors file.")
 ]
+PrunedOutOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "-o",
+        "--output",
+        metavar="OUT",
+        help="FILE.safetensors: a dpatch file; any other name: a save_pretrained directory "
+        "without the pruned layers (transformers models; loads without dpatch).",
+    ),
+]
 ForceOpt = Annotated[bool, typer.Option("--force", help="Overwrite OUT if it exists.")]
 DryRunOpt = Annotated[bool, typer.Option("--dry-run", help="Do everything but write OUT.")]
 JsonOpt = Annotated[
@@ -186,6 +198,17 @@ JsonOpt = Annotated[
 AllowEmptyOpt = Annotated[
     bool,
     typer.Option("--allow-empty", help="Exit 0, not 3, when the model has no residual branch."),
+]
+MetricOpt = Annotated[
+    str,
+    typer.Option(
+        "--metric",
+        metavar=_bar(METRICS),
+        help="loss: each branch removed in turn (one score per branch); angular "
+        "(Gromov et al.) or bi (ShortGPT's Block Influence): how much each layer changes its "
+        "hidden state, one forward pass (one score per layer).",
+        autocompletion=complete(METRICS),
+    ),
 ]
 ArchOpt = Annotated[
     str | None,

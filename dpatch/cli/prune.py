@@ -1,14 +1,15 @@
-"""``dpatch prune``: remove residual branches for inference, and save."""
+"""``dpatch prune``: remove residual branches (or whole layers) for inference, and save."""
 
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 
 from dpatch._version import __version__
-from dpatch.cli._app import about, app, echo_json, err, load, out, step
+from dpatch.cli._app import about, app, echo_json, err, load, note, out, step
 from dpatch.cli._options import (
     ArchOpt,
     ForceOpt,
@@ -16,15 +17,19 @@ from dpatch.cli._options import (
     InputShapeOpt,
     JsonOpt,
     ModelArg,
-    OutOpt,
     PretrainedOpt,
+    PrunedOutOpt,
     WeightsOpt,
     parse_inputs,
 )
+from dpatch.cli.sensitivity import progress_bar
 from dpatch.errors import InvalidValueError
-from dpatch.settings import PRUNE_BY
+from dpatch.settings import LAYER_METRICS, PRUNE_BY
 
 __all__: list[str] = []
+
+#: Random token ids a text model is measured on when no data is given (a smoke test).
+_SMOKE_IDS = 8
 
 
 def _by(by: str | None) -> tuple[str, dict[str, float] | None]:
@@ -39,6 +44,42 @@ def _by(by: str | None) -> tuple[str, dict[str, float] | None]:
     from dpatch.depth import read_scores
 
     return "sensitivity", read_scores(by)
+
+
+def _layer_scores(
+    model: Any,
+    metric: str,
+    *,
+    data: Path | None,
+    synthetic: int | None,
+    limit: int | None,
+    batch_size: int,
+    example: Any,
+    quiet: bool,
+) -> tuple[Any, Any]:
+    """``--by angular|bi``: the layers measured on the data (random ids for a text model
+    given none: a smoke test, said so)."""
+    from dpatch.depth import load_data, sensitivity
+
+    with step("Loading data", quiet):
+        if data is None and synthetic is None:
+            ds = load_data(None, model, synthetic=_SMOKE_IDS, example_inputs=example)
+            if ds.inputs.is_floating_point():
+                raise InvalidValueError(
+                    f"--by {metric} measures each layer on data; give --data PATH (or "
+                    "--synthetic N for a smoke test)"
+                )
+            note(
+                f"no --data: {ds.source}, a smoke test, not a measurement; give --data PATH "
+                "for a real choice"
+            )
+        else:
+            ds = load_data(data, model, synthetic=synthetic, limit=limit, example_inputs=example)
+    with progress_bar("Measuring layers", quiet) as update:
+        report = sensitivity(
+            model, ds.inputs, batch_size=batch_size, progress=update, metric=metric
+        )
+    return report, ds
 
 
 @app.command("prune")
@@ -57,12 +98,33 @@ def prune_cmd(
         str | None,
         typer.Option(
             "--by",
-            metavar="rate|depth|every-other|FILE",
-            help="Which first: highest rate, deepest, every other block, or least sensitive "
-            "(a dpatch sensitivity --json file). Default: rate.",
+            metavar="rate|depth|every-other|angular|bi|FILE",
+            help="Which first: highest rate, deepest, every other block, least sensitive "
+            "(a dpatch sensitivity --json file), or whole layers by angular distance / Block "
+            "Influence measured on --data (lowest first). Default: rate.",
         ),
     ] = None,
-    output: OutOpt = None,
+    data: Annotated[
+        Path | None,
+        typer.Option(
+            "--data",
+            metavar="PATH",
+            help="Data --by angular|bi measures the layers on (as dpatch sensitivity takes it).",
+        ),
+    ] = None,
+    synthetic: Annotated[
+        int | None,
+        typer.Option(
+            "--synthetic", metavar="N", help="--by angular|bi on N random inputs (a smoke test)."
+        ),
+    ] = None,
+    limit: Annotated[
+        int | None, typer.Option("--limit", metavar="N", help="Use at most N samples of --data.")
+    ] = None,
+    batch_size: Annotated[
+        int, typer.Option("--batch-size", metavar="N", help="Inputs per forward pass.")
+    ] = 64,
+    output: PrunedOutOpt = None,
     force: ForceOpt = False,
     device: Annotated[
         str, typer.Option("--device", metavar="DEVICE", help="Where to time eval latency.")
@@ -77,7 +139,8 @@ def prune_cmd(
     input_shape: InputShapeOpt = None,
     input_dtype: InputDtypeOpt = None,
 ) -> None:
-    """Remove residual branches: each pruned block returns its shortcut, and save.
+    """Remove residual branches (each pruned block returns its shortcut) or whole layers, and
+    save.
 
     Example: dpatch prune vit-dp.safetensors --drop 4 --by rate -o vit-pruned.safetensors
     """
@@ -85,14 +148,40 @@ def prune_cmd(
     if sites is not None and by is not None:
         raise InvalidValueError("--by chooses branches for --drop/--keep; --sites names them")
     rule, scores = _by(by)
-    from dpatch.depth import measure_pruning, prune
-    from dpatch.files import check_output, save
+    if rule not in LAYER_METRICS and (data is not None or synthetic is not None):
+        raise InvalidValueError(
+            "--data and --synthetic are for --by angular|bi (the layers are measured on them)"
+        )
+    from dpatch.depth import layers_of, measure_pruning, prune, pruned_layers
+    from dpatch.files import check_output, check_output_dir, is_transformers_model, save
 
     example = parse_inputs(input_shape, input_dtype)
-    if output is not None:
+    as_dir = output is not None and output.suffix != ".safetensors"
+    if output is not None and as_dir:
+        source = Path(model[3:]).expanduser() if model.startswith("hf:") else None
+        check_output_dir(output, force, source=source.resolve() if source else None)
+    elif output is not None:
         check_output(output, force)
     loaded = load(model, weights=weights, pretrained=pretrained, arch=arch, quiet=as_json)
     name = loaded.spec.text if loaded.spec else model
+    if as_dir and not is_transformers_model(loaded.model):
+        raise InvalidValueError(
+            f"-o {str(output)!r} would be a save_pretrained directory, which only transformers "
+            "models have; give -o FILE.safetensors for a dpatch file"
+        )
+    measured, layer_report = None, None
+    if rule in LAYER_METRICS and (drop is not None or keep is not None):
+        with about(name):
+            layer_report, measured = _layer_scores(
+                loaded.model,
+                rule,
+                data=data,
+                synthetic=synthetic,
+                limit=limit,
+                batch_size=batch_size,
+                example=example,
+                quiet=as_json,
+            )
     with step("Pruning", as_json), about(name):
         report = prune(
             loaded.model,
@@ -100,11 +189,22 @@ def prune_cmd(
             count=drop,
             keep=keep,
             by=rule,
-            scores=scores,
+            scores=layer_report if layer_report is not None else scores,
             inplace=False,
             example_inputs=example,
         )
     assert report.model is not None
+    written, size, export = None, None, None
+    if output is not None and as_dir:
+        from dpatch.files import save_pretrained
+
+        with step(f"Saving {output}", as_json), about(name):
+            export = save_pretrained(report.model, output, force=force, example_inputs=example)
+        written, size = str(output), sum(f.stat().st_size for f in output.rglob("*"))
+    elif output is not None:
+        with step(f"Saving {output}", as_json):
+            save(report.model.cpu(), output, report, spec=loaded.spec, force=force)
+        written, size = str(output), output.stat().st_size
     with step("Timing", as_json):
         stats = measure_pruning(
             loaded.model,
@@ -113,20 +213,40 @@ def prune_cmd(
             iterations=iterations,
             example_inputs=example,
         )
-    written, size = None, None
-    if output is not None:
-        with step(f"Saving {output}", as_json):
-            save(report.model.cpu(), output, report, spec=loaded.spec, force=force)
-        written, size = str(output), output.stat().st_size
+    layers = layers_of(report.model, report.sites)
+    gone = [layer.path for layer in pruned_layers(report.model, report.sites)]
+    # whole layers were chosen (by a layer metric or a file of layer scores)
+    by_layer = layer_report is not None or bool(scores and set(scores) <= {x.path for x in layers})
     if as_json:
         doc: dict[str, Any] = {"dpatch": __version__, "model": name, "output": written}
         doc["file_bytes"] = size
+        doc["pruned_layers"] = gone
+        doc["save_pretrained"] = export.to_dict() if export is not None else None
+        if measured is not None and layer_report is not None:
+            doc["measured"] = {
+                "metric": layer_report.metric,
+                "data": measured.source,
+                "synthetic": measured.synthetic,
+                "scores": layer_report.scores,
+            }
         doc |= {"stats": stats.to_dict(), **report.to_dict()}
         echo_json(doc)
         return
     from dpatch.report import render_prune_stats, render_report
 
     render_report(out(), report, title=name)
+    if by_layer:
+        out().print(f"layers pruned whole: {', '.join(gone)}", highlight=False, markup=False)
     render_prune_stats(out(), stats, size)
-    if written:
+    if export is not None:
+        changed = [
+            f"{k} {old!r} -> {new!r}" for c in export.plain.changes for k, old, new in c.config
+        ]
+        err().print(
+            f"wrote {written} (save_pretrained, loads without dpatch"
+            + "".join(f"; {c}" for c in changed)
+            + ")",
+            markup=False,
+        )
+    elif written:
         err().print(f"wrote {written}", markup=False)

@@ -1,5 +1,5 @@
 """``dpatch sensitivity``: what each residual branch is worth (the model evaluated with that
-branch removed)."""
+branch removed), or each layer (angular distance, Block Influence)."""
 
 from __future__ import annotations
 
@@ -20,6 +20,7 @@ from dpatch.cli._options import (
     InputDtypeOpt,
     InputShapeOpt,
     JsonOpt,
+    MetricOpt,
     ModelArg,
     OutOpt,
     PretrainedOpt,
@@ -28,6 +29,7 @@ from dpatch.cli._options import (
     parse_rate,
 )
 from dpatch.errors import InvalidValueError
+from dpatch.settings import METRICS, check_choice
 
 __all__: list[str] = []
 
@@ -35,8 +37,8 @@ _SMOKE = "synthetic inputs: a smoke test, not a measurement"
 
 
 @contextmanager
-def _progress(total_hint: str, quiet: bool) -> Iterator[Callable[[int, int], None] | None]:
-    """A progress bar over sites on stderr, only when stdout is a terminal."""
+def progress_bar(total_hint: str, quiet: bool) -> Iterator[Callable[[int, int], None] | None]:
+    """A progress bar on stderr (over sites or batches), only when stdout is a terminal."""
     if quiet or not sys.stdout.isatty():
         yield None
         return
@@ -88,6 +90,7 @@ def sensitivity_cmd(
             "inject --schedule custom --per branch --rates-from.",
         ),
     ] = None,
+    metric: MetricOpt = "loss",
     output: OutOpt = None,
     force: ForceOpt = False,
     as_json: JsonOpt = False,
@@ -97,13 +100,20 @@ def sensitivity_cmd(
     input_shape: InputShapeOpt = None,
     input_dtype: InputDtypeOpt = None,
 ) -> None:
-    """Measure what each residual branch is worth: the model with that branch removed.
+    """Measure what each residual branch (the model with it removed) or layer (how much it
+    changes its hidden state) is worth.
 
     Example: dpatch sensitivity timm:resnet18 --data val/ --suggest 0.3 -o rates.json
     """
+    check_choice(metric, "--metric", METRICS)
     top = parse_rate(suggest, "--suggest") if suggest is not None else None
     if (top is None) != (output is None):
         raise InvalidValueError("--suggest MAX_RATE and -o FILE go together (-o gets the rates)")
+    if top is not None and metric != "loss":
+        raise InvalidValueError(
+            f"--suggest needs per-branch scores (--metric loss); --metric {metric} gives one "
+            "score per layer"
+        )
     from dpatch.depth import load_data, sensitivity, suggestion
     from dpatch.files import atomic_write, check_output
 
@@ -114,9 +124,15 @@ def sensitivity_cmd(
     name = loaded.spec.text if loaded.spec else model
     with step("Loading data", as_json):
         ds = load_data(data, loaded.model, synthetic=synthetic, limit=limit, example_inputs=example)
-    with _progress("Removing branches", as_json) as update, about(name):
+    what = "Removing branches" if metric == "loss" else "Measuring layers"
+    with progress_bar(what, as_json) as update, about(name):
         report = sensitivity(
-            loaded.model, ds.inputs, ds.targets, batch_size=batch_size, progress=update
+            loaded.model,
+            ds.inputs,
+            ds.targets,
+            batch_size=batch_size,
+            progress=update,
+            metric=metric,
         )
     written = None
     if top is not None and output is not None:

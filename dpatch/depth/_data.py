@@ -8,7 +8,8 @@ or synthetic inputs.
   resized, centre-cropped and normalised (ImageNet mean/std) to their inferred input size.
 - A ``.safetensors`` or ``.pt``/``.pth`` file holding ``inputs`` and optionally ``targets``;
   ``.pt`` files load with ``torch.load(weights_only=True)`` only.
-- ``synthetic``: N random inputs of the model's input size: a smoke test, not a measurement.
+- ``synthetic``: N random inputs of the model's input size (token ids below the vocabulary
+  size for a model that takes ids): a smoke test, not a measurement.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from torch import Tensor, nn
 from dpatch.analysis import materialise, probe
 from dpatch.errors import DataError, InvalidValueError, first_line
 
-__all__ = ["Data", "load_data", "random_inputs"]
+__all__ = ["Data", "load_data", "random_example", "random_inputs"]
 
 _IMAGENET_MEAN = (0.485, 0.456, 0.406)
 _IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -80,7 +81,8 @@ def load_data(
             raise InvalidValueError(f"{name} must be a whole number >= 1, but got {n!r}")
     if synthetic is not None:
         x = random_inputs(model, synthetic, example_inputs=example_inputs)
-        return Data(x, None, f"{synthetic} random inputs", True)
+        what = "inputs" if x.is_floating_point() else "token ids"
+        return Data(x, None, f"{synthetic} random {what}", True)
     assert path is not None
     p = Path(path)
     if not p.exists():
@@ -93,24 +95,47 @@ def random_inputs(
     model: nn.Module, batch: int, seed: int = 0, example_inputs: Sequence[Any] | None = None
 ) -> Tensor:
     """Random inputs of the size the model runs on (``example_inputs``, else the input its
-    probe inferred) at ``batch`` rows, seeded.
+    probe inferred) at ``batch`` rows, seeded; integer inputs are token ids below the
+    model's vocabulary size (``config.vocab_size``, else its first embedding's size).
 
     Raises:
         ProbeError: the model runs on no input dpatch can infer.
         InvalidValueError: it takes several inputs (give data instead).
     """
-    example = probe(model, example_inputs).example
-    assert example is not None
-    values = example.with_batch(batch).values
+    values = random_example(model, batch, seed, example_inputs)
     if len(values) != 1 or not isinstance(values[0], Tensor):
         raise InvalidValueError(
             f"the model takes {len(values)} inputs; give data holding them instead of "
             "synthetic inputs"
         )
+    return values[0]
+
+
+def random_example(
+    model: nn.Module, batch: int, seed: int = 0, example_inputs: Sequence[Any] | None = None
+) -> tuple[Any, ...]:
+    """Every positional input of the model, random as :func:`random_inputs` makes them (on
+    the CPU)."""
+    example = probe(model, example_inputs).example
+    assert example is not None
+    out: list[Any] = []
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        out: Tensor = materialise(values[0], torch.device("cpu"))
-    return out
+        for v in example.with_batch(batch).values:
+            if isinstance(v, Tensor) and not v.is_floating_point() and v.dtype != torch.bool:
+                out.append(torch.randint(0, _vocab_size(model), tuple(v.shape), dtype=v.dtype))
+            else:
+                out.append(materialise(v, torch.device("cpu")))
+    return tuple(out)
+
+
+def _vocab_size(model: nn.Module) -> int:
+    """How many token ids the model embeds (1 when it says nowhere: all ids 0)."""
+    size = getattr(getattr(model, "config", None), "vocab_size", None)
+    if isinstance(size, int) and size > 0:
+        return size
+    first = next((m for m in model.modules() if isinstance(m, nn.Embedding)), None)
+    return first.num_embeddings if first is not None else 1
 
 
 def _limited(data: Data, limit: int | None) -> Data:

@@ -1,6 +1,7 @@
 """Pruning residual branches for inference: the block returns its shortcut and the branch is
 never computed (fairseq's LayerDrop pruning, Huang et al.'s "shallower at test time", for any
-model dpatch can rewrite).
+model dpatch can rewrite). Whole layers go by their angular distance or Block Influence
+(Gromov et al., ShortGPT): every branch of a chosen layer is pruned.
 
 A pruned site stays a site (``Site.pruned``): its block is rewritten with the branch's nodes
 left out of the generated forward (:mod:`dpatch.rewrite._prune_graph`). The tensors that only pruned
@@ -20,11 +21,12 @@ from torch import Tensor, nn
 
 from dpatch.analysis import Analysis, BlockSites, Probe, Site, analyze, probe, qualify, site_list
 from dpatch.depth._blocks import rebuild_blocks, take_apart
+from dpatch.depth._layers import Layer, layers_of
 from dpatch.errors import InvalidValueError, ProbeError, UnsupportedSiteError, first_line
 from dpatch.marks import block_meta, set_block_meta
 from dpatch.patching import Change, PatchReport, Skipped
 from dpatch.rewrite import ancestors
-from dpatch.settings import PRUNE_BY
+from dpatch.settings import LAYER_METRICS, PRUNE_BY
 
 __all__ = [
     "prune",
@@ -43,10 +45,21 @@ def _check_request(
             raise InvalidValueError(f"{name} must be a whole number >= 0, but got {n!r}")
     if by not in PRUNE_BY:
         raise InvalidValueError(f"unknown by {by!r}; choose one of: {', '.join(PRUNE_BY)}")
-    if (by == "sensitivity") != (scores is not None):
+    if by in LAYER_METRICS and scores is None:
+        raise InvalidValueError(
+            f"by={by!r} needs the layers' scores: scores=dpatch.sensitivity(model, inputs, "
+            f"metric={by!r}) (or a layer path -> score mapping)"
+        )
+    if (by in ("sensitivity", *LAYER_METRICS)) != (scores is not None):
         raise InvalidValueError(
             "by='sensitivity' needs scores (a SensitivityReport or a name -> score mapping), "
-            "and scores need by='sensitivity'"
+            "and scores need by='sensitivity', 'angular' or 'bi'"
+        )
+    metric = getattr(scores, "metric", None)
+    if by in LAYER_METRICS and metric is not None and metric != by:
+        raise InvalidValueError(
+            f"by={by!r} but the scores are {metric!r} scores; measure them with "
+            f"metric={by!r}, or pass by='sensitivity'"
         )
 
 
@@ -75,7 +88,8 @@ def prune_order(sites: Sequence[Site], by: str, scores: Any | None = None) -> li
     - ``sensitivity``: least sensitive first (``scores``: a SensitivityReport or mapping;
       sites without a score come last).
 
-    Ties go to the deeper site.
+    Ties go to the deeper site. ``angular`` and ``bi`` order whole layers, which needs the
+    model: :func:`prune` takes them.
     """
     pos = {s.name: i for i, s in enumerate(sites)}
     todo = [s for s in sites if not s.pruned]
@@ -91,7 +105,74 @@ def prune_order(sites: Sequence[Site], by: str, scores: Any | None = None) -> li
         score = _score_map(scores, sites)
         inf = float("inf")
         return sorted(todo, key=lambda s: (score.get(s.name, inf), -pos[s.name]))
+    if by in LAYER_METRICS:
+        raise InvalidValueError(
+            f"by={by!r} orders whole layers, which needs the model: prune(model, count=N, "
+            f"by={by!r}, scores=...)"
+        )
     raise InvalidValueError(f"unknown by {by!r}; choose one of: {', '.join(PRUNE_BY)}")
+
+
+# --------------------------------------------------------------------------- layers
+def _layer_scores(
+    scores: Any, layers: Sequence[Layer], sites: Sequence[Site], want_layers: bool
+) -> dict[str, float] | None:
+    """The scores as layer path -> score, or None when they are branch scores (a report per
+    branch, or a mapping of site names; ``want_layers`` makes those an error)."""
+    per = getattr(scores, "per", None)
+    raw = scores.scores if hasattr(scores, "scores") else scores
+    if not isinstance(raw, Mapping):
+        raise InvalidValueError(f"scores must map names to numbers, got {type(raw).__name__}")
+    paths = {layer.path for layer in layers}
+    names = {s.name for s in sites}
+    branches = per == "branch" or (per is None and raw and set(raw) <= names)
+    if branches or (per is None and not want_layers and not set(raw) & paths):
+        if want_layers:
+            raise InvalidValueError(
+                "whole-layer pruning needs one score per layer, but the scores name branches; "
+                "measure them with dpatch.sensitivity(model, inputs, metric='angular' or 'bi')"
+            )
+        return None
+    unknown = sorted(set(raw) - paths)
+    if unknown:
+        known = ", ".join(sorted(paths)[:3]) or "none"
+        raise InvalidValueError(
+            f"the scores name {len(unknown)} layer(s) this model lacks (e.g. {unknown[0]!r}; "
+            f"its layers: {known}, ...); were they measured on another model?"
+        )
+    return {str(k): float(v) for k, v in raw.items()}
+
+
+def _chosen_layers(
+    layers: Sequence[Layer],
+    sites: Sequence[Site],
+    score: Mapping[str, float],
+    count: int | None,
+    keep: int | None,
+) -> list[Layer]:
+    """The layers ``count`` (or all but ``keep``) takes among the scored ones: lowest score
+    first, ties to the deeper layer; layers already pruned whole are not counted, and a
+    layer without a score (one that could not be measured) is never chosen."""
+    pruned = {s.name for s in sites if s.pruned}
+    todo = [layer for layer in layers if not set(layer.sites) <= pruned and layer.path in score]
+    order = sorted(todo, key=lambda layer: (score[layer.path], -layer.index))
+    if keep is not None:
+        if keep > len(order):
+            raise InvalidValueError(
+                f"cannot keep {keep} layers: the scores rank {len(order)} unpruned layers; "
+                f"give a number of at most {len(order)}"
+            )
+        count = len(order) - keep
+    assert count is not None
+    if count > len(order):
+        gone = sum(1 for layer in layers if set(layer.sites) <= pruned)
+        raise InvalidValueError(
+            f"cannot prune {count} layers: the scores rank {len(order)} of the model's "
+            f"{len(layers)} layers with residual branches"
+            + (f" ({gone} pruned already)" if gone else "")
+            + f"; give a count of at most {len(order)}"
+        )
+    return order[:count]
 
 
 def _chosen(
@@ -114,7 +195,7 @@ def _chosen(
                 )
             if not by_name[n].pruned and by_name[n] not in out:
                 out.append(by_name[n])
-        if scores is not None:
+        if scores is not None and by not in LAYER_METRICS:
             _score_map(scores, all_sites)
         return out
     order = prune_order(all_sites, by, scores)
@@ -193,9 +274,14 @@ def prune(
         sites: site names (``Site.name``) to prune; or
         count: how many (more) branches to prune, chosen by ``by``; 0 changes nothing; or
         keep: how many unpruned branches to keep (the others are pruned, chosen by ``by``).
-        by: ``rate``, ``depth``, ``every-other`` or ``sensitivity`` (see :func:`prune_order`).
+            With layer scores both count whole layers (:func:`dpatch.find_layers`).
+        by: ``rate``, ``depth``, ``every-other`` or ``sensitivity`` (see :func:`prune_order`);
+            ``angular`` or ``bi``: whole layers, lowest score first (every branch of a chosen
+            layer is pruned; ties go to the deeper layer).
         scores: for ``by="sensitivity"``: a :class:`~dpatch.SensitivityReport` or a mapping
-            from site name to score (lower: less sensitive, pruned first).
+            from site name to score (lower: less sensitive, pruned first), or from layer path
+            to score (whole layers); for ``angular``/``bi``: a report of that metric, or a
+            layer path -> score mapping.
         inplace: prune ``model`` itself; else a deep copy (``report.model``).
         example_inputs: inputs for the meta-device probe (default: an image batch).
 
@@ -204,8 +290,8 @@ def prune(
         ``skipped`` saying which tensors of pruned branches stay in saved files, and why.
 
     Raises:
-        InvalidValueError: an unknown site name, a count above the number of sites, bad
-            ``by``/``scores``.
+        InvalidValueError: an unknown site name, a count above the number of sites (or
+            layers), bad ``by``/``scores``.
         UnsupportedSiteError: a chosen site's block cannot be rewritten (a native slot not
             on a traced residual addition, a forward that fails the rewrite), or its branch
             holds other sites. The model is left as it was.
@@ -215,7 +301,17 @@ def prune(
         model = copy.deepcopy(model)
     an = analyze(model, example_inputs)
     before = site_list(an)
-    chosen = _chosen(before, sites, count, keep, by, scores)
+    layer_score = None
+    layers: list[Layer] = []
+    if sites is None and by in ("sensitivity", *LAYER_METRICS):
+        layers = layers_of(model, before)
+        layer_score = _layer_scores(scores, layers, before, by in LAYER_METRICS)
+    if layer_score is not None:
+        picked = _chosen_layers(layers, before, layer_score, count, keep)
+        names = {n for layer in picked for n in layer.sites}
+        chosen = [s for s in before if s.name in names and not s.pruned]
+    else:
+        chosen = _chosen(before, sites, count, keep, by, scores)
     if not chosen:
         return PatchReport.current(before, model=model)
     blocks: dict[str, BlockSites] = {}

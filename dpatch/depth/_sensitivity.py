@@ -1,13 +1,17 @@
-"""Measuring what each residual branch is worth: the model evaluated with one branch
-removed at a time (its block returns the shortcut), compared with the full model.
+"""Measuring what each residual branch (``metric="loss"``) or layer (``"angular"``,
+``"bi"``) is worth.
 
-Metrics (per site, over the whole data):
+``loss``: the model evaluated with one branch removed at a time (its block returns the
+shortcut), compared with the full model; per site, over the whole data:
 
 - with targets: the top-1 accuracy drop and the cross-entropy increase; the primary score
   is the cross-entropy increase (continuous, so small evaluation sets still rank branches);
 - without targets, 2-D outputs (classifiers): the KL divergence KL(p_full || p_removed) of
   the softmax outputs, averaged over samples;
 - otherwise: the relative L2 change ``||y_removed - y_full|| / ||y_full||``.
+
+``angular`` and ``bi`` score whole layers (:mod:`._layers`): how much each layer changes
+its hidden state, in one forward pass over the data.
 
 A suggestion turns the scores into a per-branch ``custom`` schedule for ``inject``: rates
 monotone in measured robustness, the least sensitive branch at ``max_rate``, the most
@@ -31,12 +35,15 @@ from torch import Tensor, nn
 
 from dpatch.analysis import Site, analyze, site_list
 from dpatch.depth._blocks import rebuild_blocks, removable, removed_branch, take_apart
+from dpatch.depth._layers import Layer, layer_similarity, layers_of
 from dpatch.errors import DataError, InvalidValueError
 from dpatch.schedule import check_rate
+from dpatch.settings import LAYER_METRICS, METRICS, check_choice
 
 __all__ = [
-    "METRICS",
+    "LOSS_METRICS",
     "RATES_FORMAT",
+    "LayerSensitivity",
     "SensitivityReport",
     "SiteSensitivity",
     "read_rates",
@@ -46,8 +53,8 @@ __all__ = [
     "suggestion",
 ]
 
-#: Primary metrics, by what the data allows.
-METRICS: tuple[str, ...] = ("ce_increase", "kl", "rel_l2")
+#: The primary metric of ``metric="loss"``, by what the data allows.
+LOSS_METRICS: tuple[str, ...] = ("ce_increase", "kl", "rel_l2")
 #: The ``format`` of a suggested-rates JSON file.
 RATES_FORMAT = "dpatch-rates/1"
 
@@ -80,15 +87,43 @@ class SiteSensitivity:
 
 
 @dataclass(frozen=True)
-class SensitivityReport:
-    """What removing each branch does to the model's output.
+class LayerSensitivity:
+    """One layer's measurement (``metric="angular"`` or ``"bi"``).
 
     Attributes:
-        metric: the primary metric (one of :data:`METRICS`).
-        sites: one entry per site, in depth order.
+        layer: the layer (its path, index and branches).
+        score: the metric, averaged over tokens (lower: the layer changes its input less);
+            None where it could not be measured.
+        reason: why it was not measured ("" when it was).
+    """
+
+    layer: Layer
+    score: float | None
+    reason: str = ""
+
+    @property
+    def name(self) -> str:
+        """The layer's path (what ``scores`` and ``prune`` name it by)."""
+        return self.layer.path
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**self.layer.to_dict(), "score": self.score, "reason": self.reason}
+
+
+@dataclass(frozen=True)
+class SensitivityReport:
+    """What removing each branch does to the model's output (``per="branch"``), or how much
+    each layer changes its hidden state (``per="layer"``).
+
+    Attributes:
+        metric: the primary metric: one of :data:`LOSS_METRICS` for ``loss``, else
+            ``angular`` or ``bi``.
+        sites: one entry per site, in depth order (``per="branch"``; empty for layers).
         samples: how many inputs were evaluated.
         accuracy: top-1 accuracy of the full model (with targets).
         cross_entropy: cross-entropy of the full model (with targets).
+        per: ``"branch"`` (loss) or ``"layer"`` (angular, bi).
+        layers: one entry per layer, in forward order (``per="layer"``).
     """
 
     metric: str
@@ -96,16 +131,28 @@ class SensitivityReport:
     samples: int
     accuracy: float | None = None
     cross_entropy: float | None = None
+    per: str = "branch"
+    layers: tuple[LayerSensitivity, ...] = ()
 
     @property
     def scores(self) -> dict[str, float]:
-        """``Site.name`` -> primary metric, for the sites that were measured."""
-        return {s.name: s.score for s in self.sites if s.score is not None}
+        """Name -> primary metric, for what was measured: ``Site.name`` per branch, the
+        layer's path per layer."""
+        entries = self.layers if self.per == "layer" else self.sites
+        return {e.name: e.score for e in entries if e.score is not None}
 
     @property
     def notes(self) -> tuple[str, ...]:
         """What a reader must know to trust the scores (e.g. every score is 0)."""
-        measured = [s.score for s in self.sites if s.score is not None]
+        measured = list(self.scores.values())
+        if self.per == "layer":
+            # a cosine of equal vectors is 1 to float64 rounding, not always exactly
+            if measured and all(abs(score) < 1e-12 for score in measured):
+                return (
+                    "every score is 0: no layer changes its hidden state (branch ends "
+                    "initialised to zero in an untrained model?); measure a trained model",
+                )
+            return ()
         if measured and all(score == 0 for score in measured):
             return (
                 "every score is 0: removing any one branch leaves the model's outputs "
@@ -119,11 +166,13 @@ class SensitivityReport:
         """Plain-JSON form (``dpatch sensitivity --json``; ``prune --by FILE`` reads it)."""
         return {
             "metric": self.metric,
+            "per": self.per,
             "samples": self.samples,
             "accuracy": self.accuracy,
             "cross_entropy": self.cross_entropy,
             "scores": self.scores,
             "notes": list(self.notes),
+            "layers": [e.to_dict() for e in self.layers],
             "sites": [
                 {
                     "name": s.name,
@@ -229,23 +278,35 @@ def sensitivity(
     *,
     batch_size: int = 64,
     progress: Callable[[int, int], None] | None = None,
+    metric: str = "loss",
 ) -> SensitivityReport:
-    """Evaluate ``model`` with each residual branch removed in turn and measure the change.
+    """What each residual branch (``metric="loss"``) or layer (``"angular"``, ``"bi"``) of
+    ``model`` is worth on ``inputs``.
 
-    The model itself is not changed (the measurement runs on a copy, in eval mode, on the
-    device of the model's parameters).
+    - ``loss``: the model evaluated with each branch removed in turn (on a copy), compared
+      with the full model; one score per branch.
+    - ``angular`` (Gromov et al. 2024) and ``bi`` (ShortGPT's Block Influence): how much
+      each layer changes its hidden state, per token, averaged; one forward pass over the
+      data with hooks (no copy); one score per layer; ``targets`` are not used.
+
+    The model itself is not changed; it runs in eval mode on the device of its parameters.
 
     Args:
         model: any model dpatch finds sites in.
         inputs: a batch-first tensor of inputs.
         targets: integer class labels, one per input (enables accuracy and cross-entropy).
         batch_size: inputs per forward pass.
-        progress: called as ``progress(done, total)`` after each site.
+        progress: called as ``progress(done, total)`` after each site (``loss``) or batch.
+        metric: ``loss``, ``angular`` or ``bi`` (:data:`dpatch.settings.METRICS`).
 
     Raises:
         DataError: empty or malformed inputs or targets.
-        InvalidValueError: the model's output is not a tensor, or targets do not fit it.
+        InvalidValueError: an unknown metric, the model's output is not a tensor, or
+            targets do not fit it.
     """
+    check_choice(metric, "metric", METRICS)
+    if metric in LAYER_METRICS:
+        return _layer_sensitivity(model, inputs, metric, batch_size, progress)
     _check_data(inputs, targets, batch_size)
     work, sites = _prepared(model, (inputs[: min(2, inputs.shape[0])],))
     work.eval()
@@ -294,6 +355,26 @@ def sensitivity(
     return SensitivityReport(metric, tuple(entries), int(inputs.shape[0]), acc, ce)
 
 
+def _layer_sensitivity(
+    model: nn.Module,
+    inputs: Tensor,
+    metric: str,
+    batch_size: int,
+    progress: Callable[[int, int], None] | None,
+) -> SensitivityReport:
+    _check_data(inputs, None, batch_size)
+    an = analyze(model, (inputs[: min(2, inputs.shape[0])],))
+    layers = layers_of(model, site_list(an))
+    measured = layer_similarity(
+        model, layers, inputs, metric, batch_size=batch_size, progress=progress
+    )
+    entries = tuple(
+        LayerSensitivity(layer, score, why)
+        for layer, (score, why) in zip(layers, measured, strict=True)
+    )
+    return SensitivityReport(metric, (), int(inputs.shape[0]), per="layer", layers=entries)
+
+
 # --------------------------------------------------------------------------- suggesting
 def suggest_rates(report: SensitivityReport, max_rate: float) -> list[float]:
     """A rate per site (report order): linear in sensitivity rank, ``max_rate`` for the least
@@ -301,8 +382,13 @@ def suggest_rates(report: SensitivityReport, max_rate: float) -> list[float]:
     were not measured get 0.
 
     Raises:
-        InvalidValueError: ``max_rate`` outside [0, 1).
+        InvalidValueError: ``max_rate`` outside [0, 1), or a report of layer scores.
     """
+    if report.per == "layer":
+        raise InvalidValueError(
+            f"suggested rates come from per-branch scores (metric 'loss'); this report has "
+            f"one {report.metric!r} score per layer"
+        )
     top = check_rate(max_rate, "max_rate")
     measured = sorted((s.score, i) for i, s in enumerate(report.sites) if s.score is not None)
     rates = [0.0] * len(report.sites)

@@ -17,13 +17,14 @@ from torch import nn
 from dpatch import PatchReport, inject, retune
 from dpatch.errors import InvalidValueError
 from dpatch.recipes import Recipe, ResolvedRecipe, get_recipe, resolve_recipe
-from dpatch.scheduler import DropPathScheduler, FactorFn, check_config
+from dpatch.scheduler import DropPathScheduler, FactorFn, check_config, needs_total_steps
 from dpatch.settings import Settings
 
 ACTIONS: tuple[str, ...] = ("inject", "retune")
 
-# A stand-in run length to check a cutoff_fraction's other arguments before the real one
-# is known (the real check runs in ``start``).
+# A stand-in run length to check the other arguments of a schedule that needs the run's
+# length (a cutoff_fraction, an exp-ramp over the run) before the real one is known (the
+# real check runs in ``start``).
 _PROBE_TOTAL = 1_000_000
 
 
@@ -87,7 +88,7 @@ class DropPathDriver:
         if callable(args["kind"]):
             return  # checked on the model, where the function is first called
         checked = dict(args)
-        if "cutoff_fraction" in checked and total_steps is None:
+        if total_steps is None and needs_total_steps(checked):
             total_steps = _PROBE_TOTAL
         check_config(**checked, total_steps=total_steps)
 

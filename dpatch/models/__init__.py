@@ -17,6 +17,7 @@ from dpatch.models._zoo import (
     rebuild,
     rebuild_info,
     spec_of,
+    transformers_quiet,
 )
 
 __all__ = [
@@ -31,5 +32,6 @@ __all__ = [
     "rebuild_info",
     "set_model_spec",
     "spec_of",
+    "transformers_quiet",
     "tv_build_kwargs",
 ]

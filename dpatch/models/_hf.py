@@ -45,6 +45,7 @@ __all__ = [
     "hf_rebuild_info",
     "hf_slot_rates",
     "parse_hf",
+    "quiet",
 ]
 
 #: ``task=`` values and the Auto class each builds; ``auto`` builds the class the config's
@@ -193,6 +194,11 @@ def build_hf(spec: ModelSpec, pretrained: bool) -> nn.Module:
     if auto.__name__.startswith("Auto"):
         return auto.from_config(config)
     return auto(config)
+
+
+def quiet() -> Any:
+    """A context in which transformers shows no progress bars (loading, writing shards)."""
+    return _quiet(require())
 
 
 @contextmanager

@@ -43,6 +43,7 @@ __all__ = [
     "rebuild",
     "rebuild_info",
     "spec_of",
+    "transformers_quiet",
 ]
 
 _SCHEMES = {
@@ -288,7 +289,7 @@ def native_rates(model: nn.Module, max_rate: float) -> dict[str, float]:
         return hf_native_rates(model, max_rate)
     raise InvalidValueError(
         "schedule 'native' needs a timm, torchvision or transformers model whose library sets "
-        "drop-path rates; use linear, uniform, huang, efficientnet, cosine or custom"
+        "drop-path rates; use linear, uniform, huang, efficientnet, cosine, exponential or custom"
     )
 
 
@@ -383,3 +384,10 @@ def list_models(pattern: str | None = None, source: str | None = None) -> list[M
             or fnmatch.fnmatchcase(e.spec.lower(), low)
         ]
     return out
+
+
+def transformers_quiet() -> Any:
+    """A context in which transformers shows no progress bars (imports transformers)."""
+    from dpatch.models._hf import quiet
+
+    return quiet()

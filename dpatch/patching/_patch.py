@@ -122,8 +122,8 @@ def inject(
         model: any ``nn.Module`` (timm, torchvision, transformers, or your own).
         max_rate: rate of the deepest block (every block for ``uniform``); default 0.1.
         schedule: ``linear`` (default), ``uniform``, ``huang``, ``efficientnet``,
-            ``cosine``, ``custom`` (with ``rates``) or ``native`` (the model library's own
-            rule).
+            ``cosine``, ``exponential`` (LayerSkip), ``custom`` (with ``rates``) or
+            ``native`` (the model library's own rule).
         min_rate: rate of the first block for ``linear``/``cosine``; default 0.
         rates: per-step rates for ``custom``.
         mode: ``row`` (per sample, default) or ``batch`` (whole batch).

@@ -62,6 +62,14 @@ _COMPOSER = Source(
     "drop_rate 0.2 (ResNet-50) / 0.4 (ResNet-101), drop_distribution 'linear' = "
     "(i + 1) / N * rate in stochastic_depth.py, drop_warmup 0, same blocks on every GPU",
 )
+_LAYERSKIP = Source(
+    "Elhoushi et al. 2024, LayerSkip: Enabling Early Exit Inference and Self-Speculative "
+    "Decoding (ACL, arXiv:2404.16710)",
+    "https://github.com/pytorch/torchtune/blob/main/recipes/dev/7B_full_early_exit.yaml",
+    "the LayerSkip (TOPv2) command of this torchtune config: layer_dropout.prob=0.2 with the "
+    "exp layer scale; torchtune/modules/layer_dropout.py: rate p_max * (e^(l ln2/(L-1)) - 1) "
+    "for layer l of L, a Bernoulli draw per sample, kept layers not rescaled",
+)
 
 # Sizes recognised by (residual blocks, width of the first block).
 _VIT = {"S": (12, 384), "B": (12, 768), "L": (24, 1024), "H": (32, 1280), "g": (40, 1536)}
@@ -180,6 +188,23 @@ _RECIPES: tuple[Recipe, ...] = (
         scaling="expected",
         notes="Composer's suggested hyperparameters use no drop warm-up (drop_warmup=0); "
         "add one with DropPathScheduler(kind='warmup') if wanted",
+    ),
+    Recipe(
+        "layerskip",
+        "decoder LLMs (Llama), LayerSkip layer dropout rising over depth and training",
+        "exponential",
+        _LAYERSKIP,
+        max_rate=0.2,
+        scaling="none",
+        time=TimeSchedule("exp-ramp"),
+        notes="p_max 0.2 is torchtune's command reproducing LayerSkip on TOPv2; the paper's "
+        "p_max per experiment could not be checked against the paper itself here. The time "
+        "curriculum S(t) = e^(t ln2/T) - 1 over the run (exp-ramp) is the paper's for "
+        "pre-training from scratch as reported in summaries of the paper (not verified "
+        "against its text); for continual pre-training and fine-tuning its S(t) is 1: pass "
+        "kind='constant'. torchtune itself has no curriculum yet. LayerSkip drops a whole "
+        "layer per sample; dpatch draws each residual branch on its own (a layer's branches "
+        "share the rate, not the draw). LayerSkip's early-exit loss is not part of dpatch",
     ),
 )
 

@@ -8,7 +8,7 @@ from typing import Any
 
 from dpatch.errors import InvalidValueError
 from dpatch.schedule import PER, SCHEDULES, check_rate
-from dpatch.scheduler import check_config
+from dpatch.scheduler import check_config, needs_total_steps
 from dpatch.settings import MODES, SCALINGS
 
 __all__ = ["ModelShape", "Recipe", "ResolvedRecipe", "SizeRate", "Source", "TimeSchedule"]
@@ -79,7 +79,7 @@ class TimeSchedule:
     """The rate over training time, as ``DropPathScheduler`` arguments.
 
     Attributes:
-        kind: a scheduler kind (``"constant"``, ``"early"``, ``"late"``, ...).
+        kind: a scheduler kind (``"constant"``, ``"early"``, ``"late"``, ``"exp-ramp"``, ...).
         shape: ``"early"`` only: ``"constant"`` or ``"linear"``.
         cutoff_epochs: ``"early"``/``"late"``: the epoch where the phase switches ...
         epochs: ... out of this many; the scheduler gets the fraction of ``total_steps``.
@@ -113,6 +113,8 @@ class TimeSchedule:
             return f"early ({how}), first {self.cutoff_epochs} of {self.epochs} epochs, then 0"
         if self.kind == "late":
             return f"late: 0 for the first {self.cutoff_epochs} of {self.epochs} epochs, then on"
+        if self.kind == "exp-ramp":
+            return "exp-ramp: 2^(t/T) - 1 from 0 to 1 over the run (T = total steps)"
         return self.kind
 
     def to_dict(self) -> dict[str, Any]:
@@ -179,7 +181,11 @@ class Recipe:
         keys = [_size_key(s.size) for s in self.sizes]
         if len(set(keys)) != len(keys):
             raise InvalidValueError(f"{where}: sizes repeat ({self.size_names})")
-        check_config(**self.time.scheduler_kwargs(), total_steps=self.time.epochs)
+        kwargs = self.time.scheduler_kwargs()
+        # a schedule over the whole run is checked against a stand-in length when the
+        # recipe names none
+        total = self.time.epochs or (100 if needs_total_steps(kwargs) else None)
+        check_config(**kwargs, total_steps=total)
 
     @property
     def sized(self) -> bool:
@@ -315,8 +321,9 @@ class ResolvedRecipe:
 
     @property
     def needs_total_steps(self) -> bool:
-        """True when the scheduler needs ``total_steps`` (a cutoff given as a fraction)."""
-        return "cutoff_fraction" in self.scheduler_kwargs
+        """True when the scheduler needs ``total_steps`` (a cutoff given as a fraction, a
+        ramp over the whole run)."""
+        return needs_total_steps(self.scheduler_kwargs)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain-JSON form, for reports and manifests."""
@@ -330,6 +337,7 @@ class ResolvedRecipe:
             else {"blocks": self.shape.blocks, "width": self.shape.width},
             "inject": self.inject_kwargs,
             "scheduler": self.scheduler_kwargs,
+            "needs_total_steps": self.needs_total_steps,
             "time": self.recipe.time.describe(),
             "source": self.recipe.source.to_dict(),
             "notes": self.recipe.notes,

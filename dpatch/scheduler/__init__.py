@@ -6,7 +6,20 @@ Other packages import from here only; the modules inside are this package's own.
 
 from __future__ import annotations
 
-from dpatch.scheduler._factors import EARLY_SHAPES, KINDS, FactorFn, check_config
+from dpatch.scheduler._factors import (
+    EARLY_SHAPES,
+    KINDS,
+    FactorFn,
+    check_config,
+    needs_total_steps,
+)
 from dpatch.scheduler._scheduler import DropPathScheduler
 
-__all__ = ["EARLY_SHAPES", "KINDS", "DropPathScheduler", "FactorFn", "check_config"]
+__all__ = [
+    "EARLY_SHAPES",
+    "KINDS",
+    "DropPathScheduler",
+    "FactorFn",
+    "check_config",
+    "needs_total_steps",
+]

@@ -23,9 +23,10 @@ __all__ = [
     "check_target",
     "config_args",
     "factor_at",
+    "needs_total_steps",
 ]
 
-KINDS: tuple[str, ...] = ("warmup", "progressive", "constant", "early", "late", "step")
+KINDS: tuple[str, ...] = ("warmup", "exp-ramp", "progressive", "constant", "early", "late", "step")
 EARLY_SHAPES: tuple[str, ...] = ("constant", "linear")
 # "linear" was the warm-up's first name; schedule.py's per-layer "linear" is another thing.
 _ALIASES = {"linear": "warmup"}
@@ -116,6 +117,20 @@ def check_config(
     cfg = SchedulerConfig(kind=kind, total_steps=total, steps_per_epoch=per_epoch)
     if kind == "warmup":
         cfg = replace(cfg, warmup_steps=check_count(warmup_steps, "warmup_steps", minimum=1))
+    elif kind == "exp-ramp":
+        # LayerSkip's S(t) spans the whole run unless told a shorter ramp
+        if warmup_steps == 0 and total is None:
+            raise InvalidValueError(
+                "kind 'exp-ramp' needs total_steps= (the ramp spans the run, LayerSkip's "
+                "curriculum) or warmup_steps= (a shorter ramp)"
+            )
+        ramp = total if warmup_steps == 0 else warmup_steps
+        cfg = replace(cfg, warmup_steps=check_count(ramp, "warmup_steps", minimum=1))
+        if total is not None and cfg.warmup_steps > total:
+            raise InvalidValueError(
+                f"warmup_steps {cfg.warmup_steps} is beyond total_steps {total}; the ramp "
+                "would never reach the targets"
+            )
     else:
         unused("warmup_steps", warmup_steps, 0)
     if kind == "progressive":
@@ -202,6 +217,8 @@ def factor_at(cfg: SchedulerConfig, t: int) -> float:
     kind = cfg.kind
     if kind == "warmup":
         return min(1.0, t / cfg.warmup_steps)
+    if kind == "exp-ramp":  # LayerSkip's S(t) = e^(t ln2 / T) - 1, then 1
+        return 1.0 if t >= cfg.warmup_steps else 2.0 ** (t / cfg.warmup_steps) - 1.0
     if kind == "progressive":
         return 1.0 - math.exp(-cfg.gamma * t)
     if kind == "early":
@@ -230,7 +247,7 @@ def config_args(state: Mapping[str, Any], kind: str) -> dict[str, Any]:
         "total_steps": state.get("total_steps"),
         "steps_per_epoch": state.get("steps_per_epoch"),
     }
-    if kind == "warmup":
+    if kind in ("warmup", "exp-ramp"):
         args["warmup_steps"] = state.get("warmup_steps", 0)
     elif kind == "progressive":
         args["gamma"] = state.get("gamma")
@@ -241,6 +258,14 @@ def config_args(state: Mapping[str, Any], kind: str) -> dict[str, Any]:
     elif kind == "step":
         args["milestones"] = [tuple(m) for m in state.get("milestones") or []]
     return args
+
+
+def needs_total_steps(kwargs: Mapping[str, Any]) -> bool:
+    """True when scheduler arguments need ``total_steps`` (a cutoff given as a fraction, or
+    an ``exp-ramp`` over the whole run)."""
+    if kwargs.get("cutoff_fraction") is not None:
+        return True
+    return kwargs.get("kind") == "exp-ramp" and not kwargs.get("warmup_steps")
 
 
 def check_target(value: object, name: str) -> float:

@@ -11,6 +11,9 @@ it, by the constructor or the previous ``step()``):
 
 - ``"warmup"`` (Composer's ``drop_warmup``; ``"linear"`` is an older name for it, not the
   per-layer ``schedule="linear"``): ``min(1, t / warmup_steps)``.
+- ``"exp-ramp"`` (LayerSkip's curriculum ``S(t)``, Elhoushi et al. 2024): ``2^(t / T) - 1``
+  (``e^(t ln 2 / T) - 1``), rising from 0 to 1 over ``T`` steps and 1 after; ``T`` is
+  ``warmup_steps`` when given, else ``total_steps`` (the whole run, as LayerSkip's curriculum).
 - ``"progressive"`` (DeepSpeed's progressive layer drop, Zhang & He 2020): the global keep
   probability ``theta(t) = (1 - theta_bar) * exp(-gamma * t) + theta_bar`` and layer ``i`` of
   ``L`` keeps with ``1 - i/L * (1 - theta(t))``. With per-layer targets ``i/L * (1 -
@@ -63,9 +66,11 @@ class DropPathScheduler:
     Args:
         model: a model with dpatch DropPath modules (after ``inject``/``retune``); their
             current rates become the targets.
-        kind: ``"warmup"`` (alias ``"linear"``), ``"progressive"``, ``"constant"``,
-            ``"early"``, ``"late"``, ``"step"``, or a function ``step -> factor``.
-        warmup_steps: steps of the warm-up ramp (``"warmup"``), > 0.
+        kind: ``"warmup"`` (alias ``"linear"``), ``"exp-ramp"``, ``"progressive"``,
+            ``"constant"``, ``"early"``, ``"late"``, ``"step"``, or a function
+            ``step -> factor``.
+        warmup_steps: steps of the warm-up ramp (``"warmup"``), > 0; of the exponential
+            ramp (``"exp-ramp"``; default ``total_steps``).
         gamma: decay speed of progressive layer drop (DeepSpeed's default 0.001).
         cutoff: ``"early"``/``"late"``: the step where stochastic depth ends / starts.
         cutoff_fraction: the cutoff as a fraction of ``total_steps`` instead (rounded half
