@@ -1,6 +1,9 @@
-"""``dpatch inject``: put stochastic depth on every residual branch, and save."""
+"""``dpatch inject`` (and ``dpatch retune``, which takes the same options): put stochastic
+depth on every residual branch, or change its rates, and save."""
 
 from __future__ import annotations
+
+import typer
 
 from dpatch.cli._app import app
 from dpatch.cli._batch import KeepGoingOpt, ModelsArg, TemplateOpt
@@ -34,8 +37,17 @@ from dpatch.cli._patching import Invocation, run_patch
 __all__: list[str] = []
 
 
-@app.command("inject")
+INJECT_HELP = """Put DropPath on every residual branch with a per-layer schedule, and save.
+
+Many inputs (files, folders, globs) take -o DIR; each architecture is built once.
+
+Example: dpatch inject resnet50 --max-rate 0.2 -o resnet50-dp.safetensors
+"""
+
+
+@app.command("inject", help=INJECT_HELP)
 def inject_cmd(
+    ctx: typer.Context,
     models: ModelsArg,
     max_rate: MaxRate = None,
     min_rate: MinRate = None,
@@ -62,12 +74,8 @@ def inject_cmd(
     template: TemplateOpt = None,
     keep_going: KeepGoingOpt = False,
 ) -> None:
-    """Put DropPath on every residual branch with a per-layer schedule, and save.
-
-    Many inputs (files, folders, globs) take -o DIR; each architecture is built once.
-
-    Example: dpatch inject resnet50 --max-rate 0.2 -o resnet50-dp.safetensors
-    """
+    """``inject`` or ``retune`` (the command's name says which): one runner, one settings
+    record."""
     settings = parse_settings(
         max_rate=max_rate,
         min_rate=min_rate,
@@ -83,4 +91,4 @@ def inject_cmd(
         models, recipe, size, coverage, weights, pretrained, output, force, dry_run,
         as_json, allow_empty, arch, input_shape, input_dtype, template, keep_going,
     )  # fmt: skip
-    run_patch("inject", settings, how)
+    run_patch(str(ctx.info_name), settings, how)
