@@ -36,7 +36,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from typing import Any, ClassVar, Optional
+from typing import TYPE_CHECKING, Any, ClassVar, Optional
 
 import torch
 from torch import Tensor, nn
@@ -45,6 +45,9 @@ from dpatch.errors import ReplayError
 from dpatch.ranks import RankCheck, Replay, attach_zero_grads, in_backward
 from dpatch.rows import scatter_add_rows
 from dpatch.settings import KERNEL_SETTINGS, MODES, SCALINGS
+
+if TYPE_CHECKING:
+    from dpatch.tie import Tie
 
 __all__ = ["DropPath", "drop_add", "drop_path", "keep_count"]
 
@@ -295,6 +298,7 @@ class DropPath(nn.Module):
         "_replay",
         "_draws",
         "_ranks",
+        "_tie",
     ]
     __jit_unused_properties__: ClassVar[list[str]] = ["drop_prob", "scale_by_keep", "draws"]
 
@@ -324,6 +328,8 @@ class DropPath(nn.Module):
         self._replay = Replay()
         # Set by inject/retune: shared by the slots of one model (dpatch.ranks).
         self._ranks: RankCheck | None = None
+        # Set for a tied block: the one decision its slots share (dpatch.tie).
+        self._tie: Tie | None = None
 
     def _apply(self, fn: Any, recurse: bool = True) -> DropPath:
         # .to()/.cuda() move parameters and buffers; the rate tensor follows (in float32).
@@ -381,6 +387,9 @@ class DropPath(nn.Module):
             if branch_first:
                 kwargs["branch_first"] = True
             return tracer.create_proxy("call_module", tracer.path_of_module(self), args, kwargs)
+        tie = self._tie
+        if tie is not None and self.training and tie.active:
+            return tie.apply(x, residual, alpha)  # the block's decision, shared by its slots
         if self.training and torch.compiler.is_compiling():
             # reads the rate tensor: a compiled graph never guards on the float rate
             return _drop_rate_tensor(x, residual, alpha, self._rate, self.mode, self.scaling)
@@ -404,7 +413,15 @@ class DropPath(nn.Module):
         return self._draws
 
     def keep_batch(self) -> bool:
-        """This step's batch-mode decision, drawn on the host: True keeps the branch.
+        """This step's batch-mode decision: True keeps the branch. In a tied block, the
+        block's decision (:mod:`dpatch.tie`); else :meth:`draw_batch`."""
+        tie = self._tie
+        if tie is not None and tie.active:
+            return tie.keep()
+        return self.draw_batch()
+
+    def draw_batch(self) -> bool:
+        """A batch-mode decision drawn on the host: True keeps the branch.
 
         A call inside backward is activation checkpointing running the forward again: it
         gets the decision the forward took (:class:`dpatch.ranks.Replay`, which draws one
@@ -486,6 +503,8 @@ class DropPath(nn.Module):
 
     def skips(self) -> bool:
         """True when this call should compute the branch on a subset (or not at all)."""
+        if self.mode == "row" and self._tie is not None and self._tie.active:
+            return False  # a tied block skips (or masks) as one: see dpatch.tie
         return self.skip and self.training and self._p > 0.0
 
     def extra_repr(self) -> str:
@@ -509,4 +528,5 @@ class DropPath(nn.Module):
         state.setdefault("_draws", 0)
         state.setdefault("_replay", Replay())
         state.setdefault("_ranks", None)
+        state.setdefault("_tie", None)
         super().__setstate__(state)

@@ -32,6 +32,7 @@ __all__ = [
     "SCALINGS",
     "SETTING_NAMES",
     "SOURCES",
+    "TIES",
     "Settings",
     "check_choice",
 ]
@@ -40,6 +41,9 @@ __all__ = [
 MODES: tuple[str, ...] = ("row", "batch")
 #: How kept branches are scaled: ``inverted`` (timm), ``expected`` (Huang), ``none``.
 SCALINGS: tuple[str, ...] = ("inverted", "expected", "none")
+#: What one drop decision covers: each ``branch`` on its own (timm), or the whole ``block``
+#: (LayerDrop, LayerSkip).
+TIES: tuple[str, ...] = ("branch", "block")
 #: Which residual additions are sites: a model's native slots only when it has any
 #: (``"slots"``), or those plus every addition without a slot (``"all"``).
 COVERAGES: tuple[str, ...] = ("slots", "all")
@@ -70,6 +74,9 @@ class Settings:
         per: what one schedule step covers: ``block`` or ``branch``.
         skip: compute dropped branches only where kept.
         seed: base seed of batch mode's host generators (one per site).
+        tie: ``branch`` (each branch its own decision, timm) or ``block`` (one decision
+            per sample for every branch of a block, LayerDrop/LayerSkip; with ``skip``, the
+            whole layer runs on the kept rows only). ``block`` needs ``per="block"``.
 
     Raises:
         InvalidValueError: a value out of range or not among its choices (the message names
@@ -86,6 +93,7 @@ class Settings:
     per: str | None = None
     skip: bool | None = None
     seed: int | None = None
+    tie: str | None = None
 
     def __post_init__(self) -> None:
         if self.max_rate is not None:
@@ -107,6 +115,8 @@ class Settings:
             check_choice(self.scaling, "scaling", SCALINGS)
         if self.per is not None:
             check_choice(self.per, "per", PER)
+        if self.tie is not None:
+            check_choice(self.tie, "tie", TIES)
         if self.skip is not None and not isinstance(self.skip, bool):
             raise InvalidValueError(f"skip must be True or False, but got {self.skip!r}")
         if self.seed is not None and (
@@ -120,6 +130,11 @@ class Settings:
             raise InvalidValueError(
                 f"min_rate={self.min_rate!r} has no meaning for schedule 'native' (the "
                 "library's own rule sets every rate); leave it at 0"
+            )
+        if self.tie == "block" and self.per == "branch":
+            raise InvalidValueError(
+                "tie='block' draws one decision per block, so its branches share one rate: "
+                "it needs per='block' (CLI --per block)"
             )
         if self.rates is not None and self.schedule not in (None, "custom"):
             raise InvalidValueError(
@@ -166,6 +181,7 @@ DEFAULTS = Settings(
     per="block",
     skip=False,
     seed=0,
+    tie="branch",
 )
 
 #: What :func:`dpatch.sensitivity` measures: ``loss`` (the model with one branch removed,
@@ -206,4 +222,4 @@ KERNEL_SETTINGS: tuple[str, ...] = ("", "0", "1", "interpret")
 DEFAULT_TEMPLATE = "{stem}-dp.safetensors"
 
 #: What ``retune`` keeps, site by site, unless given (or set by a recipe).
-KEPT: tuple[str, ...] = ("mode", "scaling", "skip", "seed")
+KEPT: tuple[str, ...] = ("mode", "scaling", "skip", "seed", "tie")

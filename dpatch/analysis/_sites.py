@@ -58,6 +58,8 @@ class Site:
             residual branch (it drops that whole value; never fused or skipped).
         pruned: the branch was removed (:func:`dpatch.prune`): the block returns its
             shortcut and never computes the branch.
+        tie: ``"branch"`` (its own decision) or ``"block"`` (one decision per sample for
+            every branch of its block, :mod:`dpatch.tie`).
     """
 
     path: str
@@ -73,6 +75,7 @@ class Site:
     origin: str = ""
     residual: bool = True
     pruned: bool = False
+    tie: str = "branch"
 
     @property
     def name(self) -> str:
@@ -95,6 +98,7 @@ class Site:
             "origin": self.origin,
             "residual": self.residual,
             "pruned": self.pruned,
+            "tie": self.tie,
         }
 
 
@@ -198,6 +202,9 @@ def site_list(an: Analysis) -> list[Site]:
                 origin=f.origin,
                 residual=f.residual,
                 pruned=f.in_block and rewritten and _is_pruned(model, f.owner, f.branch),
+                tie="block"
+                if isinstance(module, DropPath) and module._tie is not None
+                else "branch",
             )
         )
     # Stable: by block, then by the order the entries were found (graph order in a block).

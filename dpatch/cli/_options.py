@@ -15,7 +15,7 @@ import typer
 
 from dpatch.errors import InvalidValueError
 from dpatch.schedule import PER, SCHEDULES, check_rate
-from dpatch.settings import COVERAGES, METRICS, MODES, SCALINGS, Settings
+from dpatch.settings import COVERAGES, METRICS, MODES, SCALINGS, TIES, Settings
 
 if TYPE_CHECKING:
     from torch import Tensor
@@ -45,6 +45,7 @@ __all__ = [
     "ScheduleOpt",
     "SizeOpt",
     "SkipOpt",
+    "TieOpt",
     "WeightsOpt",
     "complete",
     "parse_inputs",
@@ -134,6 +135,16 @@ PerOpt = Annotated[
         metavar=_bar(PER),
         help="What one schedule step covers (block).",
         autocompletion=complete(PER),
+    ),
+]
+TieOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--tie",
+        metavar=_bar(TIES),
+        help="What one decision covers: each branch (default, timm) or the whole block "
+        "(LayerDrop/LayerSkip; with --skip the layer runs on the kept rows only).",
+        autocompletion=complete(TIES),
     ),
 ]
 SkipOpt = Annotated[
@@ -305,6 +316,7 @@ def parse_settings(
     scaling: str | None,
     per: str | None,
     skip: bool | None,
+    tie: str | None = None,
 ) -> Settings:
     """The settings options as one checked :class:`~dpatch.settings.Settings`."""
     if rates is not None and rates_from is not None:
@@ -326,6 +338,7 @@ def parse_settings(
         scaling=scaling,
         per=per,
         skip=skip,
+        tie=tie,
     )
 
 

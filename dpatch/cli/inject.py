@@ -29,6 +29,7 @@ from dpatch.cli._options import (
     ScheduleOpt,
     SizeOpt,
     SkipOpt,
+    TieOpt,
     WeightsOpt,
     parse_settings,
 )
@@ -58,6 +59,7 @@ def inject_cmd(
     scaling: ScalingOpt = None,
     per: PerOpt = None,
     skip: SkipOpt = None,
+    tie: TieOpt = None,
     recipe: RecipeOpt = None,
     size: SizeOpt = None,
     coverage: CoverageOpt = "slots",
@@ -86,6 +88,7 @@ def inject_cmd(
         scaling=scaling,
         per=per,
         skip=skip,
+        tie=tie,
     )
     how = Invocation(
         models, recipe, size, coverage, weights, pretrained, output, force, dry_run,

@@ -30,6 +30,7 @@ from dpatch.patching._keep import SETTINGS, changes, common, current_seed
 from dpatch.patching._listed import configure_sites
 from dpatch.patching._resolve import Request, resolve, site_rates
 from dpatch.patching._results import PatchReport, Skipped, block_rates
+from dpatch.patching._tie import tie_blocks, tied, untie
 from dpatch.rewrite import RewriteCache, unpatch_block
 from dpatch.schedule import expected_depth
 from dpatch.settings import KEPT, Settings, check_choice
@@ -106,6 +107,7 @@ def inject(
     *,
     skip: bool | None = None,
     seed: int | None = None,
+    tie: str | None = None,
     example_inputs: Sequence[Any] | None = None,
     allow_empty: bool = True,
     recipe: str | None = None,
@@ -134,6 +136,10 @@ def inject(
         skip: compute dropped branches only where kept (training speed-up; see README).
         seed: base seed of the host generators batch mode draws from (one per site), so
             all DDP ranks drop the same blocks; default 0.
+        tie: ``"branch"`` (default: each branch its own decision, timm's rule) or
+            ``"block"`` (one decision per sample, or per batch in batch mode, for every
+            branch of a block, as LayerDrop and LayerSkip drop a layer; with ``skip``, the
+            whole layer runs on the kept rows only; needs ``per="block"``).
         example_inputs: inputs for the meta-device probe (default: inferred).
         allow_empty: return an empty report instead of raising when the model ran and has
             no residual branch.
@@ -176,6 +182,7 @@ def retune(
     *,
     skip: bool | None = None,
     seed: int | None = None,
+    tie: str | None = None,
     example_inputs: Sequence[Any] | None = None,
     allow_empty: bool = False,
     recipe: str | None = None,
@@ -270,7 +277,11 @@ def _patch(
     # New rewrites get the skipping form only when skip was asked for; blocks rewritten
     # earlier keep their form, and each site its own setting.
     rewrite_skip = bool(want.skip)
-    skip_inputs = second_probe(model, an) if rewrite_skip else None
+    earlier = tied(model)
+    tie = want.tie if want.tie is not None else ("block" if earlier is not None else None)
+    tie_skip = bool(want.skip) if want.skip is not None else bool(earlier and earlier.skip)
+    probe_rows = rewrite_skip or (tie == "block" and tie_skip)
+    skip_inputs = second_probe(model, an) if probe_rows else None
     if isinstance(skip_inputs, str):
         skipped += [
             Skipped(n, f"skip unavailable: {skip_inputs}") for n, s in per_site.items() if s.skip
@@ -292,6 +303,12 @@ def _patch(
             )
             skipped.append(Skipped(loose.slot_path, why))
 
+    if tie == "block" or earlier is not None:
+        notes, whole = tie_blocks(
+            model, an, site_list(an), skip=tie_skip, skip_inputs=skip_inputs, block=tie == "block"
+        )
+        # a tied block that skips as a whole: its branches' own "skip unavailable" is moot
+        skipped = [s for s in skipped if s.path not in whole] + notes
     after = tuple(site_list(an))
     attach_rank_check(model, after)
     previous = schedule_mark(model)
@@ -367,6 +384,7 @@ def strip(model: nn.Module, *, pruned: str = "error") -> int:
             "weights a pruned file does not hold: pass pruned='keep' to leave those blocks "
             "pruned, or pruned='restore'"
         )
+    untie(model)
     restored = 0
     for _, mod, meta in blocks:
         if meta is not None and meta.pruned and pruned == "keep":
@@ -394,7 +412,9 @@ def apply_sites(
         ManifestError: a listed site does not exist in the model, or the model has sites
             the list does not mention.
     """
+    tie = "block" if any(d.get("tie") == "block" for d in sites) else "branch"
     report = inject(
-        model, 0.0, schedule="uniform", skip=skip, seed=seed, example_inputs=example_inputs
-    )
+        model, 0.0, schedule="uniform", skip=skip, seed=seed, example_inputs=example_inputs,
+        tie=tie,
+    )  # fmt: skip
     return configure_sites(model, report, sites, seed=seed, schedule=schedule)
