@@ -196,6 +196,7 @@ _RECIPES: tuple[Recipe, ...] = (
         _LAYERSKIP,
         max_rate=0.2,
         scaling="none",
+        tie="block",
         time=TimeSchedule("exp-ramp"),
         notes="p_max 0.2 is torchtune's command reproducing LayerSkip on TOPv2; the paper's "
         "p_max per experiment could not be checked against the paper itself here. The time "
@@ -203,8 +204,9 @@ _RECIPES: tuple[Recipe, ...] = (
         "pre-training from scratch as reported in summaries of the paper (not verified "
         "against its text); for continual pre-training and fine-tuning its S(t) is 1: pass "
         "kind='constant'. torchtune itself has no curriculum yet. LayerSkip drops a whole "
-        "layer per sample; dpatch draws each residual branch on its own (a layer's branches "
-        "share the rate, not the draw). LayerSkip's early-exit loss is not part of dpatch",
+        "layer per sample, as tie='block' does here (with skip=True the layer runs on the kept "
+        "rows only, like torchtune's index_select). LayerSkip's early-exit loss is not part "
+        "of dpatch",
     ),
 )
 

@@ -9,7 +9,7 @@ from typing import Any
 from dpatch.errors import InvalidValueError
 from dpatch.schedule import PER, SCHEDULES, check_rate
 from dpatch.scheduler import check_config, needs_total_steps
-from dpatch.settings import MODES, SCALINGS
+from dpatch.settings import MODES, SCALINGS, TIES
 
 __all__ = ["ModelShape", "Recipe", "ResolvedRecipe", "SizeRate", "Source", "TimeSchedule"]
 
@@ -139,7 +139,7 @@ class Recipe:
         source: paper and repository file.
         max_rate: the rate when it does not depend on the size (else None).
         sizes: the rate per size, when it does.
-        per, mode, scaling, skip: as in ``inject``.
+        per, mode, scaling, skip, tie: as in ``inject``.
         time: the rate over training time.
         notes: caveats, and where a number differs from what one might expect.
     """
@@ -154,6 +154,7 @@ class Recipe:
     mode: str = "row"
     scaling: str = "inverted"
     skip: bool = False
+    tie: str = "branch"
     time: TimeSchedule = field(default_factory=TimeSchedule)
     notes: str = ""
 
@@ -170,6 +171,7 @@ class Recipe:
             ("per", self.per, PER),
             ("mode", self.mode, MODES),
             ("scaling", self.scaling, SCALINGS),
+            ("tie", self.tie, TIES),
         ):
             if value not in choices:
                 raise InvalidValueError(
@@ -259,6 +261,7 @@ class Recipe:
             "mode": self.mode,
             "scaling": self.scaling,
             "skip": self.skip,
+            "tie": self.tie,
             "max_rate": self.max_rate,
             "sizes": [s.to_dict() for s in self.sizes],
             "time": self.time.to_dict(),
@@ -311,6 +314,7 @@ class ResolvedRecipe:
             "mode": r.mode,
             "scaling": r.scaling,
             "skip": r.skip,
+            "tie": r.tie,
         }
 
     @property
