@@ -23,12 +23,15 @@ if TYPE_CHECKING:
 __all__ = [
     "AllowEmptyOpt",
     "ArchOpt",
+    "BatchSizeOpt",
     "CoverageOpt",
+    "DataOpt",
     "DryRunOpt",
     "ForceOpt",
     "InputDtypeOpt",
     "InputShapeOpt",
     "JsonOpt",
+    "LimitOpt",
     "MaxRate",
     "MetricOpt",
     "MinRate",
@@ -45,6 +48,7 @@ __all__ = [
     "ScheduleOpt",
     "SizeOpt",
     "SkipOpt",
+    "SyntheticOpt",
     "TieOpt",
     "WeightsOpt",
     "complete",
@@ -136,6 +140,24 @@ PerOpt = Annotated[
         help="What one schedule step covers (block).",
         autocompletion=complete(PER),
     ),
+]
+DataOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--data",
+        metavar="PATH",
+        help="An ImageFolder directory, or a .safetensors/.pt file with 'inputs' (and 'targets').",
+    ),
+]
+SyntheticOpt = Annotated[
+    int | None,
+    typer.Option("--synthetic", metavar="N", help="N random inputs (a smoke test only)."),
+]
+LimitOpt = Annotated[
+    int | None, typer.Option("--limit", metavar="N", help="Use at most N samples of --data.")
+]
+BatchSizeOpt = Annotated[
+    int, typer.Option("--batch-size", metavar="N", help="Inputs per forward pass.")
 ]
 TieOpt = Annotated[
     str | None,

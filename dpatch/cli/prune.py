@@ -12,13 +12,17 @@ from dpatch._version import __version__
 from dpatch.cli._app import about, app, echo_json, err, load, note, out, step
 from dpatch.cli._options import (
     ArchOpt,
+    BatchSizeOpt,
+    DataOpt,
     ForceOpt,
     InputDtypeOpt,
     InputShapeOpt,
     JsonOpt,
+    LimitOpt,
     ModelArg,
     PretrainedOpt,
     PrunedOutOpt,
+    SyntheticOpt,
     WeightsOpt,
     parse_inputs,
 )
@@ -104,26 +108,10 @@ def prune_cmd(
             "Influence measured on --data (lowest first). Default: rate.",
         ),
     ] = None,
-    data: Annotated[
-        Path | None,
-        typer.Option(
-            "--data",
-            metavar="PATH",
-            help="Data --by angular|bi measures the layers on (as dpatch sensitivity takes it).",
-        ),
-    ] = None,
-    synthetic: Annotated[
-        int | None,
-        typer.Option(
-            "--synthetic", metavar="N", help="--by angular|bi on N random inputs (a smoke test)."
-        ),
-    ] = None,
-    limit: Annotated[
-        int | None, typer.Option("--limit", metavar="N", help="Use at most N samples of --data.")
-    ] = None,
-    batch_size: Annotated[
-        int, typer.Option("--batch-size", metavar="N", help="Inputs per forward pass.")
-    ] = 64,
+    data: DataOpt = None,
+    synthetic: SyntheticOpt = None,
+    limit: LimitOpt = None,
+    batch_size: BatchSizeOpt = 64,
     output: PrunedOutOpt = None,
     force: ForceOpt = False,
     device: Annotated[

@@ -16,14 +16,18 @@ from dpatch._version import __version__
 from dpatch.cli._app import about, app, echo_json, err, load, out, step
 from dpatch.cli._options import (
     ArchOpt,
+    BatchSizeOpt,
+    DataOpt,
     ForceOpt,
     InputDtypeOpt,
     InputShapeOpt,
     JsonOpt,
+    LimitOpt,
     MetricOpt,
     ModelArg,
     OutOpt,
     PretrainedOpt,
+    SyntheticOpt,
     WeightsOpt,
     parse_inputs,
     parse_rate,
@@ -62,25 +66,10 @@ def progress_bar(total_hint: str, quiet: bool) -> Iterator[Callable[[int, int], 
 @app.command("sensitivity")
 def sensitivity_cmd(
     model: ModelArg,
-    data: Annotated[
-        Path | None,
-        typer.Option(
-            "--data",
-            metavar="PATH",
-            help="An ImageFolder directory, or a .safetensors/.pt file with 'inputs' "
-            "(and 'targets').",
-        ),
-    ] = None,
-    synthetic: Annotated[
-        int | None,
-        typer.Option("--synthetic", metavar="N", help="N random inputs (a smoke test only)."),
-    ] = None,
-    limit: Annotated[
-        int | None, typer.Option("--limit", metavar="N", help="Use at most N samples.")
-    ] = None,
-    batch_size: Annotated[
-        int, typer.Option("--batch-size", metavar="N", help="Inputs per forward pass.")
-    ] = 64,
+    data: DataOpt = None,
+    synthetic: SyntheticOpt = None,
+    limit: LimitOpt = None,
+    batch_size: BatchSizeOpt = 64,
     suggest: Annotated[
         str | None,
         typer.Option(

@@ -62,16 +62,21 @@ def check_output(path: str | os.PathLike[str], force: bool) -> Path:
         OutputError: with the path and what to do.
     """
     out = Path(path)
-    folder = out.parent if str(out.parent) else Path(".")
-    if not folder.is_dir():
-        raise OutputError(f"output folder {str(folder)!r} does not exist; create it first")
-    if not os.access(folder, os.W_OK):
-        raise OutputError(f"output folder {str(folder)!r} is not writable; choose another -o")
+    check_folder(out)
     if out.is_dir():
         raise OutputError(f"output {str(out)!r} is a folder; give a file name")
     if out.exists() and not force:
         raise OutputError(f"output {str(out)!r} exists; pass --force to overwrite it")
     return out
+
+
+def check_folder(out: Path) -> None:
+    """The folder ``out`` goes in exists and is writable, or an :class:`OutputError`."""
+    folder = out.parent if str(out.parent) else Path(".")
+    if not folder.is_dir():
+        raise OutputError(f"output folder {str(folder)!r} does not exist; create it first")
+    if not os.access(folder, os.W_OK):
+        raise OutputError(f"output folder {str(folder)!r} is not writable; choose another -o")
 
 
 def atomic_write(

@@ -24,6 +24,7 @@ from torch import nn
 
 from dpatch.depth import PlainModel, without_pruned_layers
 from dpatch.errors import InvalidValueError, OutputError
+from dpatch.files._files import check_folder
 from dpatch.models import transformers_quiet
 
 __all__ = ["PretrainedExport", "check_output_dir", "is_transformers_model", "save_pretrained"]
@@ -70,11 +71,7 @@ def check_output_dir(
             directories are replaced); it is ``source`` (the model's own directory).
     """
     out = Path(path)
-    folder = out.parent if str(out.parent) else Path(".")
-    if not folder.is_dir():
-        raise OutputError(f"output folder {str(folder)!r} does not exist; create it first")
-    if not os.access(folder, os.W_OK):
-        raise OutputError(f"output folder {str(folder)!r} is not writable; choose another -o")
+    check_folder(out)
     if out.exists() and not out.is_dir():
         raise OutputError(
             f"output {str(out)!r} is a file; -o DIR writes a save_pretrained directory "
