@@ -14,7 +14,8 @@ Models are built with their large tensors on the meta device, so this needs no w
 A family the installed library lacks (transformers 4.x has no class added in 5.x, an older
 timm no newer model) is left out with one line naming it. Prints the totals per zoo and
 the reasons for what was left out; ``--rows`` also prints one row per model (always in
-``--json``); ``--quick`` takes the first three models of each zoo.
+``--json``); ``--quick`` takes the first three models of each zoo. Nothing is timed, so the
+models are shared out to ``--jobs`` worker processes (default: 2).
 
     python benchmarks/zoo_coverage.py [--json out.json] [--zoo timm|torchvision|transformers]
 """
@@ -24,10 +25,13 @@ from __future__ import annotations
 import importlib.util
 import inspect
 import json
+import multiprocessing
+import os
 import sys
 import warnings
 from collections import Counter
 from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -248,8 +252,9 @@ def entries(zoos: set[str], missing: list[str]) -> list[Entry]:
     return out
 
 
-def _measure(e: Entry) -> tuple[list[Any], dpatch.PatchReport | None]:
-    """One table row, and the report (None when inject failed: the row says why)."""
+def _measure(e: Entry) -> tuple[list[Any], list[str] | None]:
+    """One table row, and the reasons of what inject left out (None when inject failed:
+    the row says why)."""
     x = e.inputs()
 
     def fresh() -> nn.Module:
@@ -266,37 +271,66 @@ def _measure(e: Entry) -> tuple[list[Any], dpatch.PatchReport | None]:
     n, fused, skip = len(sites), sum(s.fused for s in sites), sum(s.skip for s in sites)
     kinds = "/".join(sorted({s.kind for s in sites})) or "-"
     parity = _native_parity(e, fresh(), x)
-    return [e.zoo, e.group, e.name, n, kinds, fused, skip, parity, len(report.skipped)], report
+    row = [e.zoo, e.group, e.name, n, kinds, fused, skip, parity, len(report.skipped)]
+    return row, [s.reason for s in report.skipped]
+
+
+def measure_share(
+    zoos: set[str], quick: bool, share: int, jobs: int
+) -> list[tuple[int, list[Any], list[str] | None]]:
+    """Models ``share``, ``share + jobs``, ... of the sweep (in a worker process: entries
+    hold lambdas, so each worker lists them itself)."""
+    warnings.filterwarnings("ignore")
+    torch.set_num_threads(1)
+    todo = _todo(zoos, quick, [])
+    return [(i, *_measure(todo[i])) for i in range(share, len(todo), jobs)]
+
+
+def _todo(zoos: set[str], quick: bool, missing: list[str]) -> list[Entry]:
+    todo = entries(zoos, missing)
+    if quick:
+        todo = [e for z in sorted(zoos) for e in [e for e in todo if e.zoo == z][:3]]
+    return todo
 
 
 def main() -> None:
     p = parser(__doc__ or "")
     p.add_argument("--zoo", action="append", choices=["timm", "torchvision", "transformers"])
     p.add_argument("--rows", action="store_true", help="print one row per model too")
+    p.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1), help="worker processes")
     args = p.parse_args()
     run = Run("zoo_coverage", args)
     warnings.filterwarnings("ignore")
     zoos = set(args.zoo or ["timm", "torchvision", "transformers"])
     missing: list[str] = []
-    todo = entries(zoos, missing)
-    if args.quick:
-        todo = [e for z in sorted(zoos) for e in [e for e in todo if e.zoo == z][:3]]
+    todo = _todo(zoos, args.quick, missing)
     if missing:
         print("".join(f"- {line}\n" for line in missing), flush=True)
+    measured: dict[int, tuple[list[Any], list[str] | None]] = {}
+    if args.jobs > 1:  # nothing here is timed: the models are shared out
+        ctx = multiprocessing.get_context("spawn")
+        with ProcessPoolExecutor(args.jobs, mp_context=ctx) as pool:
+            shares = [
+                pool.submit(measure_share, zoos, args.quick, k, args.jobs) for k in range(args.jobs)
+            ]
+            for share in shares:
+                measured.update({i: (row, why) for i, row, why in share.result()})
+    else:
+        measured = {i: _measure(e) for i, e in enumerate(todo)}
     rows, reasons = [], Counter()
     totals: dict[str, Counter[str]] = {}
-    for e in todo:
-        row, report = _measure(e)
+    for i, e in enumerate(todo):
+        row, skipped = measured[i]
         rows.append(row)
         t = totals.setdefault(e.zoo, Counter())
         t["models"] += 1
-        if report is None:
+        if skipped is None:
             t["failed"] += 1
             reasons[str(row[-1])[:70]] += 1
             continue
-        for s in report.skipped:
-            reasons[s.reason.split(":")[0][:70]] += 1
-        n, parity = len(report.sites), row[7]
+        for reason in skipped:
+            reasons[reason.split(":")[0][:70]] += 1
+        n, parity = row[3], row[7]
         t["with residual sites"] += bool(n)
         t["sites"] += n
         t["fused"] += row[5]
