@@ -57,6 +57,7 @@ def main() -> None:
     if unknown:
         raise SystemExit(f"error: no benchmark {', '.join(unknown)}; choose from {SCRIPTS}")
     args.out.parent.mkdir(parents=True, exist_ok=True)
+    commit = _git_commit()  # what runs, before anything can change the tree
     started = time.perf_counter()
     sections: list[str] = []
     times: list[tuple[str, float, int]] = []
@@ -90,7 +91,7 @@ def main() -> None:
     head = [
         f"# dpatch benchmark report{' (quick: a smoke run, not measurements)' if args.quick else ''}",
         "",
-        f"`python benchmarks/run_all.py{mode}` at commit {_git_commit()}, {stamp}; "
+        f"`python benchmarks/run_all.py{mode}` at commit {commit}, {stamp}; "
         f"{total / 60:.1f} minutes in all.",
         "",
         "| script | seconds | exit |",
