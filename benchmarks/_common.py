@@ -340,7 +340,9 @@ def parser(
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--device", default=device, help=f"cpu or cuda (default: {device})")
-    p.add_argument("--quick", action="store_true", help="smoke run: fewer rounds, small sizes")
+    p.add_argument(
+        "--quick", action="store_true", help="smoke run: fewer rounds, small sizes, one thread"
+    )
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--json", type=Path, default=None, help="write tables and raw samples here")
     if rounds is not None:
@@ -424,8 +426,11 @@ class Run:
     collected for ``--json``."""
 
     def __init__(self, name: str, args: argparse.Namespace) -> None:
-        if args.threads:
-            torch.set_num_threads(args.threads)
+        # a smoke run takes one thread unless told: two OpenMP threads on a 2-core machine
+        # with anything else running stall for scheduler slices (tiny steps took seconds)
+        threads = args.threads or (1 if args.quick else None)
+        if threads:
+            torch.set_num_threads(threads)
         self.device = torch.device(args.device)
         if self.device.type == "cuda" and not torch.cuda.is_available():
             raise SystemExit("error: --device cuda but no CUDA device is available")

@@ -14,7 +14,9 @@ interleaved round by round (``_common.interleave``):
   ``torch.load`` + ``load_state_dict`` + safetensors ``save_file`` (no stochastic depth:
   the floor of what reading and writing N checkpoints costs).
 
-Each sample is seconds per checkpoint; ratios are paired within a round. ``--command
+Each sample is seconds per checkpoint; ratios are paired within a round. ``--threads``
+sets this process's torch threads only: the processes timed run with torch's default, as a
+user's would. ``--command
 verify`` or ``retune`` times those dpatch commands instead (on injected files; the plain
 loop then only loads).
 
