@@ -5,8 +5,9 @@ Runs, each as its own process with its default options (``--quick`` for a smoke 
 residual_op, train_step, patch_cost, batch_files, depth_robustness, zoo_coverage. Their
 Markdown goes to the report in that order, their progress to stderr, their raw samples to
 ``NAME.json`` beside the report. A script that fails is reported in its section and the
-others still run; the exit status is then 1. About 15 minutes on a quiet 2-core machine
-(``--quick``: about 3).
+others still run; the exit status is then 1. Meant to take under 15 minutes on a quiet
+2-core machine (not yet timed on one: 51 minutes on a busy shared one, 16 of them CPU
+time); ``--quick`` took 4 minutes there.
 
     python benchmarks/run_all.py                      # benchmarks/results/report.md
     python benchmarks/run_all.py --quick --out /tmp/report.md
