@@ -1,14 +1,24 @@
-"""Many checkpoints in one command against one command per checkpoint.
+"""Many checkpoints in one command against one command per checkpoint, and against a
+hand-written loop.
 
-Writes N ResNet-50 checkpoints with random weights (plain safetensors state dicts) to a
-temporary folder, then times, as real processes (imports included on both sides):
+Writes N ResNet-50 state dicts with random weights (``torch.save``, ``.pt``) to a
+temporary folder, then times, as real processes (imports included on every side),
+interleaved round by round (``_common.interleave``):
 
-- one ``dpatch inject FOLDER --model timm:resnet50 -o OUT`` (the model is built and
-  traced once, then each file only loads its weights and is saved);
-- N ``dpatch inject FILE --model timm:resnet50 -o OUT/FILE`` invocations;
+- ``one dpatch command``: ``dpatch inject FOLDER --model timm:resnet50 -o OUT`` (the model
+  is built and traced once, then each file only loads its weights and is saved);
+- ``separate dpatch commands``: ``dpatch inject FILE --model timm:resnet50 -o OUT/FILE``,
+  one process per checkpoint; ``--separate`` of them per round (a different file each
+  time; every such process does the same work), so a round stays short;
+- ``plain loop``: one Python process that builds the model once, then per file
+  ``torch.load`` + ``load_state_dict`` + safetensors ``save_file`` (no stochastic depth:
+  the floor of what reading and writing N checkpoints costs).
 
-and prints seconds per checkpoint for both and their ratio. ``--command verify`` or
-``retune`` times those instead (retune and verify read the injected files).
+Each sample is seconds per checkpoint; ratios are paired within a round. ``--threads``
+sets this process's torch threads only: the processes timed run with torch's default, as a
+user's would. ``--command
+verify`` or ``retune`` times those dpatch commands instead (on injected files; the plain
+loop then only loads).
 
     python benchmarks/batch_files.py [--count 20] [--command inject]
 """
@@ -19,17 +29,34 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import time
+from itertools import count as counter
 from pathlib import Path
+from typing import Any
 
 import timm
 import torch
-from safetensors.torch import save_file
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import base_parser, environment, print_table, setup, write_json
+from _common import Case, Run, parser, wall_timer
 
 DPATCH = [sys.executable, "-c", "from dpatch.cli import main; main()"]
+PLAIN_LOOP = """
+import sys
+from pathlib import Path
+import timm, torch
+from safetensors.torch import save_file
+model = timm.create_model(sys.argv[1])
+out = Path(sys.argv[3]) if len(sys.argv) > 3 else None
+for f in sorted(Path(sys.argv[2]).iterdir()):
+    if f.suffix == ".safetensors":
+        from safetensors.torch import load_file
+        state = load_file(str(f))
+    else:
+        state = torch.load(f, weights_only=True)
+    model.load_state_dict(state, strict=False)
+    if out is not None:
+        save_file(model.state_dict(), str(out / (f.stem + ".safetensors")))
+"""
 
 
 def _checkpoints(folder: Path, model: str, count: int) -> list[Path]:
@@ -45,18 +72,16 @@ def _checkpoints(folder: Path, model: str, count: int) -> list[Path]:
             else v.clone()
             for k, v in state.items()
         }
-        path = folder / f"ckpt{i:03d}.safetensors"
-        save_file(tensors, str(path))
+        path = folder / f"ckpt{i:03d}.pt"
+        torch.save(tensors, path)
         paths.append(path)
     return paths
 
 
-def _run(args: list[str]) -> float:
-    started = time.perf_counter()
-    done = subprocess.run([*DPATCH, *args], capture_output=True, text=True, check=False)
-    if done.returncode not in (0, 1) or (done.returncode == 1 and args[0] != "verify"):
-        raise SystemExit(f"dpatch {' '.join(args)} failed ({done.returncode}): {done.stderr}")
-    return time.perf_counter() - started
+def _run(cmd: list[str], verify: bool = False) -> None:
+    done = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    if done.returncode not in (0, 1) or (done.returncode == 1 and not verify):
+        raise RuntimeError(f"{' '.join(cmd[3:])} failed ({done.returncode}): {done.stderr}")
 
 
 def _args(command: str, inputs: list[str], out: Path | None, model: str) -> list[str]:
@@ -70,61 +95,108 @@ def _args(command: str, inputs: list[str], out: Path | None, model: str) -> list
     return args
 
 
+def _empty(folder: Path) -> Path:
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+    return folder
+
+
 def main() -> None:
-    p = base_parser(__doc__ or "")
-    p.add_argument("--count", type=int, default=20)
+    p = parser(__doc__ or "", rounds=(3, 1), warmup=(0, 0))
+    p.add_argument("--count", type=int, default=None, help="checkpoints (default 20)")
+    p.add_argument("--separate", type=int, default=None, help="separate commands per round (3)")
     p.add_argument("--model", default="timm:resnet50")
     p.add_argument("--command", choices=("inject", "retune", "verify"), default="inject")
     args = p.parse_args()
-    device = setup(args)
+    run = Run("batch_files", args)
+    n = args.count or (3 if args.quick else 20)
+    per_round = min(args.separate or (1 if args.quick else 3), n)
+    arch = args.model.removeprefix("timm:")
+    command = args.command
+    writes = command != "verify"
     root = Path(tempfile.mkdtemp(prefix="dpatch-batch-"))
     try:
-        plain = root / "plain"
-        plain.mkdir()
-        files = _checkpoints(plain, args.model, args.count)
-        source = plain
-        if args.command != "inject":  # retune and verify take dpatch files
-            source = root / "patched"
-            _run(_args("inject", [str(plain)], source, args.model))
+        source = root / "plain"
+        source.mkdir()
+        files = _checkpoints(source, args.model, n)
+        if command != "inject":  # retune and verify take dpatch files
+            patched = root / "patched"
+            _run([*DPATCH, *_args("inject", [str(source)], patched, args.model)])
+            source = patched
             files = sorted(source.iterdir())
-        print(f"  {len(files)} checkpoints in {source}", file=sys.stderr)
+        run.note(f"{len(files)} checkpoints in {source}")
+        out = root / "out"
+        next_file = counter()
 
-        out_many = root / "many" if args.command != "verify" else None
-        many = _run(_args(args.command, [str(source)], out_many, args.model))
-        print(f"  one command: {many:.1f} s", file=sys.stderr)
+        def one_command(_: Any) -> None:
+            _run(
+                [*DPATCH, *_args(command, [str(source)], out if writes else None, args.model)],
+                not writes,
+            )
 
-        one_by_one = 0.0
-        (root / "single").mkdir()
-        for f in files:
-            out = root / "single" / f.name if args.command != "verify" else None
-            one_by_one += _run(_args(args.command, [str(f)], out, args.model))
-        print(f"  {len(files)} commands: {one_by_one:.1f} s", file=sys.stderr)
+        def separate(_: Any) -> None:
+            for _ in range(per_round):
+                f = files[next(next_file) % len(files)]
+                target = out / (f.stem + ".safetensors") if writes else None
+                _run([*DPATCH, *_args(command, [str(f)], target, args.model)], not writes)
+
+        def plain_loop(_: Any) -> None:
+            _run(
+                [
+                    sys.executable,
+                    "-c",
+                    PLAIN_LOOP,
+                    arch,
+                    str(source),
+                    *([str(out)] if writes else []),
+                ]
+            )
+
+        reset = lambda: _empty(out)  # noqa: E731 (untimed: outputs of the last sample removed)
+        to_s = 1e-3  # the timer's milliseconds to seconds
+        timing = run.interleave(
+            f"{command} x{n}",
+            [
+                Case("one dpatch command", one_command, setup=reset, scale=to_s / n),
+                Case("separate dpatch commands", separate, setup=reset, scale=to_s / per_round),
+                Case("plain loop", plain_loop, setup=reset, scale=to_s / n),
+            ],
+            timer=wall_timer(),
+            unit="s",
+        )
     finally:
         shutil.rmtree(root, ignore_errors=True)
 
-    n = len(files)
-    env = environment(device)
-    title = (
-        f"dpatch {args.command}, {n} x {args.model}: {env['device']} "
-        f"(torch {env['torch']}, timm {env['timm']})"
-    )
-    header = ["run", "total s", "s per checkpoint", "ratio"]
+    sep = "separate dpatch commands"
+    plain_what = "torch.load + load_state_dict" + (" + save_file" if writes else "")
     rows = [
-        [f"{n} separate commands", one_by_one, one_by_one / n, 1.0],
-        ["one command, many files", many, many / n, many / one_by_one],
+        [
+            f"{n} files, one `dpatch {command}` command",
+            timing.spread("one dpatch command").cell("s"),
+            timing.ratio("one dpatch command", sep).ratio_cell(),
+            timing.ratio("one dpatch command", "plain loop").ratio_cell(),
+        ],
+        [
+            f"one `dpatch {command}` command per file ({per_round} per round)",
+            timing.spread(sep).cell("s"),
+            "1",
+            timing.ratio(sep, "plain loop").ratio_cell(),
+        ],
+        [
+            f"plain loop in one process: {plain_what}",
+            timing.spread("plain loop").cell("s"),
+            timing.ratio("plain loop", sep).ratio_cell(),
+            "1",
+        ],
     ]
-    print_table(title, header, rows)
-    print(f"one command costs {many / one_by_one:.3f}x of {n} separate commands")
-    write_json(
-        args.json,
-        {
-            "benchmark": "batch_files",
-            "command": args.command,
-            "count": n,
-            **env,
-            "rows": [dict(zip(header, r, strict=False)) for r in rows],
-        },
+    run.table(
+        f"{n} x {args.model} checkpoints, `dpatch {command}`: seconds per checkpoint",
+        ["run", "s per checkpoint", "vs separate commands", "vs plain loop"],
+        rows,
+        note=f"median [min-max] of {run.rounds} interleaved rounds, every run a real "
+        "process; ratios paired within a round",
     )
+    run.finish()
 
 
 if __name__ == "__main__":

@@ -7,17 +7,16 @@ two models with the same initialisation, data order and epochs: plain, and with
 p_L = 0.5). Both are then pruned by 0, 1, 2, ... blocks with ``dpatch.prune`` - by rate (the
 highest-rate branches first, which for Huang's schedule is deepest first) and every other
 block (fairseq's advice) - and their test accuracy is measured. The same sites are pruned in
-both models. Prints the table (mean and spread over seeds), writes JSON and, when matplotlib
-is installed, a PNG plot.
+both models. Plain training is the baseline. Prints the table (mean, standard deviation and
+min-max over seeds), with ``--json`` every seed's accuracies, and with ``--png`` (when
+matplotlib is installed) a plot. One torch thread unless ``--threads`` says otherwise.
 
     python benchmarks/depth_robustness.py --json depth_robustness.json --png depth_robustness.png
 """
 
 from __future__ import annotations
 
-import argparse
 import copy
-import json
 import statistics
 import sys
 import time
@@ -29,7 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import environment
+from _common import Run, parser
 
 import dpatch
 
@@ -140,26 +139,24 @@ def curve(
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--epochs", type=int, default=12)
-    p.add_argument("--seeds", type=int, default=3)
+    p = parser(__doc__ or "")
+    p.set_defaults(threads=1)
+    p.add_argument("--epochs", type=int, default=None, help="default 12 (quick: 1)")
+    p.add_argument("--seeds", type=int, default=None, help="default 3 (quick: 2)")
     p.add_argument("--size", type=int, default=16, help="image side after upsampling")
     p.add_argument("--widths", default="8,16,32")
     p.add_argument("--max-rate", type=float, default=0.5)
-    p.add_argument(
-        "--threads",
-        type=int,
-        default=1,
-        help="torch threads (1: two OpenMP threads on a busy 2-core box run 4-8x slower)",
-    )
-    p.add_argument("--json", type=Path, default=None, help="write the results here")
     p.add_argument("--png", type=Path, default=None, help="plot here (needs matplotlib)")
     args = p.parse_args()
-    torch.set_num_threads(args.threads)
+    # --threads defaults to 1 here: two OpenMP threads on a busy 2-core box run 4-8x slower
+    run = Run("depth_robustness", args)
+    device = run.device
+    epochs = args.epochs or (1 if args.quick else 12)
+    seeds = args.seeds or (2 if args.quick else 3)
     widths = tuple(int(w) for w in args.widths.split(","))
-    assert len(widths) == 3, "--widths takes three numbers"
-    start = time.perf_counter()
-    xtr, ytr, xte, yte = digits(args.size)
+    if len(widths) != 3:
+        raise SystemExit(f"error: --widths takes three numbers, but got {args.widths!r}")
+    xtr, ytr, xte, yte = (t.to(device) for t in digits(args.size))
     example = (xte[:2],)
 
     runs: dict[str, dict[str, list[list[float]]]] = {
@@ -167,18 +164,17 @@ def main() -> None:
         "huang": {"rate": [], "every-other": []},
     }
     orders: dict[str, list[str]] = {}
-    for seed in range(args.seeds):
+    for seed in range(seeds):
         torch.manual_seed(seed)
-        plain = CifarResNet(widths)  # type: ignore[arg-type]
+        plain = CifarResNet(widths).to(device)  # type: ignore[arg-type]
         dp = copy.deepcopy(plain)  # same initialisation
         report = dpatch.inject(dp, schedule="huang", max_rate=args.max_rate, example_inputs=example)
         for name, model in (("plain", plain), ("huang", dp)):
             t0 = time.perf_counter()
-            train(model, xtr, ytr, epochs=args.epochs, seed=seed)
-            print(
+            train(model, xtr, ytr, epochs=epochs, seed=seed)
+            run.note(
                 f"seed {seed} {name}: trained in {time.perf_counter() - t0:.1f} s, "
-                f"test accuracy {accuracy(model, xte, yte):.4f}",
-                file=sys.stderr,
+                f"test accuracy {accuracy(model, xte, yte):.4f}"
             )
         # The same sites, in the same order, for both models: the DropPath model's rates
         # decide "by rate" (the plain model has none).
@@ -188,72 +184,86 @@ def main() -> None:
             for name, model in (("plain", plain), ("huang", dp)):
                 runs[name][by].append(curve(model, order, xte, yte, example))
 
-    seconds = time.perf_counter() - start
     depth = len(orders["rate"])
     table = []
-    for by in ("rate", "every-other"):
-        for k in range(depth + 1):
-            row: dict[str, Any] = {"by": by, "removed": k}
+    for k in range(depth + 1):
+        row: dict[str, Any] = {"removed": k}
+        for by in ("rate", "every-other"):
             for name in ("plain", "huang"):
                 accs = [r[k] for r in runs[name][by]]
-                row[name] = {
+                row[f"{by} {name}"] = {
                     "mean": statistics.mean(accs),
                     "std": statistics.stdev(accs) if len(accs) > 1 else 0.0,
                     "min": min(accs),
                     "max": max(accs),
                     "runs": accs,
                 }
-            table.append(row)
+        table.append(row)
 
-    print(
-        f"\ndigits {args.size}x{args.size}, ResNet 3x3 BasicBlocks widths {widths}, "
-        f"{args.epochs} epochs, {args.seeds} seeds, huang max_rate {args.max_rate}; "
-        f"test accuracy, mean ± std (min-max) over seeds\n"
+    def cell(c: dict[str, Any]) -> str:
+        return f"{c['mean']:.3f} ± {c['std']:.3f} ({c['min']:.3f}-{c['max']:.3f})"
+
+    huang = f"huang {args.max_rate}"
+    run.table(
+        f"Test accuracy with k residual blocks removed: digits {args.size}x{args.size}, "
+        f"ResNet 3x3 BasicBlocks, widths {'/'.join(map(str, widths))}, {epochs} epochs",
+        [
+            "removed",
+            "by rate: plain training (baseline)",
+            f"by rate: {huang}",
+            "every-other: plain training (baseline)",
+            f"every-other: {huang}",
+        ],
+        [
+            [
+                row["removed"],
+                *(
+                    cell(row[f"{by} {n}"])
+                    for by in ("rate", "every-other")
+                    for n in ("plain", "huang")
+                ),
+            ]
+            for row in table
+        ],
+        note=f"mean ± std (min-max) over {seeds} seeds; the same initialisation, data order "
+        f"and sites for both models; removal orders: by rate {_short(orders['rate'])}; "
+        f"every-other {_short(orders['every-other'])}",
     )
-    print(f"{'by':<12} {'removed':>7}  {'plain':>24}  {'huang 0.5':>24}")
-    for row in table:
-        cells = [
-            f"{row[n]['mean']:.3f} ± {row[n]['std']:.3f} ({row[n]['min']:.3f}-{row[n]['max']:.3f})"
-            for n in ("plain", "huang")
-        ]
-        print(f"{row['by']:<12} {row['removed']:>7}  {cells[0]:>24}  {cells[1]:>24}")
-    print(f"\norders: rate {orders['rate']}\n        every-other {orders['every-other']}")
-    print(f"total time {seconds:.1f} s ({torch.get_num_threads()} threads)")
-
-    doc = {
-        "environment": environment(torch.device("cpu")),
-        "arguments": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
-        "orders": orders,
-        "table": table,
-        "seconds": seconds,
-    }
-    if args.json:
-        args.json.write_text(json.dumps(doc, indent=2) + "\n")
-        print(f"wrote {args.json}")
+    run.extra.update({"orders": orders, "table": table})
+    run.finish()
     if args.png:
-        try:
-            import matplotlib
+        plot(table, args.png, huang)
 
-            matplotlib.use("Agg")
-            import matplotlib.pyplot as plt
-        except ImportError:
-            print("matplotlib is not installed: no plot", file=sys.stderr)
-            return
-        fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
-        for ax, by in zip(axes, ("rate", "every-other"), strict=True):
-            rows = [r for r in table if r["by"] == by]
-            ks = [r["removed"] for r in rows]
-            for name, label in (("plain", "plain"), ("huang", f"huang {args.max_rate}")):
-                mean = [r[name]["mean"] for r in rows]
-                ax.errorbar(ks, mean, yerr=[r[name]["std"] for r in rows], label=label, capsize=3)
-            ax.set_title(f"pruned by {by}")
-            ax.set_xlabel("residual blocks removed")
-            ax.grid(alpha=0.3)
-        axes[0].set_ylabel("test accuracy")
-        axes[0].legend()
-        fig.tight_layout()
-        fig.savefig(args.png, dpi=120)
-        print(f"wrote {args.png}")
+
+def _short(order: list[str]) -> str:
+    return ", ".join(n.removesuffix(".drop_path").removeprefix("layers.") for n in order)
+
+
+def plot(table: list[dict[str, Any]], png: Path, huang: str) -> None:
+    """The two curves per pruning order, with one standard deviation as error bars."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: no plot", file=sys.stderr)
+        return
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
+    ks = [r["removed"] for r in table]
+    for ax, by in zip(axes, ("rate", "every-other"), strict=True):
+        for name, label in (("plain", "plain training"), ("huang", huang)):
+            cells = [r[f"{by} {name}"] for r in table]
+            mean, std = [c["mean"] for c in cells], [c["std"] for c in cells]
+            ax.errorbar(ks, mean, yerr=std, label=label, capsize=3)
+        ax.set_title(f"pruned by {by}")
+        ax.set_xlabel("residual blocks removed")
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("test accuracy")
+    axes[0].legend()
+    fig.tight_layout()
+    fig.savefig(png, dpi=120)
+    print(f"wrote {png}", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -12,18 +12,21 @@ Everything is measured in one process, side by side, and printed as one table:
   one call.
 - train step (forward, backward, optimizer), timm ViT-B/16, batch 256, 224 px, bfloat16
   autocast, fused AdamW: none / timm DropPath at uniform 0.4 / dpatch masking / dpatch
-  skip (``dpatch.inject(model, 0.4, schedule="uniform"[, skip=True])``).
+  skip (``dpatch.inject(model, 0.4, schedule="uniform"[, skip=True])``) / the hand-written
+  subset baseline of ``train_step.py`` (gather kept rows, branch, ``index_add``).
 - train step, timm ResNet-50, batch 256, 224 px, channels_last, bfloat16 autocast, SGD:
-  none / timm ``drop_path_rate=0.2`` / dpatch masking and skip at linear 0.2.
+  none / timm ``drop_path_rate=0.2`` / dpatch masking and skip / subset at linear 0.2.
 
-Step times: CUDA events around each step, configurations interleaved round by round (so
-clock drift hits them alike), median. Peak memory: each configuration's own parameters,
+Every timing goes through ``_common.interleave``: the configurations of one case
+interleaved round by round (so clock drift hits them alike), the median with its
+[min-max] over rounds, ratios paired within a round. Step times: CUDA events around each
+step. Peak memory: each configuration's own parameters,
 optimizer state and inputs plus the most its step allocates on top
 (``torch.cuda.max_memory_allocated``), which is what it would peak at alone.
 
 A failing measurement is reported in its row (and on stderr) and the run goes on.
 
-    python benchmarks/gpu_suite.py --json gpu_suite.json      # one H100/H200, < 6 min
+    python benchmarks/gpu_suite.py --json gpu_suite.json      # one H100/H200 (designed for < 6 min; not yet run)
     python benchmarks/gpu_suite.py --quick                    # GPU smoke run
     python benchmarks/gpu_suite.py --device cpu --quick       # CPU smoke run, tiny shapes
 """
@@ -32,12 +35,10 @@ from __future__ import annotations
 
 import gc
 import math
-import os
-import statistics
 import sys
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -47,21 +48,23 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 sys.path.insert(0, str(Path(__file__).parent))
 from _common import (
-    base_parser,
-    device_time_ms,
-    event_time_ms,
-    print_table,
-    setup,
+    Case,
+    Run,
+    Spread,
+    environ,
+    event_timer,
+    host_us,
+    number,
+    parser,
+    queued_timer,
     sync,
-    versions,
-    write_json,
 )
 from train_step import build
 
 from dpatch import drop_add
 
 OP_RATE = 0.2
-CONFIGS = ("none", "timm", "dpatch mask", "dpatch skip")
+CONFIGS = ("none", "timm", "dpatch mask", "dpatch skip", "subset")
 CL = torch.channels_last
 CONTIG = torch.contiguous_format
 
@@ -84,7 +87,7 @@ class Plan:
     op_shapes: tuple[tuple[str, tuple[int, ...], torch.memory_format], ...]
     dtypes: tuple[torch.dtype, ...]
     op_warmup: int
-    op_repeat: int
+    op_rounds: int
     op_calls: int
     models: tuple[Model, ...]
     train_warmup: int
@@ -108,7 +111,7 @@ def plan_for(device: torch.device, quick: bool) -> Plan:
             op_shapes=(("ViT tokens", (4, 197, 96), CONTIG), ("R50 stage", (4, 64, 14, 14), CL)),
             dtypes=dtypes,
             op_warmup=1,
-            op_repeat=2,
+            op_rounds=2,
             op_calls=1,
             # ViT-Ti runs the same code as ViT-B (timm's VisionTransformer), at a CPU's pace
             models=(_vit(2, 32, "vit_tiny_patch16_224"), _resnet(2, 32)),
@@ -128,18 +131,9 @@ def plan_for(device: torch.device, quick: bool) -> Plan:
 
 
 # --------------------------------------------------------------------------- helpers
-@contextmanager
-def kernels_setting(value: str) -> Iterator[None]:
+def kernels_setting(value: str) -> AbstractContextManager[None]:
     """``DPATCH_KERNELS=value`` for the duration (dpatch reads it on every call)."""
-    old = os.environ.get("DPATCH_KERNELS")
-    os.environ["DPATCH_KERNELS"] = value
-    try:
-        yield
-    finally:
-        if old is None:
-            del os.environ["DPATCH_KERNELS"]
-        else:
-            os.environ["DPATCH_KERNELS"] = old
+    return environ("DPATCH_KERNELS", value)
 
 
 class _OpNames(TorchDispatchMode):
@@ -168,10 +162,16 @@ def release(device: torch.device) -> None:
         torch.cuda.empty_cache()
 
 
+def _failed(row: dict[str, Any], note: str) -> dict[str, Any]:
+    row.update(ms=None, tbps=math.nan, ratio=None, host_us=math.nan, note=note)
+    return row
+
+
 # --------------------------------------------------------------------------- op
-def op_rows(plan: Plan, device: torch.device) -> list[dict[str, Any]]:
+def op_rows(plan: Plan, run: Run) -> list[dict[str, Any]]:
     from timm.layers import DropPath as TimmDropPath
 
+    device = run.device
     timm_dp = TimmDropPath(OP_RATE).train()
 
     def timm_expr(x: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -199,42 +199,52 @@ def op_rows(plan: Plan, device: torch.device) -> list[dict[str, Any]]:
                 ("timm x + DropPath(b)", "1", lambda x=x, b=b: timm_expr(x, b)),
                 ("timm compiled", "1", lambda x=x, b=b, c=compiled: c(x, b)),
             ]
-            plain = math.nan
+            case = f"{label} {'x'.join(map(str, shape))}" + (" CL" if fmt == CL else "")
+            dt = str(dtype).removeprefix("torch.")
+            by_name: dict[str, dict[str, Any]] = {}
+            cases: list[Case] = []
+            host: dict[str, float] = {}
             for name, setting, fn in impls:
-                row: dict[str, Any] = {
-                    "section": "op",
-                    "case": f"{label} {'x'.join(map(str, shape))}" + (" CL" if fmt == CL else ""),
-                    "dtype": str(dtype).removeprefix("torch."),
-                    "config": name,
-                }
-                try:
+                row: dict[str, Any] = {"section": "op", "case": case, "dtype": dt, "config": name}
+                by_name[name] = row
+                try:  # the first call compiles what needs compiling; then host queueing time
                     with kernels_setting(setting):
                         t0 = time.perf_counter()
-                        fn()  # compiles what needs compiling
+                        fn()
                         sync(device)
                         first_s = time.perf_counter() - t0
                         if name == "drop_add (Triton)":
                             used = ops_called(fn)
                             if "dpatch.drop_add.default" not in used:
                                 raise RuntimeError("drop_add did not run the Triton kernel")
-                        ms, host_us = device_time_ms(
-                            fn, device, plan.op_warmup, plan.op_repeat, plan.op_calls
-                        )
-                    if name == "plain add":
-                        plain = ms
-                    row.update(
-                        ms=ms, tbps=nbytes / ms / 1e9, ratio=ms / plain, host_us=host_us, note=""
-                    )
-                    if first_s > 2.0:
-                        row["note"] = f"first call {first_s:.1f} s"
+                        host[name] = host_us(fn, device, plan.op_calls)
+                    row["note"] = f"first call {first_s:.1f} s" if first_s > 2.0 else ""
+                    cases.append(Case(name, fn, context=lambda v=setting: kernels_setting(v)))
                 except Exception as exc:  # reported in the row and on stderr; the run goes on
-                    row.update(ms=math.nan, tbps=math.nan, ratio=math.nan, host_us=math.nan)
-                    row["note"] = short(exc)
-                print(
-                    f"  op {row['case']} {row['dtype']} {name}: {row['ms']:.4f} ms {row['note']}",
-                    file=sys.stderr,
+                    _failed(row, short(exc))
+                    run.note(f"op {case} {dt} {name}: {row['note']}")
+            if cases:
+                # hold the stream long enough for the slowest host to queue every call
+                hold_ms = 2.0 * max(host.values()) * 1e-3 * plan.op_calls + 1.0
+                timing = run.interleave(
+                    f"op {case} {dt}",
+                    cases,
+                    rounds=plan.op_rounds,
+                    warmup=plan.op_warmup,
+                    timer=queued_timer(device, plan.op_calls, hold_ms),
+                    keep_going=True,
                 )
-                rows.append(row)
+                for name, row in by_name.items():
+                    if name not in timing.names:
+                        continue
+                    if name in timing.errors:
+                        _failed(row, f"error: {timing.errors[name]}")
+                        continue
+                    ms = timing.spread(name)
+                    ratio = timing.ratio(name, "plain add") if "plain add" in timing.names else None
+                    row.update(ms=ms, tbps=nbytes / ms.median / 1e9, ratio=ratio)
+                    row["host_us"] = host[name]
+            rows += by_name.values()
             del x, b, compiled
             release(device)
     torch._dynamo.reset()
@@ -246,7 +256,6 @@ def op_rows(plan: Plan, device: torch.device) -> list[dict[str, Any]]:
 class _Run:
     step: Callable[[], None]
     static_bytes: int
-    times: list[float]
     extra_peak: int
 
 
@@ -294,60 +303,67 @@ def make_run(m: Model, config: str, device: torch.device) -> _Run:
             yield from (v for v in state.values() if isinstance(v, torch.Tensor))
         yield from (x, y)
 
-    return _Run(step, _tensor_bytes(static()), [], 0)
+    return _Run(step, _tensor_bytes(static()), 0)
 
 
-def train_rows(plan: Plan, m: Model, device: torch.device) -> list[dict[str, Any]]:
+@contextmanager
+def _peak_probe(r: _Run, device: torch.device) -> Iterator[None]:
+    """Keeps in ``r.extra_peak`` the most the step allocates on top of what is resident."""
+    if device.type != "cuda":
+        yield
+        return
+    torch.cuda.reset_peak_memory_stats(device)
+    before = torch.cuda.memory_allocated(device)
+    yield
+    r.extra_peak = max(r.extra_peak, torch.cuda.max_memory_allocated(device) - before)
+
+
+def train_rows(plan: Plan, m: Model, run: Run) -> list[dict[str, Any]]:
+    device = run.device
     gpu = device.type == "cuda"
     runs: dict[str, _Run] = {}
     rows: dict[str, dict[str, Any]] = {}
     case = f"{m.label} b{m.batch} {m.size}px" + (" CL" if m.channels_last else "")
     for config in CONFIGS:
+        label = f"{config} ({m.schedule} {m.rate})" if config != "none" else config
         rows[config] = {
             "section": "train",
             "case": case,
             "dtype": "bf16 autocast" if gpu else "fp32",
+            "config": label,
+            "note": "",
         }
-        rows[config]["config"] = f"{config} ({m.schedule} {m.rate})" if config != "none" else config
         try:
             t0 = time.perf_counter()
             runs[config] = make_run(m, config, device)
-            print(f"  {case} {config}: built in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
+            run.note(f"{case} {config}: built in {time.perf_counter() - t0:.1f} s")
         except Exception as exc:
             rows[config]["note"] = short(exc)
-            print(f"  {case} {config}: {rows[config]['note']}", file=sys.stderr)
-    for run in runs.values():
-        for _ in range(plan.train_warmup):
-            run.step()
-    sync(device)
-    for _ in range(plan.train_rounds):
-        for config, run in list(runs.items()):
-            try:
-                if gpu:
-                    torch.cuda.reset_peak_memory_stats(device)
-                    before = torch.cuda.memory_allocated(device)
-                run.times.append(event_time_ms(run.step, device))
-                if gpu:
-                    extra = torch.cuda.max_memory_allocated(device) - before
-                    run.extra_peak = max(run.extra_peak, extra)
-            except Exception as exc:
-                rows[config]["note"] = short(exc)
-                print(f"  {case} {config}: {rows[config]['note']}", file=sys.stderr)
-                del runs[config]
+            run.note(f"{case} {config}: {rows[config]['note']}")
+    cases = [Case(c, r.step, context=lambda r=r: _peak_probe(r, device)) for c, r in runs.items()]
+    timing = None
+    if cases:
+        timing = run.interleave(
+            f"train {case}",
+            cases,
+            rounds=plan.train_rounds,
+            warmup=plan.train_warmup,
+            timer=event_timer(device),
+            keep_going=True,
+        )
     base = runs.get("none")
-    base_ms = statistics.median(base.times) if base and base.times else math.nan
     base_gib = (base.static_bytes + base.extra_peak) / 2**30 if base and gpu else math.nan
     out = []
     for config in CONFIGS:
         row = rows[config]
-        run = runs.get(config)
-        if run is not None and run.times:
-            ms = statistics.median(run.times)
-            gib = (run.static_bytes + run.extra_peak) / 2**30 if gpu else math.nan
-            row.update(ms=ms, ratio=ms / base_ms, peak_gib=gib, mem_ratio=gib / base_gib)
-            row.setdefault("note", "")
-        else:
-            row.update(ms=math.nan, ratio=math.nan, peak_gib=math.nan, mem_ratio=math.nan)
+        r = runs.get(config)
+        if timing is not None and r is not None and config not in timing.errors:
+            gib = (r.static_bytes + r.extra_peak) / 2**30 if gpu else math.nan
+            ratio = timing.ratio(config, "none") if "none" in runs else None
+            row.update(ms=timing.spread(config), ratio=ratio, peak_gib=gib)
+            row["mem_ratio"] = gib / base_gib
+        elif timing is not None and config in timing.errors:
+            row["note"] = f"error: {timing.errors[config]}"
         out.append(row)
     del runs
     release(device)
@@ -383,58 +399,46 @@ KEYS = [
 ]
 
 
-def _cell(value: Any) -> Any:
-    if isinstance(value, float) and math.isnan(value):
+def _cell(key: str, value: Any) -> str:
+    if value is None:
         return "-"
-    if isinstance(value, float) and value < 0.1:
-        return f"{value:.4f}"
-    return value
-
-
-def _json(value: Any) -> Any:
-    return None if isinstance(value, float) and not math.isfinite(value) else value
+    if isinstance(value, Spread):
+        return value.ratio_cell() if key == "ratio" else value.cell()
+    if isinstance(value, float):
+        return number(value)
+    return str(value)
 
 
 def main() -> None:
-    p = base_parser(__doc__ or "")
-    p.set_defaults(device="cuda")
-    p.add_argument("--quick", action="store_true", help="smoke run: fewer shapes and rounds")
+    p = parser(__doc__ or "", device="cuda")
     p.add_argument("--skip-train", action="store_true", help="op section only")
     p.add_argument("--skip-op", action="store_true", help="train-step section only")
     args = p.parse_args()
-    device = setup(args)
+    run = Run("gpu_suite", args)
+    device = run.device
     plan = plan_for(device, args.quick)
-    env = versions(device)
-    start = time.perf_counter()
     rows: list[dict[str, Any]] = []
     if not args.skip_op:
-        rows += op_rows(plan, device)
-        print(f"op section: {time.perf_counter() - start:.0f} s", file=sys.stderr)
+        t0 = time.perf_counter()
+        rows += op_rows(plan, run)
+        run.note(f"op section: {time.perf_counter() - t0:.0f} s")
     if not args.skip_train:
         for m in plan.models:
             t0 = time.perf_counter()
-            rows += train_rows(plan, m, device)
-            print(f"{m.label} train steps: {time.perf_counter() - t0:.0f} s", file=sys.stderr)
-    elapsed = time.perf_counter() - start
-    title = (
-        f"dpatch GPU suite{' (quick)' if args.quick else ''}: {env['device']} | torch "
-        f"{env['torch']} | triton {env['triton']} | CUDA {env['cuda']} | timm {env['timm']} "
-        f"| dpatch {env['dpatch']} | {elapsed:.0f} s"
-    )
+            rows += train_rows(plan, m, run)
+            run.note(f"{m.label} train steps: {time.perf_counter() - t0:.0f} s")
+    title = f"dpatch GPU suite{' (quick)' if args.quick else ''}: {run.env['device']}"
+    if device.type == "cuda":
+        title += f", Triton {run.env['triton']}, CUDA {run.env['cuda']}"
+    note = "median [min-max] of interleaved rounds; ratios paired within a round"
     if device.type != "cuda":
-        title += "\n(CPU smoke run: the Triton rows run in Triton's interpreter; no figure here is a measurement)"
-    print_table(title, HEADER, [[_cell(r.get(k, math.nan)) for k in KEYS] for r in rows])
-    write_json(
-        args.json,
-        {
-            "benchmark": "gpu_suite",
-            "quick": args.quick,
-            "op_rate": OP_RATE,
-            "elapsed_s": elapsed,
-            **env,
-            "rows": [{k: _json(r.get(k)) for k in KEYS} for r in rows],
-        },
-    )
+        note += (
+            "; CPU smoke run: the Triton rows run in Triton's interpreter, no figure here "
+            "is a measurement"
+        )
+    run.table(title, HEADER, [[_cell(k, r.get(k)) for k in KEYS] for r in rows], note=note)
+    run.extra["op_rate"] = OP_RATE
+    run.finish()
 
 
 if __name__ == "__main__":

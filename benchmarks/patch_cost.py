@@ -1,24 +1,25 @@
 """What patching costs: dpatch.inject time against model construction time.
 
-For resnet50, vit_base_patch16_224 and convnext_base (timm, random init): the median time
-to build the model, to find its sites (read-only) and to inject (fresh model each time),
-and inject as a share of construction.
+For resnet50, vit_base_patch16_224 and convnext_base (timm, random init), interleaved
+round by round (``_common.interleave``): building the model (``timm.create_model``, the
+baseline), finding its sites (``dpatch.find_sites``, read-only) and injecting
+(``dpatch.inject(model, 0.2)``); the last two on a model built untimed just before, a
+fresh one every time. Ratios to the build are paired within a round.
 
     python benchmarks/patch_cost.py
 """
 
 from __future__ import annotations
 
-import statistics
 import sys
-import time
 from pathlib import Path
+from typing import Any
 
 import timm
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import base_parser, environment, print_table, setup, write_json
+from _common import Case, Run, parser, wall_timer
 
 import dpatch
 
@@ -26,39 +27,45 @@ MODELS = ["resnet50", "vit_base_patch16_224", "convnext_base"]
 
 
 def main() -> None:
-    p = base_parser(__doc__ or "")
-    p.add_argument("--repeat", type=int, default=5)
-    p.add_argument("--models", default=",".join(MODELS))
+    p = parser(__doc__ or "", rounds=(5, 2), warmup=(1, 0))
+    p.add_argument("--models", default=None, help=f"comma list (default {','.join(MODELS)})")
     args = p.parse_args()
-    device = setup(args)
-    rows = []
-    for name in args.models.split(","):
-        build, find, inject = [], [], []
-        for _ in range(args.repeat):
-            t0 = time.perf_counter()
-            model = timm.create_model(name).to(device)
-            build.append(time.perf_counter() - t0)
-            t0 = time.perf_counter()
-            dpatch.find_sites(model)
-            find.append(time.perf_counter() - t0)
-            t0 = time.perf_counter()
-            dpatch.inject(model, 0.2)
-            inject.append(time.perf_counter() - t0)
-        b, f, i = (statistics.median(v) * 1e3 for v in (build, find, inject))
-        rows.append([name, b, f, i, i / b])
-        print(f"  {name}: build {b:.0f} ms, inject {i:.0f} ms", file=sys.stderr)
-    env = environment(device)
-    title = f"patch cost (median of {args.repeat}): {env['device']} (torch {env['torch']}, timm {env['timm']})"
-    header = ["model", "build ms", "find_sites ms", "inject ms", "inject / build"]
-    print_table(title, header, rows)
-    write_json(
-        args.json,
-        {
-            "benchmark": "patch_cost",
-            **env,
-            "rows": [dict(zip(header, r, strict=False)) for r in rows],
-        },
+    run = Run("patch_cost", args)
+    device = run.device
+    names = args.models.split(",") if args.models else MODELS[:1] if args.quick else MODELS
+    rows: list[list[Any]] = []
+    for name in names:
+
+        def build(name: str = name) -> torch.nn.Module:
+            return timm.create_model(name).to(device)
+
+        timing = run.interleave(
+            name,
+            [
+                Case("build", build),
+                Case("find_sites", dpatch.find_sites, setup=build),
+                Case("inject", lambda m: dpatch.inject(m, 0.2), setup=build),
+            ],
+            timer=wall_timer(device),
+        )
+        rows.append(
+            [
+                name,
+                timing.spread("build"),
+                timing.spread("find_sites"),
+                timing.spread("inject"),
+                timing.ratio("find_sites", "build").ratio_cell(),
+                timing.ratio("inject", "build").ratio_cell(),
+            ]
+        )
+    run.table(
+        "What patching costs (timm, random init)",
+        ["model", "build", "find_sites", "inject", "find_sites / build", "inject / build"],
+        rows,
+        note=f"median [min-max] of {run.rounds} interleaved rounds, a fresh model each "
+        "time; ratios paired within a round",
     )
+    run.finish()
 
 
 if __name__ == "__main__":

@@ -1,52 +1,63 @@
 """The residual op alone: plain ``x + b`` vs timm ``x + DropPath(p)(b)`` vs dpatch ``drop_add``.
 
 Shapes: transformer (B, 197, 768) and conv (B, 256, 56, 56) channels_last; fp32 and bf16;
-training mode (the drop is drawn every call). Ratios are against the plain add measured in
-the same run. Forward only by default; ``--backward`` times forward + backward.
+training mode (the drop is drawn every call), rate 0.2. The three implementations are
+timed interleaved, round by round (``_common.interleave``); a sample is the mean of
+``--calls`` back-to-back calls; ratios against the plain add are taken within each round.
+Forward only by default; ``--backward`` times forward + backward. One torch thread unless
+``--threads`` says otherwise: an elementwise op of a millisecond on two OpenMP threads
+measures the scheduler whenever anything else runs on a 2-core machine (samples of 8 ms
+for a 0.1 ms add), one thread measures the op.
 
-    python benchmarks/residual_op.py                 # CPU, reduced batch
+    python benchmarks/residual_op.py                 # CPU, reduced batch (32 / 8)
     python benchmarks/residual_op.py --device cuda   # full batch (256 / 64)
 """
 
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import base_parser, environment, print_table, setup, time_ms, write_json
+from _common import Case, Run, parser, wall_timer
 
 from dpatch import drop_add
 
+IMPLS = ("plain x + b", "timm x + DropPath(b)", "dpatch drop_add")
+
 
 def main() -> None:
-    p = base_parser(__doc__ or "")
+    p = parser(__doc__ or "", rounds=(30, 3), warmup=(5, 1))
+    p.set_defaults(threads=1)
     p.add_argument("--rate", type=float, default=0.2)
     p.add_argument("--batch-transformer", type=int, default=None)
     p.add_argument("--batch-conv", type=int, default=None)
-    p.add_argument("--repeat", type=int, default=None)
+    p.add_argument("--calls", type=int, default=None, help="calls per sample (default 10)")
     p.add_argument("--backward", action="store_true")
     args = p.parse_args()
-    device = setup(args)
+    run = Run("residual_op", args)
+    device = run.device
     gpu = device.type == "cuda"
-    bt = args.batch_transformer or (256 if gpu else 32)
-    bc = args.batch_conv or (64 if gpu else 8)
-    repeat = args.repeat or (100 if gpu else 30)
+    bt = args.batch_transformer or (256 if gpu else 4 if args.quick else 32)
+    bc = args.batch_conv or (64 if gpu else 2 if args.quick else 8)
+    calls = args.calls or (2 if args.quick else 10)
 
     from timm.layers import DropPath as TimmDropPath
 
     timm_dp = TimmDropPath(args.rate).train()
     rate = args.rate
-
     cases = [
         ("transformer", (bt, 197, 768), torch.contiguous_format),
         ("conv", (bc, 256, 56, 56), torch.channels_last),
     ]
-    rows = []
+    rows: list[list[Any]] = []
     for shape_name, shape, fmt in cases:
         for dtype in (torch.float32, torch.bfloat16):
+            torch.manual_seed(0)
             x = torch.randn(shape, device=device, dtype=dtype).contiguous(memory_format=fmt)
             b = torch.randn(shape, device=device, dtype=dtype).contiguous(memory_format=fmt)
             if args.backward:
@@ -54,7 +65,7 @@ def main() -> None:
                 b.requires_grad_(True)
             grad = torch.ones_like(x)
 
-            def run(fn, grad=grad):  # type: ignore[no-untyped-def]
+            def op(fn: Callable[[], torch.Tensor], grad: torch.Tensor = grad) -> Callable[[], None]:
                 def call() -> None:
                     out = fn()
                     if args.backward:
@@ -62,41 +73,55 @@ def main() -> None:
 
                 return call
 
-            impls = {
-                "plain x + b": run(lambda x=x, b=b: x + b),
-                "timm x + DropPath(b)": run(lambda x=x, b=b: x + timm_dp(b)),
-                "dpatch drop_add": run(lambda x=x, b=b: drop_add(x, b, rate, True)),
-            }
-            times = {k: time_ms(f, device, warmup=5, repeat=repeat) for k, f in impls.items()}
-            plain = times["plain x + b"]
-            nbytes = 3 * x.numel() * x.element_size()  # read x, read b, write out
-            for k, ms in times.items():
-                rows.append(
-                    [
-                        shape_name,
-                        "x".join(map(str, shape)),
-                        str(dtype).replace("torch.", ""),
-                        k,
-                        ms,
-                        nbytes / ms / 1e9,
-                        ms / plain,
-                    ]
-                )
-    env = environment(device)
-    mode = "forward+backward" if args.backward else "forward"
-    title = f"residual op, training mode, rate {rate}, {mode}: {env['device']} (torch {env['torch']}, timm {env['timm']})"
-    header = ["shape", "size", "dtype", "implementation", "ms", "TB/s (3 passes)", "vs plain"]
-    print_table(title, header, rows)
-    write_json(
-        args.json,
-        {
-            "benchmark": "residual_op",
-            "mode": mode,
-            "rate": rate,
-            **env,
-            "rows": [dict(zip(header, r, strict=False)) for r in rows],
-        },
+            fns = [
+                lambda x=x, b=b: x + b,
+                lambda x=x, b=b: x + timm_dp(b),
+                lambda x=x, b=b: drop_add(x, b, rate, True),
+            ]
+            size = "x".join(map(str, shape)) + (
+                " channels_last" if fmt == torch.channels_last else ""
+            )
+            dt = (
+                str(dtype)
+                .removeprefix("torch.")
+                .replace("float32", "fp32")
+                .replace("bfloat16", "bf16")
+            )
+            timing = run.interleave(
+                f"{shape_name} {size} {dt}",
+                [Case(name, op(fn)) for name, fn in zip(IMPLS, fns, strict=True)],
+                timer=wall_timer(device, calls),
+            )
+            plain, timm_name, dpatch_name = IMPLS
+            rows.append(
+                [
+                    size,
+                    dt,
+                    timing.spread(plain),
+                    timing.spread(timm_name),
+                    timing.spread(dpatch_name),
+                    timing.ratio(timm_name, plain).ratio_cell(),
+                    timing.ratio(dpatch_name, plain).ratio_cell(),
+                ]
+            )
+            del x, b, grad
+    mode = "forward + backward" if args.backward else "forward"
+    run.table(
+        f"Residual op, training mode, rate {rate}, {mode}",
+        [
+            "shape",
+            "dtype",
+            "plain `x + b`",
+            "timm `x + DropPath(b)`",
+            "dpatch `drop_add`",
+            "timm / plain",
+            "drop_add / plain",
+        ],
+        rows,
+        note=f"median [min-max] of {run.rounds} interleaved rounds, a sample = mean of "
+        f"{calls} calls; ratios paired within a round",
     )
+    run.finish()
 
 
 if __name__ == "__main__":

@@ -4,15 +4,20 @@ Models: ResNet-50 (SGD, channels_last) and a ViT (AdamW); on CUDA with bf16 auto
 224 px (ViT-B/16, batch 256 / ResNet-50 batch 256), on CPU reduced (ViT-S/16 at 112 px,
 ResNet-50 at 112 px, smaller batches, fp32). Configurations, at linear 0.2 and uniform 0.4:
 
-- ``none``: the timm model without DropPath (drop_path_rate=0);
+- ``none``: the timm model without DropPath (drop_path_rate=0): the baseline;
 - ``timm``: timm's own DropPath (create_model(drop_path_rate=r); uniform rates set on it);
 - ``dpatch mask``: dpatch.inject on the model without DropPath (fused residual add);
-- ``dpatch skip``: dpatch.inject(..., skip=True) (dropped rows not computed).
+- ``dpatch skip``: dpatch.inject(..., skip=True) (dropped rows not computed);
+- ``subset``: the hand-written way to skip dropped rows, for comparison with ``dpatch
+  skip``: each block's forward rewritten here to gather a random subset of
+  k = max(round(B (1-p)), 1) rows, run the branch on them and ``index_add`` the result back
+  scaled by B/k (DINOv2's ``drop_add_residual_stochastic_depth``), same rates as dpatch.
 
-Step times are measured with all four configurations in one process, in interleaved
-rounds (the median per configuration), so load drifts hit them alike. Peak memory is
-measured with each configuration alone in its own process (CUDA: max_memory_allocated;
-CPU: peak resident set size).
+Step times: all five configurations in one process, interleaved round by round
+(``_common.interleave``), ratios to ``none`` paired within a round. Peak memory: each
+configuration alone in a fresh process (CUDA: max_memory_allocated; CPU: peak resident set
+size, VmHWM, of a process forked from a server that has imported torch, timm and dpatch),
+``--memory-rounds`` times, round by round.
 
     python benchmarks/train_step.py                    # CPU
     python benchmarks/train_step.py --device cuda      # GPU
@@ -20,35 +25,49 @@ CPU: peak resident set size).
 
 from __future__ import annotations
 
-import argparse
-import json
-import resource
-import statistics
-import subprocess
+import copy
+import multiprocessing
 import sys
+from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import base_parser, environment, print_table, setup, sync, time_ms, write_json
+from _common import Case, Run, Timing, event_timer, interleave, parser, sync
 
-CONFIGS = ["none", "timm", "dpatch mask", "dpatch skip"]
+CONFIGS = ["none", "timm", "dpatch mask", "dpatch skip", "subset"]
 SCHEDULES = [("linear", 0.2), ("uniform", 0.4)]
 
 
-def model_settings(name: str, gpu: bool) -> dict[str, Any]:
+def model_settings(name: str, gpu: bool, quick: bool = False) -> dict[str, Any]:
     if name == "resnet50":
         return {
             "arch": "resnet50",
-            "batch": 256 if gpu else 16,
-            "size": 224 if gpu else 112,
+            "label": "ResNet-50",
+            "batch": 256 if gpu else 4 if quick else 16,
+            "size": 224 if gpu else 64 if quick else 112,
             "kwargs": {},
         }
     if gpu:
-        return {"arch": "vit_base_patch16_224", "batch": 256, "size": 224, "kwargs": {}}
-    return {"arch": "vit_small_patch16_224", "batch": 32, "size": 112, "kwargs": {"img_size": 112}}
+        return {
+            "arch": "vit_base_patch16_224",
+            "label": "ViT-B/16",
+            "batch": 256,
+            "size": 224,
+            "kwargs": {},
+        }
+    size = 64 if quick else 112
+    return {
+        "arch": "vit_small_patch16_224",
+        "label": "ViT-S/16",
+        "batch": 8 if quick else 32,
+        "size": size,
+        "kwargs": {"img_size": size},
+    }
 
 
 def build(
@@ -66,6 +85,9 @@ def build(
     model = timm.create_model(arch, drop_path_rate=0.0, **kwargs)
     if config.startswith("dpatch"):
         dpatch.inject(model, rate, schedule=schedule, skip=config == "dpatch skip")
+    elif config == "subset":
+        report = dpatch.inject(copy.deepcopy(model), rate, schedule=schedule)
+        subset_blocks(model, {s.slot: s.rate for s in report.sites})
     return model
 
 
@@ -86,20 +108,94 @@ def _timm_uniform(model: torch.nn.Module, rate: float) -> None:
                 setattr(m, attr, DropPath(rate))
 
 
-def make_step(args: Any, config: str, device: torch.device) -> tuple[Any, dict[str, Any]]:
+# --------------------------------------------------------------------------- subset baseline
+def subset_add(
+    shortcut: torch.Tensor,
+    x: torch.Tensor,
+    branch: Callable[[torch.Tensor], torch.Tensor],
+    rate: float,
+    training: bool,
+) -> torch.Tensor:
+    """``shortcut + branch(x)``, in training with the branch run on a random subset of
+    k = max(round(B (1-rate)), 1) rows and added back scaled by B/k: DINOv2's
+    ``drop_add_residual_stochastic_depth``, written the plain way (indexing, index_add)."""
+    if not training or rate == 0:
+        return shortcut + branch(x)
+    b = x.shape[0]
+    k = max(round(b * (1 - rate)), 1)
+    rows = torch.randperm(b, device=x.device)[:k]
+    return torch.index_add(shortcut, 0, rows, branch(x[rows]).to(shortcut.dtype), alpha=b / k)
+
+
+class SubsetBottleneck(nn.Module):
+    """timm's ResNet ``Bottleneck`` forward with ``subset_add`` for its residual."""
+
+    def __init__(self, block: nn.Module, rate: float) -> None:
+        super().__init__()
+        self.block = block
+        self.rate = rate
+
+    def _branch(self, x: torch.Tensor) -> torch.Tensor:
+        b = self.block
+        x = b.act1(b.bn1(b.conv1(x)))
+        x = b.aa(b.act2(b.drop_block(b.bn2(b.conv2(x)))))
+        x = b.bn3(b.conv3(x))
+        return b.se(x) if b.se is not None else x
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b = self.block
+        shortcut = b.downsample(x) if b.downsample is not None else x
+        return b.act3(subset_add(shortcut, x, self._branch, self.rate, self.training))
+
+
+class SubsetViTBlock(nn.Module):
+    """timm's ViT ``Block`` forward with ``subset_add`` for both residuals."""
+
+    def __init__(self, block: nn.Module, rate1: float, rate2: float) -> None:
+        super().__init__()
+        self.block = block
+        self.rates = (rate1, rate2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b = self.block
+        x = subset_add(x, x, lambda t: b.ls1(b.attn(b.norm1(t))), self.rates[0], self.training)
+        return subset_add(x, x, lambda t: b.ls2(b.mlp(b.norm2(t))), self.rates[1], self.training)
+
+
+def subset_blocks(model: nn.Module, rates: dict[str, float]) -> None:
+    """Every ResNet bottleneck / ViT block of ``model`` replaced by its subset version, at
+    the rates ``rates`` gives its slots (``layer1.0.drop_path``, ``blocks.0.drop_path1``)."""
+    from timm.models.resnet import Bottleneck
+    from timm.models.vision_transformer import Block
+
+    blocks = [(n, m) for n, m in model.named_modules() if isinstance(m, Bottleneck | Block)]
+    for name, m in blocks:
+        parent_name, _, attr = name.rpartition(".")
+        parent = model.get_submodule(parent_name)
+        if isinstance(m, Bottleneck):
+            setattr(parent, attr, SubsetBottleneck(m, rates[f"{name}.drop_path"]))
+        elif isinstance(m, Block):
+            rate1, rate2 = rates[f"{name}.drop_path1"], rates[f"{name}.drop_path2"]
+            setattr(parent, attr, SubsetViTBlock(m, rate1, rate2))
+
+
+# --------------------------------------------------------------------------- one config
+def make_step(
+    model_name: str, config: str, schedule: str, rate: float, device: torch.device, quick: bool
+) -> tuple[Callable[[], None], dict[str, Any]]:
     """A closure running one training step of (model, config, schedule)."""
     gpu = device.type == "cuda"
-    s = model_settings(args.model, gpu)
+    s = model_settings(model_name, gpu, quick)
     torch.manual_seed(0)
-    model = build(s["arch"], s["kwargs"], config, args.schedule, args.rate).to(device)
+    model = build(s["arch"], s["kwargs"], config, schedule, rate).to(device)
     model.train()
-    if args.model == "resnet50":
+    if model_name == "resnet50":
         model = model.to(memory_format=torch.channels_last)
         opt: torch.optim.Optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     else:
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=gpu)
     x = torch.randn(s["batch"], 3, s["size"], s["size"], device=device)
-    if args.model == "resnet50":
+    if model_name == "resnet50":
         x = x.contiguous(memory_format=torch.channels_last)
     y = torch.randint(0, 1000, (s["batch"],), device=device)
     loss_fn = torch.nn.CrossEntropyLoss()
@@ -114,114 +210,135 @@ def make_step(args: Any, config: str, device: torch.device) -> tuple[Any, dict[s
     return step, s
 
 
-def measure_memory(args: Any) -> dict[str, Any]:
-    """Peak memory of one configuration, alone in this process."""
-    device = setup(args)
-    step, s = make_step(args, args.config, device)
+def _peak_rss_gib() -> float:
+    """This process's peak resident set size (VmHWM), GiB."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 2**20  # kB
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+def measure_memory(
+    model_name: str, config: str, schedule: str, rate: float, device_name: str, threads: int,
+    quick: bool,
+) -> float:  # fmt: skip
+    """Peak memory (GiB) of one configuration, alone in this (fresh) process."""
+    if threads:
+        torch.set_num_threads(threads)
+    device = torch.device(device_name)
+    step, _ = make_step(model_name, config, schedule, rate, device, quick)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    for _ in range(3):
+    for _ in range(2):  # the second step runs with the optimizer state in place
         step()
     sync(device)
     if device.type == "cuda":
-        peak = torch.cuda.max_memory_allocated(device) / 2**30
-    else:
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB
-    return {"peak_gib": peak, "batch": s["batch"], "size": s["size"], "arch": s["arch"]}
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return _peak_rss_gib()
 
 
-def measure_time(args: Any) -> dict[str, float]:
-    """Step time of every configuration, measured in interleaved rounds in this process so
-    that machine load drifts affect all of them alike; the median over rounds is kept."""
-    device = setup(args)
-    steps = {c: make_step(args, c, device)[0] for c in CONFIGS}
-    for step in steps.values():
-        for _ in range(args.warmup):
-            step()
-    times: dict[str, list[float]] = {c: [] for c in CONFIGS}
-    for _ in range(args.repeat):
-        for c, step in steps.items():
-            times[c].append(time_ms(step, device, warmup=0, repeat=1))
-    return {c: statistics.median(v) for c, v in times.items()}
+def measure_time(
+    model_name: str, schedule: str, rate: float, device_name: str, threads: int, quick: bool,
+    rounds: int, warmup: int,
+) -> dict[str, Any]:  # fmt: skip
+    """Step times of every configuration, interleaved round by round in this process."""
+    if threads:
+        torch.set_num_threads(threads)
+    device = torch.device(device_name)
+    cases = [Case(c, make_step(model_name, c, schedule, rate, device, quick)[0]) for c in CONFIGS]
+
+    def progress(s: str) -> None:
+        print(f"  {model_name} {schedule} {rate} {s}", file=sys.stderr, flush=True)
+
+    timing = interleave(
+        cases, rounds=rounds, warmup=warmup, timer=event_timer(device), progress=progress
+    )
+    return timing.as_dict()
 
 
-def run_child(
-    args: Any, mode: str, model: str, schedule: str, rate: float, config: str = ""
-) -> Any:
-    cmd = [
-        sys.executable, __file__, mode, "--device", args.device, "--model", model,
-        "--schedule", schedule, "--rate", str(rate), "--warmup", str(args.warmup),
-        "--repeat", str(args.repeat), "--config", config or "none",
-    ]  # fmt: skip
-    if args.threads:
-        cmd += ["--threads", str(args.threads)]
-    out = subprocess.run(cmd, capture_output=True, text=True, check=False)
-    if out.returncode != 0:
-        raise SystemExit(f"{model}/{schedule}/{config or 'timing'} failed:\n{out.stderr}")
-    return json.loads(out.stdout.strip().splitlines()[-1])
+def fresh_process(fn: Callable[..., Any], *args: Any) -> Any:
+    """``fn(*args)`` in a new process forked from a server that has imported torch, timm
+    and dpatch already (a process per measurement without paying the imports each time)."""
+    ctx = multiprocessing.get_context("forkserver")
+    ctx.set_forkserver_preload(["torch", "timm", "dpatch", "train_step"])
+    with ProcessPoolExecutor(1, mp_context=ctx) as pool:
+        return pool.submit(fn, *args).result()
 
 
+# --------------------------------------------------------------------------- main
 def main() -> None:
-    p = base_parser(__doc__ or "")
+    p = parser(__doc__ or "", rounds=(6, 2), warmup=(1, 1))
     p.add_argument("--models", default="resnet50,vit", help="comma list: resnet50,vit")
-    p.add_argument("--warmup", type=int, default=None)
-    p.add_argument("--repeat", type=int, default=None, help="interleaved timing rounds")
-    hidden = argparse.SUPPRESS
-    p.add_argument("--memory-one", action="store_true", help=hidden)
-    p.add_argument("--time-all", action="store_true", help=hidden)
-    p.add_argument("--model", default=None, help=hidden)
-    p.add_argument("--config", default=None, help=hidden)
-    p.add_argument("--schedule", default=None, help=hidden)
-    p.add_argument("--rate", type=float, default=None, help=hidden)
+    p.add_argument("--memory-rounds", type=int, default=None, help="default 2 (quick: 1)")
     args = p.parse_args()
-    gpu = args.device == "cuda"
-    args.warmup = args.warmup if args.warmup is not None else (5 if gpu else 2)
-    args.repeat = args.repeat if args.repeat is not None else (20 if gpu else 6)
-    if args.memory_one:
-        print(json.dumps(measure_memory(args)))
-        return
-    if args.time_all:
-        print(json.dumps(measure_time(args)))
-        return
-
-    device = setup(args)
-    rows = []
+    run = Run("train_step", args)
+    gpu = run.device.type == "cuda"
+    mem_rounds = args.memory_rounds or (1 if args.quick else 2)
+    threads = torch.get_num_threads()
+    time_rows: list[list[Any]] = []
+    mem_rows: list[list[Any]] = []
     for model in args.models.split(","):
+        s = model_settings(model, gpu, args.quick)
         for schedule, rate in SCHEDULES:
-            ms = run_child(args, "--time-all", model, schedule, rate)
-            mem = {c: run_child(args, "--memory-one", model, schedule, rate, c) for c in CONFIGS}
-            for c in CONFIGS:
-                r = mem[c]
-                rows.append(
-                    [
-                        f"{r['arch']} b{r['batch']} {r['size']}px",
-                        f"{schedule} {rate}",
-                        c,
-                        ms[c],
-                        ms[c] / ms["none"],
-                        r["peak_gib"],
-                        r["peak_gib"] / mem["none"]["peak_gib"],
-                    ]
+            key = f"{model} {schedule} {rate}"
+            doc = fresh_process(
+                measure_time, model, schedule, rate, args.device, threads, args.quick,
+                run.rounds, run.warmup,
+            )  # fmt: skip
+            timing = Timing.from_dict(doc)
+            run.record(key, timing)
+            label = f"{s['label']} b{s['batch']} {s['size']}px"
+            time_rows.append(
+                [
+                    label,
+                    f"{schedule} {rate}",
+                    timing.spread("none"),
+                    *(timing.ratio(c, "none").ratio_cell() for c in CONFIGS[1:]),
+                ]
+            )
+            # memory: each configuration alone in a fresh process, round-robin
+            peaks: dict[str, list[float]] = {c: [] for c in CONFIGS}
+            order = []
+            for r in range(mem_rounds):
+                turn = CONFIGS[r % len(CONFIGS) :] + CONFIGS[: r % len(CONFIGS)]
+                for c in turn:
+                    where = (model, c, schedule, rate, args.device, threads, args.quick)
+                    peaks[c].append(fresh_process(measure_memory, *where))
+                order.append(tuple(turn))
+                run.note(
+                    f"{key} memory round {r + 1}: "
+                    + ", ".join(f"{c} {v[-1]:.3f} GiB" for c, v in peaks.items())
                 )
-                print(f"  {rows[-1][0]} {schedule} {rate} {c}: {ms[c]:.1f} ms", file=sys.stderr)
-    env = environment(device)
+            mem = Timing(tuple(CONFIGS), {c: tuple(v) for c, v in peaks.items()}, tuple(order), 0)
+            run.record(f"{key} memory", mem, unit="GiB")
+            mem_rows.append(
+                [
+                    label,
+                    f"{schedule} {rate}",
+                    mem.spread("none").cell("GiB"),
+                    *(mem.ratio(c, "none").ratio_cell() for c in CONFIGS[1:]),
+                ]
+            )
     prec = "bf16 autocast" if gpu else "fp32"
-    title = (
-        f"train step (forward+backward+optimizer, {prec}, median of {args.repeat} interleaved "
-        f"rounds): {env['device']} (torch {env['torch']}, timm {env['timm']})"
+    header = ["model", "schedule", "none", *(f"{c} / none" for c in CONFIGS[1:])]
+    run.table(
+        f"Train step time (forward + backward + optimizer, {prec})",
+        header,
+        time_rows,
+        note=f"median [min-max] of {run.rounds} interleaved rounds after {run.warmup} "
+        "warm-up step(s); ratios paired within a round",
     )
-    mem_label = "peak GiB (CUDA alloc)" if gpu else "peak RSS GiB"
-    header = ["model", "schedule", "config", "ms/step", "vs none", mem_label, "mem vs none"]
-    print_table(title, header, rows)
-    write_json(
-        args.json,
-        {
-            "benchmark": "train_step",
-            "precision": prec,
-            **env,
-            "rows": [dict(zip(header, r, strict=False)) for r in rows],
-        },
+    what = "CUDA max_memory_allocated" if gpu else "peak RSS of a process running it alone"
+    run.table(
+        f"Train step peak memory ({what})",
+        header,
+        mem_rows,
+        note=f"median [min-max] of {mem_rounds} round(s), one fresh process per "
+        "configuration and round",
     )
+    run.finish()
 
 
 if __name__ == "__main__":

@@ -10,8 +10,12 @@ torchvision ``stochastic_depth_prob``, transformers ``config.drop_path_rate``): 
 gets the rate of its slot in the library's own build at rate 0.3, and every slot that build
 calls with a rate above 0 is a site. Slot rates are read here, not by dpatch.
 
-Models are built with their large tensors on the meta device, so this needs no weights
-and little time:
+Models are built with their large tensors on the meta device, so this needs no weights.
+A family the installed library lacks (transformers 4.x has no class added in 5.x, an older
+timm no newer model) is left out with one line naming it. Prints the totals per zoo and
+the reasons for what was left out; ``--rows`` also prints one row per model (always in
+``--json``); ``--quick`` takes the first three models of each zoo. Nothing is timed, so the
+models are shared out to ``--jobs`` worker processes (default: 2).
 
     python benchmarks/zoo_coverage.py [--json out.json] [--zoo timm|torchvision|transformers]
 """
@@ -21,10 +25,13 @@ from __future__ import annotations
 import importlib.util
 import inspect
 import json
+import multiprocessing
+import os
 import sys
 import warnings
 from collections import Counter
 from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -36,7 +43,7 @@ import torchvision
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import base_parser, environment, print_table, setup, write_json
+from _common import Run, parser
 
 import dpatch
 from dpatch.analysis import probe
@@ -125,9 +132,12 @@ def _tv_entries() -> list[Entry]:
 
 
 # --------------------------------------------------------------------------- timm
-def _timm_entries() -> list[Entry]:
+def _timm_entries(missing: list[str]) -> list[Entry]:
     out = []
     for f in json.loads((ROOT / "tests" / "timm_families.json").read_text()):
+        if not timm.is_model(f["model"]):
+            missing.append(f"timm {timm.__version__} has no {f['model']}: {f['module']} skipped")
+            continue
         out.append(
             Entry(
                 "timm",
@@ -150,7 +160,7 @@ def _timm_entries() -> list[Entry]:
 
 
 # --------------------------------------------------------------------------- transformers
-def _hf_entries() -> list[Entry]:
+def _hf_entries(missing: list[str]) -> list[Entry]:
     import transformers
 
     def build(fam: dict[str, Any], rate: Any = None) -> nn.Module:
@@ -166,7 +176,15 @@ def _hf_entries() -> list[Entry]:
 
     out = []
     for fam in json.loads((ROOT / "tests" / "hf_families.json").read_text()):
-        native = hasattr(getattr(transformers, fam["class"]).config_class, "drop_path_rate")
+        if not hasattr(transformers, fam["class"]):
+            missing.append(
+                f"transformers {transformers.__version__} has no {fam['class']}: "
+                f"{fam['family']} skipped"
+            )
+            continue
+        # on an instance: transformers 4.x sets config fields in __init__, 5.x on the class
+        config_class = getattr(transformers, fam["class"]).config_class
+        native = hasattr(config_class(**fam["config"]), "drop_path_rate")
         out.append(
             Entry(
                 "transformers",
@@ -218,19 +236,25 @@ def _native_parity(entry: Entry, model: nn.Module, x: tuple[Any, ...]) -> str:
     return "yes"
 
 
-def entries(zoos: set[str]) -> list[Entry]:
+def entries(zoos: set[str], missing: list[str]) -> list[Entry]:
+    """The models to sweep; a family the installed library lacks goes to ``missing``, as
+    one line naming it."""
     out: list[Entry] = []
     if "torchvision" in zoos:
         out += _tv_entries()
     if "timm" in zoos:
-        out += _timm_entries()
-    if "transformers" in zoos and importlib.util.find_spec("transformers") is not None:
-        out += _hf_entries()
+        out += _timm_entries(missing)
+    if "transformers" in zoos:
+        if importlib.util.find_spec("transformers") is None:
+            missing.append("transformers is not installed: its zoo skipped")
+        else:
+            out += _hf_entries(missing)
     return out
 
 
-def _measure(e: Entry) -> tuple[list[Any], dpatch.PatchReport | None]:
-    """One table row, and the report (None when inject failed: the row says why)."""
+def _measure(e: Entry) -> tuple[list[Any], list[str] | None]:
+    """One table row, and the reasons of what inject left out (None when inject failed:
+    the row says why)."""
     x = e.inputs()
 
     def fresh() -> nn.Module:
@@ -247,58 +271,103 @@ def _measure(e: Entry) -> tuple[list[Any], dpatch.PatchReport | None]:
     n, fused, skip = len(sites), sum(s.fused for s in sites), sum(s.skip for s in sites)
     kinds = "/".join(sorted({s.kind for s in sites})) or "-"
     parity = _native_parity(e, fresh(), x)
-    return [e.zoo, e.group, e.name, n, kinds, fused, skip, parity, len(report.skipped)], report
+    row = [e.zoo, e.group, e.name, n, kinds, fused, skip, parity, len(report.skipped)]
+    return row, [s.reason for s in report.skipped]
+
+
+def measure_share(
+    zoos: set[str], quick: bool, share: int, jobs: int
+) -> list[tuple[int, list[Any], list[str] | None]]:
+    """Models ``share``, ``share + jobs``, ... of the sweep (in a worker process: entries
+    hold lambdas, so each worker lists them itself)."""
+    warnings.filterwarnings("ignore")
+    torch.set_num_threads(1)
+    todo = _todo(zoos, quick, [])
+    return [(i, *_measure(todo[i])) for i in range(share, len(todo), jobs)]
+
+
+def _todo(zoos: set[str], quick: bool, missing: list[str]) -> list[Entry]:
+    todo = entries(zoos, missing)
+    if quick:
+        todo = [e for z in sorted(zoos) for e in [e for e in todo if e.zoo == z][:3]]
+    return todo
 
 
 def main() -> None:
-    p = base_parser(__doc__ or "")
+    p = parser(__doc__ or "")
     p.add_argument("--zoo", action="append", choices=["timm", "torchvision", "transformers"])
+    p.add_argument("--rows", action="store_true", help="print one row per model too")
+    p.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1), help="worker processes")
     args = p.parse_args()
-    device = setup(args)
+    run = Run("zoo_coverage", args)
     warnings.filterwarnings("ignore")
     zoos = set(args.zoo or ["timm", "torchvision", "transformers"])
+    missing: list[str] = []
+    todo = _todo(zoos, args.quick, missing)
+    if missing:
+        print("".join(f"- {line}\n" for line in missing), flush=True)
+    measured: dict[int, tuple[list[Any], list[str] | None]] = {}
+    if args.jobs > 1:  # nothing here is timed: the models are shared out
+        ctx = multiprocessing.get_context("spawn")
+        with ProcessPoolExecutor(args.jobs, mp_context=ctx) as pool:
+            shares = [
+                pool.submit(measure_share, zoos, args.quick, k, args.jobs) for k in range(args.jobs)
+            ]
+            for share in shares:
+                measured.update({i: (row, why) for i, row, why in share.result()})
+    else:
+        measured = {i: _measure(e) for i, e in enumerate(todo)}
     rows, reasons = [], Counter()
     totals: dict[str, Counter[str]] = {}
-    for e in entries(zoos):
-        row, report = _measure(e)
+    for i, e in enumerate(todo):
+        row, skipped = measured[i]
         rows.append(row)
         t = totals.setdefault(e.zoo, Counter())
         t["models"] += 1
-        if report is None:
+        if skipped is None:
             t["failed"] += 1
             reasons[str(row[-1])[:70]] += 1
             continue
-        for s in report.skipped:
-            reasons[s.reason.split(":")[0][:70]] += 1
-        n, parity = len(report.sites), row[7]
-        t["with sites"] += bool(n)
+        for reason in skipped:
+            reasons[reason.split(":")[0][:70]] += 1
+        n, parity = row[3], row[7]
+        t["with residual sites"] += bool(n)
         t["sites"] += n
         t["fused"] += row[5]
         t["can skip"] += row[6]
-        t["native schedule"] += parity != "-"
+        t["families with native rates"] += parity != "-"
         t["native parity"] += parity == "yes"
-    env = environment(device)
-    env["torchvision"] = torchvision.__version__
+    for line in missing:
+        zoo = line.split()[0]
+        if zoo in totals:
+            totals[zoo]["not in the installed library"] += 1
+    versions = {"torchvision": torchvision.__version__, "timm": timm.__version__}
     if "transformers" in sys.modules:
-        env["transformers"] = sys.modules["transformers"].__version__
+        versions["transformers"] = sys.modules["transformers"].__version__
+    run.extra["versions"] = versions
     header = ["zoo", "family/task", "model", "sites", "kind", "fused", "can skip", "native"]
     header.append("notes")
-    title = ", ".join(f"{k} {v}" for k, v in env.items() if k != "device")
-    print_table(f"zoo coverage: {title}", header, rows)
-    cols = ["models", "with sites", "sites", "fused", "can skip", "native schedule"]
-    cols += ["native parity", "failed"]
-    print_table("totals", ["zoo", *cols], [[z, *(t[c] for c in cols)] for z, t in totals.items()])
-    print_table("notes by reason", ["reason", "count"], reasons.most_common())
-    write_json(
-        args.json,
-        {
-            "benchmark": "zoo_coverage",
-            **env,
-            "totals": {z: dict(t) for z, t in totals.items()},
-            "reasons": dict(reasons),
-            "rows": [dict(zip(header, r, strict=True)) for r in rows],
-        },
+    if args.rows:
+        run.table("Coverage per model", header, rows)
+    run.extra["rows"] = [dict(zip(header, r, strict=True)) for r in rows]
+    cols = ["models", "with residual sites", "sites", "fused", "can skip"]
+    cols += ["families with native rates", "native parity", "failed"]
+    cols += ["not in the installed library"]
+    run.table(
+        "Coverage of the zoos",
+        ["zoo", *cols],
+        [[f"{z} {versions[z]}", *(t[c] for c in cols)] for z, t in sorted(totals.items())],
+        note="sites: residual sites found; fused: rewritten forward; native parity: "
+        '`schedule="native"` reproduces the library\'s own rates'
+        + (f"; {len(missing)} families not in the installed libraries" if missing else ""),
     )
+    run.table(
+        "What was left out, by reason",
+        ["reason", "count"],
+        reasons.most_common(),
+        note="sites not patched and models that failed, counted by the first words of the reason",
+    )
+    run.finish()
 
 
 if __name__ == "__main__":
