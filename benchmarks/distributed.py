@@ -19,7 +19,8 @@ table shows the median, the min-max range and the ratio of medians to ``none``.
     python benchmarks/distributed.py                 # 2 CPU processes, 1 thread each
     python benchmarks/distributed.py --device cuda   # 2 GPUs, NCCL
 
-Self-contained: it imports nothing from the other benchmark scripts.
+It prints through the shared harness (``_common.py``): the header, the table with the
+command under it, and ``--json`` with every raw sample.
 """
 
 from __future__ import annotations
@@ -28,7 +29,6 @@ import argparse
 import json
 import os
 import socket
-import statistics
 import sys
 import tempfile
 import time
@@ -39,6 +39,9 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _common import Run, Timing, parser
 
 CONFIGS = ("none", "mask", "row skip", "batch skip")
 TARGETS = {"mask": 1.02, "batch skip": 0.75}
@@ -93,7 +96,7 @@ def _worker(rank: int, port: int, args: argparse.Namespace, out: str) -> None:
     if gpu:
         torch.cuda.set_device(rank)
     dist.init_process_group("nccl" if gpu else "gloo", rank=rank, world_size=args.world)
-    torch.set_num_threads(args.threads)
+    torch.set_num_threads(args.per_process_threads)
     device = torch.device("cuda", rank) if gpu else torch.device("cpu")
     steps = {}
     for config in CONFIGS:
@@ -113,11 +116,13 @@ def _worker(rank: int, port: int, args: argparse.Namespace, out: str) -> None:
 
         steps[config] = step
     for step in steps.values():
-        for _ in range(args.warmup):
+        for _ in range(args.steps_warmup):
             step()
     times: dict[str, list[float]] = {c: [] for c in CONFIGS}
-    for r in range(args.rounds):
+    orders: list[list[str]] = []
+    for r in range(args.steps_rounds):
         order = CONFIGS[r % len(CONFIGS) :] + CONFIGS[: r % len(CONFIGS)]
+        orders.append(list(order))
         for config in order:
             dist.barrier()
             if gpu:
@@ -132,7 +137,7 @@ def _worker(rank: int, port: int, args: argparse.Namespace, out: str) -> None:
             dist.all_reduce(ms, op=dist.ReduceOp.MAX)  # the slowest rank's step
             times[config].append(float(ms.item()))
     if rank == 0:
-        Path(out).write_text(json.dumps(times))
+        Path(out).write_text(json.dumps({"times": times, "order": orders}))
     dist.destroy_process_group()
 
 
@@ -142,85 +147,52 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return "CPU"
-
-
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--device", default="cpu", help="cpu (gloo) or cuda (NCCL, one GPU per rank)")
+    p = parser(__doc__ or "", rounds=(20, 3), warmup=(2, 1))
     p.add_argument("--world", type=int, default=2, help="processes (default 2)")
-    p.add_argument("--threads", type=int, default=1, help="torch threads per process on CPU")
     p.add_argument("--rate", type=float, default=0.4, help="uniform drop rate (default 0.4)")
     p.add_argument("--width", type=int, default=192)
     p.add_argument("--depth", type=int, default=12)
     p.add_argument("--tokens", type=int, default=64)
     p.add_argument("--batch", type=int, default=16, help="samples per rank")
-    p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--rounds", type=int, default=20, help="interleaved timing rounds")
-    p.add_argument("--json", type=Path, default=None, help="also write the table as JSON")
     args = p.parse_args()
+    run = Run("distributed", args)
     if args.device == "cuda" and torch.cuda.device_count() < args.world:
         raise SystemExit(f"error: --device cuda needs {args.world} GPUs")
-
+    settings = argparse.Namespace(
+        **vars(args), steps_rounds=run.rounds, steps_warmup=run.warmup,
+        per_process_threads=args.threads or 1,
+    )  # fmt: skip
     with tempfile.TemporaryDirectory() as tmp:
         out = str(Path(tmp, "times.json"))
-        mp.spawn(_worker, args=(_free_port(), args, out), nprocs=args.world)
-        times: dict[str, list[float]] = json.loads(Path(out).read_text())
-
-    import dpatch
-
-    base = statistics.median(times["none"])
+        mp.spawn(_worker, args=(_free_port(), settings, out), nprocs=args.world)
+        doc = json.loads(Path(out).read_text())
+    timing = Timing(
+        CONFIGS,
+        {c: tuple(doc["times"][c]) for c in CONFIGS},
+        tuple(tuple(r) for r in doc["order"]),
+        run.warmup,
+    )
+    run.record("ddp_step", timing)
     rows = []
     for config in CONFIGS:
-        med = statistics.median(times[config])
+        ratio = timing.ratio(config, "none")
         target = TARGETS.get(config)
-        verdict = (
-            ""
-            if target is None
-            else f"<= {target}x: {'met' if med / base <= target else 'NOT met'}"
-        )
-        rows.append(
-            {
-                "config": config,
-                "median_ms": med,
-                "min_ms": min(times[config]),
-                "max_ms": max(times[config]),
-                "vs_none": med / base,
-                "target": verdict,
-            }
-        )
-    where = (
-        torch.cuda.get_device_name(0)
-        if args.device == "cuda"
-        else f"{_cpu_name()}, {args.threads} thread(s) per process"
+        verdict = "" if target is None else (
+            f"<= {target}x: {'met' if ratio.median <= target else 'NOT met'}"
+        )  # fmt: skip
+        rows.append([config, timing.spread(config), ratio.ratio_cell(), verdict])
+    backend = "NCCL" if args.device == "cuda" else "gloo"
+    run.table(
+        f"DDP train step, {args.world} processes ({backend}), find_unused_parameters=False",
+        ["config", "ms per step", "vs none", "target"],
+        rows,
+        note=f"residual MLP width {args.width}, depth {args.depth}, {args.batch}x{args.tokens} "
+        f"tokens per rank, AdamW, uniform rate {args.rate}, {settings.per_process_threads} "
+        f"thread(s) per process; a step is the slowest rank's; median [min-max] of "
+        f"{run.rounds} interleaved rounds, ratios paired within a round",
     )
-    print(
-        f"DDP train step, {args.world} processes ({'NCCL' if args.device == 'cuda' else 'gloo'}), "
-        f"find_unused_parameters=False; residual MLP width {args.width}, depth {args.depth}, "
-        f"{args.batch}x{args.tokens} tokens per rank, AdamW, uniform rate {args.rate}; "
-        f"median of {args.rounds} interleaved rounds; {where}; torch {torch.__version__}, "
-        f"dpatch {dpatch.__version__}"
-    )
-    print()
-    print("| config | ms/step (median) | min-max | vs none | target |")
-    print("|---|---|---|---|---|")
-    for r in rows:
-        print(
-            f"| {r['config']} | {r['median_ms']:.1f} | {r['min_ms']:.1f}-{r['max_ms']:.1f} "
-            f"| {r['vs_none']:.3f}x | {r['target']} |"
-        )
-    if args.json is not None:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        doc = {"benchmark": "distributed", "settings": vars(args) | {"json": str(args.json)}}
-        args.json.write_text(json.dumps(doc | {"rows": rows, "times": times}, indent=2))
-        print(f"wrote {args.json}", file=sys.stderr)
+    run.finish()
 
 
 if __name__ == "__main__":

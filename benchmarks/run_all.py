@@ -2,7 +2,8 @@
 report: the way to check the README's Performance and Coverage figures in one command.
 
 Runs, each as its own process with its default options (``--quick`` for a smoke run):
-residual_op, train_step, patch_cost, batch_files, depth_robustness, zoo_coverage. Their
+residual_op, train_step, distributed, patch_cost, batch_files, cli_startup,
+depth_robustness, zoo_coverage. Their
 Markdown goes to the report in that order, their progress to stderr, their raw samples to
 ``NAME.json`` beside the report. A script that fails is reported in its section and the
 others still run; the exit status is then 1. Meant to take under 15 minutes on a quiet
@@ -26,8 +27,10 @@ HERE = Path(__file__).resolve().parent
 SCRIPTS = (
     "residual_op",
     "train_step",
+    "distributed",
     "patch_cost",
     "batch_files",
+    "cli_startup",
     "depth_robustness",
     "zoo_coverage",
 )
