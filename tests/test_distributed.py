@@ -542,3 +542,91 @@ def test_ranks_patched_differently_fail_at_the_first_step(tmp_path: Path) -> Non
         assert "drawn 1 batch decisions on rank 0 but 0 on rank 1" in r["draws"]
     assert "waited 3 s" in ranks[0]["absent"] and "DPATCH_RANK_CHECK=0" in ranks[0]["absent"]
     assert ranks[1]["absent"] == "no error"
+
+
+# --------------------------------------------------------------------------- tied blocks
+class TwoBranchBlock(nn.Module):
+    """A pre-norm transformer-style layer: two residual branches, tied into one decision."""
+
+    def __init__(self, width: int = 32) -> None:
+        super().__init__()
+        self.norm1, self.norm2 = nn.LayerNorm(width), nn.LayerNorm(width)
+        self.attn = nn.Linear(width, width)
+        self.mlp = nn.Sequential(
+            nn.Linear(width, 2 * width), nn.ReLU(), nn.Linear(2 * width, width)
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.norm1(x))
+        return x + self.mlp(self.norm2(x))
+
+
+class TiedNet(nn.Module):
+    def __init__(self, width: int = 32, depth: int = 4) -> None:
+        super().__init__()
+        self.stem = nn.Linear(16, width)
+        self.blocks = nn.ModuleList(TwoBranchBlock(width) for _ in range(depth))
+        self.head = nn.Linear(width, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x)
+        for block in self.blocks:
+            x = block(x)
+        return nn.functional.cross_entropy(self.head(x), torch.arange(len(x)) % 5)
+
+
+def _ddp_tie_worker(rank: int, port: int, out_dir: str) -> None:
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    import dpatch
+
+    _init(rank, port)
+    results: dict[str, Any] = {}
+    try:
+        for mode in ("row", "batch"):
+            torch.manual_seed(0)
+            model = TiedNet()
+            dpatch.inject(model, RATE, schedule="uniform", mode=mode, skip=True, tie="block",
+                          seed=7, example_inputs=(torch.randn(2, 16),))  # fmt: skip
+            ddp = DDP(model, find_unused_parameters=False)
+            opt = torch.optim.SGD(ddp.parameters(), lr=0.05)
+            torch.manual_seed(100 + rank)
+            grads_equal, losses = [], []
+            with _decisions(model) as log:
+                for _ in range(STEPS):
+                    loss = ddp(torch.randn(8, 16))
+                    loss.backward()
+                    grads_equal.append(_all_equal(_flat_grads(model)))
+                    opt.step()
+                    opt.zero_grad()
+                    losses.append(loss.item())
+            params = torch.cat([p.detach().flatten() for p in model.parameters()])
+            results[mode] = {
+                "losses": losses,
+                "grads_equal": grads_equal,
+                "params_equal": _all_equal(params),
+                "decisions": log,
+            }
+    finally:
+        dist.destroy_process_group()
+    Path(out_dir, f"rank{rank}.json").write_text(json.dumps(results))
+
+
+@pytest.mark.slow
+def test_ddp_tied_blocks_skip_without_find_unused_parameters(tmp_path: Path) -> None:
+    """tie='block' with skip under DDP(find_unused_parameters=False): the whole layer on
+    the kept rows (row mode) or one decision per layer for the batch (batch mode); no
+    error or hang, gradients and parameters equal across ranks, a layer's two branches
+    dropped together and the ranks' decisions the same."""
+    _spawn(_ddp_tie_worker, _free_port(), str(tmp_path))
+    ranks = _read(tmp_path)
+    for r in ranks:
+        for mode in ("row", "batch"):
+            res = r[mode]
+            assert all(math.isfinite(v) for v in res["losses"]), mode
+            assert all(res["grads_equal"]) and res["params_equal"], mode
+        per_step = r["batch"]["decisions"]
+        assert len(per_step) == STEPS
+        for step in per_step:  # both branches of each layer: one decision
+            assert step[0::2] == step[1::2], step
+    assert ranks[0]["batch"]["decisions"] == ranks[1]["batch"]["decisions"]
