@@ -106,6 +106,10 @@ def render_report(
         )
     if report.recipe:
         console.print(_recipe_line(report.recipe), highlight=False, markup=False)
+    for record in report.layerdrop:
+        console.print(f"layerdrop: {record.describe()}", highlight=False, markup=False)
+    for text in report.notes:
+        console.print(f"note: {text}", highlight=False, markup=False)
     if report.unreached:
         given = report.example is not None and report.example.source == "given"
         line = unreached_note(report.unreached, given=given)
