@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+from typing import Annotated
+
+import typer
+
 from dpatch.cli._app import app
 from dpatch.cli._batch import KeepGoingOpt, ModelsArg, TemplateOpt
 from dpatch.cli._options import (
@@ -33,6 +37,15 @@ from dpatch.cli._patching import Invocation, run_patch
 
 __all__: list[str] = []
 
+KeepLayerDropOpt = Annotated[
+    bool,
+    typer.Option(
+        "--keep-layerdrop",
+        help="Keep the model's own LayerDrop (config.layerdrop, ...) on layers that get "
+        "sites (default: turned off there, so rates never double).",
+    ),
+]
+
 
 @app.command("inject")
 def inject_cmd(
@@ -61,6 +74,7 @@ def inject_cmd(
     input_dtype: InputDtypeOpt = None,
     template: TemplateOpt = None,
     keep_going: KeepGoingOpt = False,
+    keep_layerdrop: KeepLayerDropOpt = False,
 ) -> None:
     """Put DropPath on every residual branch with a per-layer schedule, and save.
 
@@ -82,5 +96,6 @@ def inject_cmd(
     how = Invocation(
         models, recipe, size, coverage, weights, pretrained, output, force, dry_run,
         as_json, allow_empty, arch, input_shape, input_dtype, template, keep_going,
+        {"keep_layerdrop": True} if keep_layerdrop else {},
     )  # fmt: skip
     run_patch("inject", settings, how)
