@@ -145,9 +145,12 @@ def _self_attr(node: ast.AST) -> str | None:
     return None
 
 
-def _function_ast(fn: Any) -> ast.AST | None:
+def _function_ast(fn: Any, needle: str = "") -> ast.AST | None:
+    """The parsed source of ``fn`` (None without source, or when it lacks ``needle``)."""
     try:
         source = inspect.getsource(inspect.unwrap(fn))
+        if needle not in source.lower():
+            return None
         return ast.parse(textwrap.dedent(source))
     except (OSError, TypeError, SyntaxError, IndentationError):
         return None  # built in, generated without source, or not Python source
@@ -185,7 +188,7 @@ def _iterated(loop: ast.For | ast.AsyncFor) -> list[str]:
 @functools.lru_cache(maxsize=512)
 def _loops(cls: type) -> tuple[_Loop, ...]:
     """The layer loops of ``cls.forward`` that read a LayerDrop attribute."""
-    tree = _function_ast(getattr(cls, "forward", None))
+    tree = _function_ast(getattr(cls, "forward", None), "layerdrop")
     if tree is None:
         return ()
     out: list[_Loop] = []
