@@ -633,3 +633,26 @@ def test_cli_verify_layerdrop(models_dir: Path) -> None:
     )  # fmt: skip
     assert code == 0, err
     assert json.loads(out)["layerdrop"][0]["ok"]
+
+
+def test_cli_many_files_keep_each_files_layerdrop(models_dir: Path) -> None:
+    """Many checkpoints share one built model: each file's LayerDrop is set from its
+    manifest, and the probe of the built model (in training mode) sees every layer."""
+    code, _, err = cli(
+        "inject", "ldmodels:stack", "--input-shape", "2,8", "-o", "a.safetensors", cwd=models_dir
+    )
+    assert code == 0, err
+    (models_dir / "b.safetensors").write_bytes((models_dir / "a.safetensors").read_bytes())
+    code, out, err = cli(
+        "verify", "a.safetensors", "b.safetensors", "--input-shape", "2,8", cwd=models_dir
+    )
+    assert code == 0, out + err
+    code, out, err = cli(
+        "retune", "a.safetensors", "b.safetensors", "--max-rate", "0.2", "--input-shape", "2,8",
+        "-o", "out", cwd=models_dir,
+    )  # fmt: skip
+    assert code == 0, out + err
+    code, out, err = cli("inspect", str(models_dir / "out" / "b-dp.safetensors"), "--json")
+    assert code == 0, err
+    (entry,) = json.loads(out)["layerdrop"]
+    assert (entry["rate"], entry["original"]) == (0.0, 0.2)
