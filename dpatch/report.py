@@ -420,5 +420,6 @@ def _summary(report: VerifyReport) -> str:
         f"{len(sites)} sites, {measured} measured: {verdict}; eval output {eval_text}; "
         f"schedule {report.schedule}; {report.steps} training passes on {report.inputs} "
         f"+ {report.draws} replayed draws per slot; Wilson {report.confidence:.1%} intervals "
-        f"(Bonferroni over sites); {report.seconds:.1f} s"
+        f"(Bonferroni over sites{' and LayerDrops' if report.layerdrop else ''}); "
+        f"{report.seconds:.1f} s"
     )
