@@ -51,11 +51,21 @@ if TYPE_CHECKING:
         WeightsError,
     )
     from dpatch.files import Target, load, load_target, load_weights, save, save_pretrained
-    from dpatch.patching import Change, PatchReport, Skipped, inject, inspect, retune, strip
+    from dpatch.models import LayerDrop, find_layerdrop
+    from dpatch.patching import (
+        Change,
+        LayerDropChange,
+        PatchReport,
+        Skipped,
+        inject,
+        inspect,
+        retune,
+        strip,
+    )
     from dpatch.schedule import PER, SCHEDULES, expected_depth, schedule_rates
     from dpatch.scheduler import DropPathScheduler
     from dpatch.settings import Settings
-    from dpatch.verification import Finding, SiteCheck, VerifyReport, verify
+    from dpatch.verification import Finding, LayerDropCheck, SiteCheck, VerifyReport, verify
 
 #: Where each public name lives.
 _HOMES: dict[str, str] = {
@@ -102,9 +112,12 @@ _HOMES: dict[str, str] = {
     "save": "dpatch.files",
     "save_pretrained": "dpatch.files",
     "Target": "dpatch.files",
+    "find_layerdrop": "dpatch.models",
+    "LayerDrop": "dpatch.models",
     "Change": "dpatch.patching",
     "inject": "dpatch.patching",
     "inspect": "dpatch.patching",
+    "LayerDropChange": "dpatch.patching",
     "PatchReport": "dpatch.patching",
     "retune": "dpatch.patching",
     "Skipped": "dpatch.patching",
@@ -116,6 +129,7 @@ _HOMES: dict[str, str] = {
     "DropPathScheduler": "dpatch.scheduler",
     "Settings": "dpatch.settings",
     "Finding": "dpatch.verification",
+    "LayerDropCheck": "dpatch.verification",
     "SiteCheck": "dpatch.verification",
     "verify": "dpatch.verification",
     "VerifyReport": "dpatch.verification",
@@ -136,6 +150,9 @@ __all__ = [
     "FoldedSite",
     "InvalidValueError",
     "Layer",
+    "LayerDrop",
+    "LayerDropChange",
+    "LayerDropCheck",
     "LayerSensitivity",
     "ManifestError",
     "ModelNotFoundError",
@@ -163,6 +180,7 @@ __all__ = [
     "drop_add",
     "drop_path",
     "expected_depth",
+    "find_layerdrop",
     "find_layers",
     "find_sites",
     "fold",

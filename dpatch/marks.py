@@ -12,7 +12,9 @@ dpatch changes a model in three visible ways and remembers each on the object it
 
 - a patched model keeps the per-layer schedule it was last patched with
   (:class:`ScheduleMark`: ``inject``, ``retune``, or a file's manifest), so ``retune``
-  keeps its kind and reports label it.
+  keeps its kind and reports label it;
+- a module whose own LayerDrop ``inject`` turned off keeps the rate it had, by layer list
+  (:func:`layerdrop_mark`), so :func:`dpatch.strip` can put it back.
 
 (A model built by :mod:`dpatch.models` also keeps the spec it was built from; that mark
 lives with :class:`~dpatch.models.ModelSpec`.)
@@ -40,9 +42,11 @@ __all__ = [
     "clear_block_meta",
     "clear_original_slot",
     "has_original_slot",
+    "layerdrop_mark",
     "original_slot",
     "schedule_mark",
     "set_block_meta",
+    "set_layerdrop_mark",
     "set_original_slot",
     "set_schedule_mark",
 ]
@@ -171,6 +175,7 @@ class PatchMeta:
 _BLOCK_META = "_dpatch_meta"
 _SCHEDULE = "_dpatch_schedule"
 _ORIGINAL_SLOT = "_dpatch_original"
+_LAYERDROP = "_dpatch_layerdrop"
 
 
 def block_meta(module: nn.Module) -> PatchMeta | None:
@@ -238,3 +243,16 @@ def set_schedule_mark(model: nn.Module, mark: ScheduleMark | None) -> None:
         model.__dict__.pop(_SCHEDULE, None)
     else:
         object.__setattr__(model, _SCHEDULE, mark)
+
+
+def layerdrop_mark(module: nn.Module) -> Mapping[str, float] | None:
+    """The LayerDrop rates ``inject`` turned off on ``module``, by the name of the layer
+    list they drop (None: none)."""
+    return module.__dict__.get(_LAYERDROP)
+
+
+def set_layerdrop_mark(module: nn.Module, rates: Mapping[str, float] | None) -> None:
+    if not rates:
+        module.__dict__.pop(_LAYERDROP, None)
+    else:
+        object.__setattr__(module, _LAYERDROP, dict(rates))

@@ -20,7 +20,7 @@ if TYPE_CHECKING:
     from dpatch.analysis import Unreached
     from dpatch.depth import FoldReport, PruneStats, SensitivityReport
     from dpatch.patching import PatchReport
-    from dpatch.verification import VerifyReport
+    from dpatch.verification import LayerDropCheck, VerifyReport
 
 __all__ = [
     "bar",
@@ -106,6 +106,10 @@ def render_report(
         )
     if report.recipe:
         console.print(_recipe_line(report.recipe), highlight=False, markup=False)
+    for record in report.layerdrop:
+        console.print(f"layerdrop: {record.describe()}", highlight=False, markup=False)
+    for text in report.notes:
+        console.print(f"note: {text}", highlight=False, markup=False)
     if report.unreached:
         given = report.example is not None and report.example.source == "given"
         line = unreached_note(report.unreached, given=given)
@@ -382,10 +386,25 @@ def render_verify(console: Console, report: VerifyReport, *, title: str | None =
         )
     if report.sites:
         console.print(table)
+    for check in report.layerdrop:
+        console.print(_layerdrop_line(check), markup=False, highlight=False, soft_wrap=True)
     console.print(_summary(report), markup=False, highlight=False, soft_wrap=True)
     if report.unreached:
         line = unreached_note(report.unreached, given=report.inputs.endswith("(given)"))
         console.print(line, markup=False, highlight=False)
+
+
+def _layerdrop_line(check: LayerDropCheck) -> str:
+    """``layerdrop: encoder.layers (12 layers) at 0.1 (config.layerdrop): skipped 27 of 264
+    layer runs in 22 passes (0.1023, [0.0610, 0.1664]) ok``."""
+    m = check.measured
+    if m.share is None:
+        seen = "not run in training"
+    else:
+        seen = f"skipped {m.dropped} of {m.draws} layer runs in {check.passes} passes"
+        seen += f" ({m.share:.4f}, [{m.low:.4f}, {m.high:.4f}])" if m.low is not None else ""
+    verdict = "ok" if check.ok else "FAIL"
+    return f"layerdrop: {check.layerdrop.describe()}: {seen} {verdict}"
 
 
 def _summary(report: VerifyReport) -> str:
@@ -401,5 +420,6 @@ def _summary(report: VerifyReport) -> str:
         f"{len(sites)} sites, {measured} measured: {verdict}; eval output {eval_text}; "
         f"schedule {report.schedule}; {report.steps} training passes on {report.inputs} "
         f"+ {report.draws} replayed draws per slot; Wilson {report.confidence:.1%} intervals "
-        f"(Bonferroni over sites); {report.seconds:.1f} s"
+        f"(Bonferroni over sites{' and LayerDrops' if report.layerdrop else ''}); "
+        f"{report.seconds:.1f} s"
     )

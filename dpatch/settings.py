@@ -211,6 +211,7 @@ FINDING_CODES: dict[str, str] = {
     "declared": "the model's settings differ from the declared ones",
     "schedule": "the rates do not follow a schedule (one rate per stage inside a ramp)",
     "unmeasured": "a measurement could not be made",
+    "layerdrop": "the model's own LayerDrop skips layers at another rate than it claims",
 }
 
 #: Values of the ``DPATCH_KERNELS`` environment variable: unset/``""``/``"1"`` the Triton

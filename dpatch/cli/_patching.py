@@ -3,7 +3,7 @@ inputs, around one :class:`~dpatch.settings.Settings`."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -39,6 +39,9 @@ class Invocation:
     input_dtype: list[str] | None
     template: str | None
     keep_going: bool
+    options: dict[str, Any] = field(default_factory=dict)
+    """The command's own library arguments (inject's ``keep_layerdrop``, retune's
+    ``layerdrop``)."""
 
 
 def run_patch(action: str, settings: Settings, how: Invocation) -> None:
@@ -51,6 +54,7 @@ def run_patch(action: str, settings: Settings, how: Invocation) -> None:
         "size": how.size,
         "coverage": how.coverage,
         "example_inputs": example_inputs,
+        **how.options,
     }
     if is_many(how.models) or how.template is not None:
         check_single_only(weights=how.weights, pretrained=how.pretrained)
@@ -140,6 +144,9 @@ def _changes_line(report: PatchReport) -> str:
     """What a retune changed and kept, for people."""
     changed = report.changed_settings()
     did = [f"{k} on {n} of {len(report.sites)} sites" for k, n in changed.items()]
+    did += [
+        f"layerdrop on {c.layers} {c.before:g} -> {c.after:g}" for c in report.layerdrop_changes
+    ]
     kept = [k for k in ("mode", "scaling", "skip") if k not in changed]
     now = f"{report.schedule} (per {report.per})"
     if report.previous == now:

@@ -27,9 +27,10 @@ from dpatch.files._batch_inputs import Batch, BatchInput
 from dpatch.files._files import load_state_dict_file, load_weights, read_manifest, save
 from dpatch.files._manifest import DEPTH_KEY, report_from_manifest, schedule_from_manifest
 from dpatch.marks import ScheduleMark
-from dpatch.models import ModelSpec, create_model, parse_spec
+from dpatch.models import ModelSpec, create_model, find_layerdrop, parse_spec, paused_layerdrop
 from dpatch.patching import (
     PatchReport,
+    apply_layerdrop_entries,
     apply_sites,
     configure_sites,
     inject,
@@ -241,12 +242,27 @@ def _group_failed(members: list[_Item], exc: DPatchError) -> Iterator[FileResult
     return iter([_failed(m, exc) for m in members])
 
 
+def _analyze(model: nn.Module, example_inputs: Any = None, coverage: str = "slots") -> Analysis:
+    """:func:`dpatch.analysis.analyze` with the model's own LayerDrop paused (a model in
+    training mode would skip layers in the probe)."""
+    with paused_layerdrop(model):
+        return analyze(model, example_inputs, coverage)
+
+
 def _pristine(
     model: nn.Module, example_inputs: Any = None, coverage: str = "slots"
 ) -> tuple[Analysis, list[dict[str, Any]]]:
     """An analysis of a freshly built model and its sites' own settings."""
-    an = analyze(model, example_inputs, coverage)
+    an = _analyze(model, example_inputs, coverage)
     return an, [s.to_dict() for s in site_list(an)]
+
+
+def _layerdrop_as_listed(
+    model: nn.Module, manifest: Mapping[str, Any] | None, pristine: list[dict[str, Any]]
+) -> None:
+    """The model's own LayerDrop as an input's manifest records it, else as built."""
+    listed = manifest.get("layerdrop") if manifest is not None else None
+    apply_layerdrop_entries(model, pristine if listed is None else listed)
 
 
 def patch_many(
@@ -301,12 +317,13 @@ def patch_many(
                 probe_with = request.get("example_inputs")
                 coverage = request.get("coverage", "slots")
                 an, pristine = _pristine(built, probe_with, coverage)
+                as_built = [r.to_dict() for r in find_layerdrop(built)]
                 first = members[0].manifest
                 if first is not None:
                     base = apply_sites(
                         built, first["sites"], skip=members[0].skip, example_inputs=probe_with
                     )
-                    an = analyze(built, probe_with, coverage)
+                    an = _analyze(built, probe_with, coverage)
                 else:
                     base = PatchReport.current(site_list(an))
         except DPatchError as exc:
@@ -320,6 +337,7 @@ def patch_many(
                 return write(item, built, report)
             listed = item.manifest["sites"] if item.manifest is not None else pristine
             configure_sites(built, base, listed, schedule=item.schedule)
+            _layerdrop_as_listed(built, item.manifest, as_built)
             base = retune(built, allow_empty=allow_empty, analysis=an, settings=settings, **request)
             return write(item, built, base)
 
@@ -397,13 +415,14 @@ def verify_many(
             built = _build(members)
             probe_with = options.get("example_inputs")
             an, pristine = _pristine(built, probe_with)
+            as_built = [r.to_dict() for r in find_layerdrop(built)]
             base = PatchReport.current(site_list(an))
             first = members[0].manifest
             if first is not None:
                 base = apply_sites(
                     built, first["sites"], skip=members[0].skip, example_inputs=probe_with
                 )
-                an = analyze(built, probe_with)
+                an = _analyze(built, probe_with)
         except DPatchError as exc:
             yield from _group_failed(members, exc)
             return
@@ -416,6 +435,7 @@ def verify_many(
                 listed = item.manifest["sites"]
                 declared = report_from_manifest(dict(item.manifest))
             configure_sites(built, base, listed, schedule=item.schedule)
+            _layerdrop_as_listed(built, item.manifest, as_built)
             kwargs = {k: v for k, v in options.items() if k != "declared"}
             report = verify(built, analysis=an, declared=declared, **kwargs)
             return FileResult(

@@ -33,7 +33,7 @@ from dpatch.files._manifest import (
     schedule_from_manifest,
 )
 from dpatch.models import ModelSpec, create_model, parse_spec, rebuild, rebuild_info, spec_of
-from dpatch.patching import PatchReport, apply_sites, disagreement
+from dpatch.patching import PatchReport, apply_layerdrop_entries, apply_sites, disagreement
 from dpatch.patching import inspect as inspect_model
 
 __all__ = [
@@ -354,7 +354,8 @@ def load_weights(
 
 def load(path: str | os.PathLike[str], model: nn.Module | None = None) -> nn.Module:
     """Rebuild a patched model from a dpatch file: build it from the manifest's spec (or use
-    ``model``), load the weights strictly and re-apply every site's rate, mode and scaling.
+    ``model``), load the weights strictly and re-apply every site's rate, mode and scaling,
+    and the model's own LayerDrop rates (with what ``inject`` turned off, for ``strip``).
 
     Raises:
         ManifestError: the file has no manifest, or its sites do not fit the model.
@@ -378,6 +379,7 @@ def load(path: str | os.PathLike[str], model: nn.Module | None = None) -> nn.Mod
     load_weights(model, path, missing_ok=pruned_keys)
     skip = bool(manifest.get("schedule", {}).get("skip"))
     apply_sites(model, manifest["sites"], skip=skip, schedule=schedule_from_manifest(manifest))
+    apply_layerdrop_entries(model, manifest.get("layerdrop") or [])
     pruned = [qualify(d["path"], d["branch"]) for d in manifest["sites"] if d.get("pruned")]
     if pruned:
         _prune_again(model, pruned, pruned_keys, path)

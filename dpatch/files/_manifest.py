@@ -19,6 +19,7 @@ from dpatch._version import __version__
 from dpatch.analysis import Site
 from dpatch.errors import ManifestError
 from dpatch.marks import ScheduleMark
+from dpatch.models import layerdrop_from_dict
 from dpatch.patching import PatchReport, block_rates
 from dpatch.schedule import expected_depth
 
@@ -64,7 +65,10 @@ def build_manifest(
     if model_entry is not None and rebuild:
         model_entry.update(rebuild)
     body = report.to_dict() if report is not None else {"sites": []}
+    # The model's own LayerDrop, as it is (and what inject turned off), when it has one.
+    layerdrop = {"layerdrop": body["layerdrop"]} if body.get("layerdrop") else {}
     return {
+        **layerdrop,
         "format": FORMAT,
         "versions": _versions(bool(model_entry and model_entry.get("config") is not None)),
         "model": model_entry,
@@ -121,6 +125,10 @@ def report_from_manifest(manifest: dict[str, Any]) -> PatchReport:
         )
     except TypeError as exc:
         raise ManifestError(f"the manifest's sites are malformed ({exc})") from exc
+    try:
+        layerdrop = tuple(layerdrop_from_dict(d) for d in manifest.get("layerdrop") or [])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ManifestError(f"the manifest's layerdrop entries are malformed ({exc})") from exc
     sched = manifest.get("schedule") or {}
     steps = [float(r) for r in sched.get("rates") or []]
     # a pruned site never runs: depth 0
@@ -137,4 +145,5 @@ def report_from_manifest(manifest: dict[str, Any]) -> PatchReport:
         rates=tuple(steps),
         expected_depth=expected_depth(depth_steps),
         recipe=manifest.get("recipe"),
+        layerdrop=layerdrop,
     )

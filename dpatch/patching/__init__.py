@@ -12,15 +12,18 @@ Other packages import from here only; the modules inside are this package's own.
 from __future__ import annotations
 
 from dpatch.patching._apply import configure_slot, second_probe
+from dpatch.patching._layerdrop import apply_layerdrop_entries
 from dpatch.patching._listed import configure_sites, disagreement, module_or_none
 from dpatch.patching._patch import STRIP_PRUNED, apply_sites, inject, inspect, retune, strip
-from dpatch.patching._results import Change, PatchReport, Skipped, block_rates
+from dpatch.patching._results import Change, LayerDropChange, PatchReport, Skipped, block_rates
 
 __all__ = [
     "STRIP_PRUNED",
     "Change",
+    "LayerDropChange",
     "PatchReport",
     "Skipped",
+    "apply_layerdrop_entries",
     "apply_sites",
     "block_rates",
     "configure_sites",

@@ -18,6 +18,7 @@ from dpatch.errors import (
     UnanalysedError,
 )
 from dpatch.marks import ScheduleMark, block_meta, schedule_mark, set_schedule_mark
+from dpatch.models import paused_layerdrop, restore_layerdrop
 from dpatch.patching._apply import (
     apply_block,
     attach_rank_check,
@@ -27,6 +28,12 @@ from dpatch.patching._apply import (
     unpatch_to_redo,
 )
 from dpatch.patching._keep import SETTINGS, changes, common, current_seed
+from dpatch.patching._layerdrop import (
+    check_layerdrop,
+    layerdrop_state,
+    set_layerdrop_rates,
+    turn_off_layerdrop,
+)
 from dpatch.patching._listed import configure_sites
 from dpatch.patching._resolve import Request, resolve, site_rates
 from dpatch.patching._results import PatchReport, Skipped, block_rates
@@ -57,6 +64,13 @@ def _empty_error(an: Analysis, what: str) -> DPatchError:
     )
 
 
+def _analyze(model: nn.Module, example_inputs: Sequence[Any] | None, coverage: str) -> Analysis:
+    """:func:`analyze` with the model's own LayerDrop paused: a model in training mode
+    would skip layers at random in the probe, and those would go unanalysed."""
+    with paused_layerdrop(model):
+        return analyze(model, example_inputs, coverage)
+
+
 def inspect(
     model: nn.Module,
     example_inputs: Sequence[Any] | None = None,
@@ -64,7 +78,8 @@ def inspect(
     allow_empty: bool = True,
     coverage: str = "slots",
 ) -> PatchReport:
-    """List every residual site of ``model`` with its current rate. Read-only.
+    """List every residual site of ``model`` with its current rate, and the model's own
+    LayerDrop (``report.layerdrop``). Read-only.
 
     Raises:
         ProbeError: the model runs on no input; pass ``example_inputs``.
@@ -72,12 +87,17 @@ def inspect(
         UnanalysedError: no residual site found, and blocks that ran could not be
             analysed (whatever ``allow_empty`` says: "none" would be a guess).
     """
-    an = analyze(model, example_inputs, coverage)
+    an = _analyze(model, example_inputs, coverage)
     sites = site_list(an)
     if not sites and (an.unanalysed or not allow_empty):
         raise _empty_error(an, "the model")
     return PatchReport.current(
-        sites, _skipped(an), model=model, example=an.example, unreached=an.unreached
+        sites,
+        _skipped(an),
+        model=model,
+        example=an.example,
+        unreached=an.unreached,
+        **layerdrop_state(model),
     )
 
 
@@ -114,6 +134,7 @@ def inject(
     size: str | None = None,
     coverage: str = "slots",
     settings: Settings | None = None,
+    keep_layerdrop: bool = False,
 ) -> PatchReport:
     """Put stochastic depth on every residual branch of ``model`` with a per-layer schedule.
 
@@ -149,6 +170,10 @@ def inject(
             the model).
         coverage: ``"slots"`` (default: when the model has native slots, they alone are
             its sites) or ``"all"`` (those plus every residual addition without a slot).
+        keep_layerdrop: keep the model's own LayerDrop (``config.layerdrop``, ...) on
+            layers that get sites; by default it is turned off there, with a note
+            (``report.layerdrop_changes``), so rates never double; ``strip`` turns it back
+            on.
 
     Raises:
         InvalidValueError: a bad rate, schedule, mode, scaling, ``per`` or recipe.
@@ -158,7 +183,7 @@ def inject(
             analysed (whatever ``allow_empty`` says: "none" would be a guess).
     """
     req = resolve(_given(settings, locals()), model, recipe, size, example_inputs)
-    return _patch(
+    report = _patch(
         model,
         req,
         inplace=inplace,
@@ -167,6 +192,7 @@ def inject(
         slots_only=False,
         coverage=coverage,
     )
+    return turn_off_layerdrop(report, keep=keep_layerdrop)
 
 
 def retune(
@@ -190,8 +216,10 @@ def retune(
     coverage: str = "slots",
     analysis: Analysis | None = None,
     settings: Settings | None = None,
+    layerdrop: float | None = None,
 ) -> PatchReport:
-    """Change the rates of a model that already has slots (native or from ``inject``).
+    """Change the rates of a model that already has slots (native or from ``inject``), or
+    of its own LayerDrop.
 
     Same arguments as :func:`inject`, but ``mode``, ``scaling``, ``skip`` and ``seed`` left
     at None (and not set by the recipe) keep each site's own setting: a retune changes the
@@ -201,15 +229,23 @@ def retune(
         analysis: :func:`dpatch.analysis.analyze` of this same model from an earlier call
             (patching by dpatch and loading weights keep it valid): the model is not probed
             again, as for many checkpoints of one architecture (:mod:`dpatch.files`).
+        layerdrop: the rate of the model's own LayerDrop (every layer list its code drops
+            layers of: ``config.layerdrop``, ``encoder_layerdrop``, ... and the copy its
+            forward reads); ``report.layerdrop_changes`` says what changed. Given alone, a
+            model without DropPath slots is fine.
 
     Raises:
-        NoSlotsError: the model has no slot at all (use ``inject`` to add them).
+        NoSlotsError: the model has no slot at all (use ``inject`` to add them), and more
+            than ``layerdrop`` was asked for.
         NoResidualSitesError: no residual branch at all, unless ``allow_empty``.
+        InvalidValueError: ``layerdrop`` outside [0, 1), or given for a model without
+            LayerDrop of its own.
     """
     given = _given(settings, locals())
+    rate = None if layerdrop is None else check_layerdrop(model, layerdrop)
     kept = schedule_mark(model)
     req = resolve(given, model, recipe, size, example_inputs, keep=KEPT, kept=kept)
-    return _patch(
+    report = _patch(
         model,
         req,
         inplace=inplace,
@@ -218,7 +254,9 @@ def retune(
         slots_only=True,
         coverage=coverage,
         analysis=analysis,
+        slotless_ok=rate is not None and not given.given() and recipe is None,
     )
+    return report if rate is None else set_layerdrop_rates(report, rate)
 
 
 def _given(settings: Settings | None, args: Mapping[str, Any]) -> Settings:
@@ -241,7 +279,10 @@ def _patch(
     slots_only: bool,
     coverage: str,
     analysis: Analysis | None = None,
+    slotless_ok: bool = False,
 ) -> PatchReport:
+    """Patch (or retune: ``slots_only``) ``model``'s sites as ``req`` asks; ``slotless_ok``:
+    a retune of a model without slots changes nothing and reports the sites as they are."""
     if analysis is not None and (not inplace or analysis.model is not model):
         raise InvalidValueError(
             "analysis= must come from analyze() of this same model, patched in place (inplace=True)"
@@ -252,11 +293,21 @@ def _patch(
     if unpatch_to_redo(model, skip=bool(want.skip), coverage=coverage):
         analysis = None  # blocks went back to their classes: their traces are needed
 
-    an = analysis if analysis is not None else analyze(model, example_inputs, coverage)
+    an = analysis if analysis is not None else _analyze(model, example_inputs, coverage)
     before = {s.name: s for s in site_list(an)}
+    slotless = slots_only and not any(s.kind == "native" or s.fused for s in before.values())
+    if slotless_ok and slotless:
+        return PatchReport.current(
+            list(before.values()),
+            _skipped(an),
+            model=model,
+            example=an.example,
+            unreached=an.unreached,
+            **layerdrop_state(model),
+        )
     if not before and (an.unanalysed or not allow_empty):
         raise _empty_error(an, "the model")
-    if before and slots_only and not any(s.kind == "native" or s.fused for s in before.values()):
+    if before and slotless:
         raise NoSlotsError(
             "the model has no DropPath slot to retune; use inject to add stochastic depth"
         )
@@ -343,6 +394,7 @@ def _patch(
         changes=changes(before, after),
         unreached=an.unreached,
         previous=previous.describe() if previous is not None else "",
+        **layerdrop_state(model),
     )
 
 
@@ -363,7 +415,8 @@ STRIP_PRUNED: tuple[str, ...] = ("error", "keep", "restore")
 
 def strip(model: nn.Module, *, pruned: str = "error") -> int:
     """Undo dpatch: rewritten blocks get their original class and slots back, replaced slot
-    modules their original module. Returns the number of modules restored.
+    modules their original module, and a LayerDrop ``inject`` turned off its rate. Returns
+    the number of modules restored.
 
     Args:
         pruned: a block with pruned branches: ``"error"`` (raise, naming them: stripping
@@ -393,7 +446,7 @@ def strip(model: nn.Module, *, pruned: str = "error") -> int:
         restored += 1
     if not any(block_meta(m) for m in model.modules()):
         set_schedule_mark(model, None)  # nothing of the patch is left to label
-    return restored + restore_slots(model)
+    return restored + restore_slots(model) + restore_layerdrop(model)
 
 
 def apply_sites(
@@ -413,8 +466,9 @@ def apply_sites(
             the list does not mention.
     """
     tie = "block" if any(d.get("tie") == "block" for d in sites) else "branch"
+    # The model's own LayerDrop is the manifest's to set (dpatch.load), not inject's.
     report = inject(
         model, 0.0, schedule="uniform", skip=skip, seed=seed, example_inputs=example_inputs,
-        tie=tie,
+        tie=tie, keep_layerdrop=True,
     )  # fmt: skip
     return configure_sites(model, report, sites, seed=seed, schedule=schedule)

@@ -10,9 +10,10 @@ from torch import nn
 
 from dpatch.analysis import ExampleInputs, Site, Unreached
 from dpatch.marks import schedule_mark
+from dpatch.models import LayerDrop
 from dpatch.schedule import expected_depth
 
-__all__ = ["Change", "PatchReport", "Skipped", "block_rates"]
+__all__ = ["Change", "LayerDropChange", "PatchReport", "Skipped", "block_rates"]
 
 
 @dataclass(frozen=True)
@@ -41,6 +42,31 @@ class Change:
 
 
 @dataclass(frozen=True)
+class LayerDropChange:
+    """A model's own LayerDrop rate that an operation changed.
+
+    Attributes:
+        layers: the layer list it drops layers of.
+        attr: where its rate is set (``config.layerdrop``, ...; see ``LayerDrop.attr``).
+        before: its rate before.
+        after: its rate after.
+    """
+
+    layers: str
+    attr: str
+    before: float
+    after: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "layers": self.layers,
+            "attr": self.attr,
+            "before": self.before,
+            "after": self.after,
+        }
+
+
+@dataclass(frozen=True)
 class PatchReport:
     """What ``inject``/``retune``/``inspect`` found and did.
 
@@ -62,6 +88,12 @@ class PatchReport:
             residual branches, if any, were not looked for (pass inputs that reach them).
         previous: the schedule the model had before this operation (``cosine (per
             branch)``; "" when it had none): ``retune`` keeps it unless told.
+        layerdrop: the model's own LayerDrop (layer lists its code drops layers of in
+            training), after the operation.
+        layerdrop_changes: the LayerDrop rates the operation changed (``inject`` turns off
+            LayerDrop on layers that carry its sites; ``retune(layerdrop=)``).
+        notes: what a user should know besides the sites (LayerDrop turned off or set, a
+            config's layerdrop that no forward reads).
     """
 
     sites: tuple[Site, ...]
@@ -82,6 +114,9 @@ class PatchReport:
     recipe: dict[str, Any] | None = field(default=None, compare=False)
     unreached: tuple[Unreached, ...] = ()
     previous: str = ""
+    layerdrop: tuple[LayerDrop, ...] = ()
+    layerdrop_changes: tuple[LayerDropChange, ...] = ()
+    notes: tuple[str, ...] = ()
 
     @classmethod
     def current(
@@ -164,6 +199,9 @@ class PatchReport:
             "recipe": self.recipe,
             "unreached": [u.to_dict() for u in self.unreached],
             "previous": self.previous,
+            "layerdrop": [r.to_dict() for r in self.layerdrop],
+            "layerdrop_changes": [c.to_dict() for c in self.layerdrop_changes],
+            "notes": list(self.notes),
         }
 
     def changed_settings(self) -> dict[str, int]:

@@ -21,7 +21,8 @@ with the same arguments, at a sample size that makes the share measurable in mil
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -217,6 +218,16 @@ class Observer:
             for name in methods:
                 self._slots[key].__dict__.pop(name, None)
 
+    @contextmanager
+    def quiet(self) -> Iterator[None]:
+        """Slot calls made meanwhile are not counted (other measurements running the
+        model, such as LayerDrop's)."""
+        was, self._replaying = self._replaying, True
+        try:
+            yield
+        finally:
+            self._replaying = was
+
     # -- recording ----------------------------------------------------------------------
     def _pre(self, key: int) -> Callable[..., None]:
         def hook(mod: nn.Module, args: tuple[Any, ...]) -> None:
@@ -258,7 +269,7 @@ class Observer:
             residual: Tensor, branch: Tensor, index: Tensor, alpha: float = 1.0
         ) -> Tensor:
             out = scatter_add(residual, branch, index, alpha)
-            if self.training:
+            if self.training and not self._replaying:
                 tally.calls += 1
                 tally.path = "skip-row"
                 if key not in self._recorded:
@@ -269,7 +280,8 @@ class Observer:
 
         def keep_batch_watched() -> bool:
             kept = keep_batch()
-            if self.training and key not in self._in_forward:  # the skipping form's draw
+            # the skipping form's draw (not a masking call's, nor one while quiet)
+            if self.training and not self._replaying and key not in self._in_forward:
                 tally.calls += 1
                 tally.path = "skip-batch"
                 self._recorded.setdefault(key, _Recorded("skip-batch", None, None, 1.0))

@@ -8,10 +8,13 @@ import math
 import statistics
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from dpatch.analysis import Site, Unreached
 from dpatch.verification._observe import Tally
+
+if TYPE_CHECKING:
+    from dpatch.verification._layerdrop import LayerDropCheck
 
 __all__ = [
     "SCALE_TOLERANCE",
@@ -296,6 +299,8 @@ class VerifyReport:
         inputs: the training-pass inputs (shapes, dtypes) and where their shape came from.
         unreached: modules holding parameters the input never reached (their branches
             were not checked).
+        layerdrop: one check per layer list the model's own code drops layers of
+            (``config.layerdrop``, ...): realised skip share against the claimed rate.
     """
 
     ok: bool
@@ -314,6 +319,7 @@ class VerifyReport:
     interval: str = "wilson"
     inputs: str = ""
     unreached: tuple[Unreached, ...] = ()
+    layerdrop: tuple[LayerDropCheck, ...] = ()
 
     @property
     def errors(self) -> tuple[Finding, ...]:
@@ -346,4 +352,5 @@ class VerifyReport:
             "sites": [c.to_dict() for c in self.sites],
             "findings": [f.to_dict() for f in self.findings],
             "unreached": [u.to_dict() for u in self.unreached],
+            "layerdrop": [c.to_dict() for c in self.layerdrop],
         }

@@ -17,7 +17,9 @@ that forgets to rescale, a drop applied to something that is not a residual bran
   by design are warnings, not errors);
 - that the rates follow what was declared (a :class:`~dpatch.PatchReport`, a manifest, a
   mapping of rates, or ``schedule=``/``max_rate=``) or, without a declaration, that a
-  rising schedule has no stage with one constant rate inside the ramp.
+  rising schedule has no stage with one constant rate inside the ramp;
+- that a model's own LayerDrop (``config.layerdrop``, ...) skips layers at the rate it
+  claims (:mod:`dpatch.verification._layerdrop`: at least 256 layer runs).
 
 How rows are observed and replayed is in :mod:`dpatch.verification._observe`.
 """
@@ -26,9 +28,12 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import random
 import statistics
+import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -46,9 +51,17 @@ from dpatch.analysis import (
 from dpatch.droppath import DropPath
 from dpatch.errors import InvalidValueError, ModelRunError, first_line
 from dpatch.marks import block_meta, schedule_mark
+from dpatch.models import find_layerdrop, paused_layerdrop
 from dpatch.patching import PatchReport, block_rates, module_or_none, strip
 from dpatch.schedule import schedule_rates
 from dpatch.settings import FINDING_CODES
+from dpatch.verification._layerdrop import (
+    LAYERDROP_DRAWS,
+    LayerDropCheck,
+    LayerDropWatch,
+    compare_layerdrop,
+    judge,
+)
 from dpatch.verification._observe import Observer, Tally
 from dpatch.verification._verdict import (
     Finding,
@@ -81,6 +94,25 @@ def _check_arguments(
         raise InvalidValueError(
             f"unknown finding code(s) {', '.join(unknown)}; choose from: {', '.join(FINDING_CODES)}"
         )
+
+
+@contextmanager
+def _python_rng(seed: int) -> Iterator[None]:
+    """Python's and NumPy's generators seeded for the duration, then as they were: layer
+    drop by hand (``random.random()``) and some transformers models (``np.random``) draw
+    from them."""
+    state = random.getstate()
+    np = sys.modules.get("numpy")
+    np_state = np.random.get_state() if np is not None else None
+    random.seed(seed)
+    if np is not None:
+        np.random.seed(seed)
+    try:
+        yield
+    finally:
+        random.setstate(state)
+        if np is not None:
+            np.random.set_state(np_state)
 
 
 def _device_and_dtype(model: nn.Module) -> tuple[torch.device, torch.dtype]:
@@ -284,7 +316,9 @@ def verify(
         steps: training-mode forward passes of the whole model.
         batch: rows of the default random input (ignored with ``example_inputs``).
         draws: per slot, about this many rows (batch mode: ``draws // 8`` calls) are
-            replayed on the slot alone after the forward passes (0: forward passes only).
+            replayed on the slot alone after the forward passes (0: forward passes only:
+            also for LayerDrop, which is otherwise measured on at least 256 layer runs,
+            its owning module run alone again as often as that takes).
         rows: rows of each replayed call (compute-skipping's share is measured at it).
         example_inputs: real inputs for the forward passes (meta tensors are replaced by
             random ones of their shape); default: the model's input size at ``batch``.
@@ -293,7 +327,8 @@ def verify(
             slot path to rate.
         schedule, max_rate, min_rate, per: declare rates by schedule instead (``native``:
             the model library's own rule, :func:`dpatch.models.native_rates`).
-        seed: seeds torch's generator for the whole check (reproducible reports).
+        seed: seeds torch's, Python's and NumPy's generators for the whole check
+            (reproducible reports); their states are put back after.
         confidence: family-wise confidence of the drop-share intervals.
         ignore: finding codes (``dpatch.settings.FINDING_CODES``) reported as warnings instead of errors.
         analysis: :func:`dpatch.analysis.analyze` of this model from earlier (not probed again).
@@ -304,7 +339,10 @@ def verify(
     """
     _check_arguments(steps, batch, draws, rows, confidence, ignore)
     started = time.perf_counter()
-    an = analysis if analysis is not None else analyze(model, example_inputs)
+    if analysis is None:
+        with paused_layerdrop(model):  # layers skipped in the probe would go unanalysed
+            analysis = analyze(model, example_inputs)
+    an = analysis
     # A pruned branch never runs: there is nothing of it to verify.
     every = site_list(an)
     sites = [s for s in every if not s.pruned]
@@ -312,7 +350,10 @@ def verify(
     wanted = _declared_settings(model, sites, declared, schedule, max_rate, min_rate, per)
     inputs = _real_inputs(model, example_inputs, an, batch)
     device = _device_and_dtype(model)[0]
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+    with (
+        torch.random.fork_rng(devices=[device] if device.type == "cuda" else []),
+        _python_rng(seed),
+    ):
         torch.manual_seed(seed)
         try:
             work = copy.deepcopy(model)
@@ -320,12 +361,15 @@ def verify(
             raise ModelRunError(f"cannot copy the model to run it ({exc})") from exc
         slots = _slots(work)
         observer = Observer({id(m): m for m in slots.values()})
+        layerdrop = LayerDropWatch(work, find_layerdrop(work))
         try:
             work.train()
             for _ in range(steps):
                 _run(work, inputs, "training")
             if draws:
                 observer.replay(draws, rows)
+                with observer.quiet():
+                    layerdrop.replay(LAYERDROP_DRAWS)
             observer.training = False
             work.eval()
             # Eval is deterministic: one row of the default input shows any difference.
@@ -333,6 +377,7 @@ def verify(
             out = _tensors(_run(work, once, "eval"))
         finally:
             observer.remove()
+            layerdrop.remove()
         # The same copy without stochastic depth (same weights and batch-norm statistics).
         _remove_stochastic_depth(work)
         ref = _tensors(_run(work, once, "eval (without stochastic depth)"))
@@ -379,7 +424,9 @@ def verify(
             report("unmeasured", name, note, warn=True)
 
     measured_sites = [s for s in sites if tally_of.get(s.slot, Tally()).calls]
-    z = statistics.NormalDist().inv_cdf(1 - (1 - confidence) / (2 * max(len(measured_sites), 1)))
+    # Bonferroni over every interval: the sites' and the LayerDrops'.
+    intervals = len(measured_sites) + sum(t.draws > 0 for t in layerdrop.tallies)
+    z = statistics.NormalDist().inv_cdf(1 - (1 - confidence) / (2 * max(intervals, 1)))
     checks: list[SiteCheck] = []
     judged: dict[str, Any] = {}
     for s in sites:
@@ -430,7 +477,12 @@ def verify(
                 warn=rule,
             )
 
+    layerdrop_checks = _check_layerdrop(layerdrop, declared, z, report)
+
     bad = {f.where for f in found if f.severity == "error"}
+    layerdrop_checks = [
+        dataclasses.replace(c, ok=c.layerdrop.layers not in bad) for c in layerdrop_checks
+    ]
     checks = [
         dataclasses.replace(c, ok=c.site.name not in bad and c.site.slot not in bad) for c in checks
     ]
@@ -450,4 +502,34 @@ def verify(
         seconds=time.perf_counter() - started,
         inputs=_describe(inputs, "given" if example_inputs else an.example.source),
         unreached=an.unreached,
+        layerdrop=tuple(layerdrop_checks),
     )
+
+
+def _check_layerdrop(
+    watch: LayerDropWatch,
+    declared: object,
+    z: float,
+    report: Callable[..., None],
+) -> list[LayerDropCheck]:
+    """Judge every LayerDrop the watch measured; report findings through ``report``."""
+    checks = []
+    for record, tally in zip(watch.records, watch.tallies, strict=True):
+        measured, problems = judge(record, tally, z)
+        for message in problems:
+            report("layerdrop", record.layers, message)
+        for note in tally.notes:
+            report("unmeasured", record.layers, note, warn=True)
+        if not tally.calls and record.rate > 0:
+            report(
+                "unmeasured",
+                record.layers,
+                f"LayerDrop {record.attr} {record.rate:g} not measured: "
+                f"{record.path or '(root)'} never ran in training on this input",
+                warn=True,
+            )
+        checks.append(LayerDropCheck(record, tally.calls, tuple(tally.per_layer), measured, True))
+    if isinstance(declared, PatchReport) and declared.layerdrop:
+        for where, message in compare_layerdrop(watch.records, declared.layerdrop):
+            report("declared", where, message)
+    return checks
