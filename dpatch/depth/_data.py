@@ -102,10 +102,11 @@ def random_inputs(
     example = probe(model, example_inputs).example
     assert example is not None
     values = example.with_batch(batch).values
-    if len(values) != 1 or not isinstance(values[0], Tensor):
+    keywords = [k for k, v in example.kwargs.items() if isinstance(v, Tensor)]
+    if len(values) != 1 or not isinstance(values[0], Tensor) or keywords:
         raise InvalidValueError(
-            f"the model takes {len(values)} inputs; give data holding them instead of "
-            "synthetic inputs"
+            f"the model takes {len(values) + len(keywords)} inputs; give data holding them "
+            "instead of synthetic inputs"
         )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
