@@ -8,8 +8,10 @@ configuration (the 12 blocks of a ViT) share one trace through :class:`TraceCach
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import sys
+import types
 import typing
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field, replace
@@ -17,6 +19,7 @@ from typing import Any
 
 import torch
 import torch.fx as fx
+import torch.utils._pytree as pytree
 from torch import Tensor, nn
 
 from dpatch.analysis._meta import meta_execution, to_meta
@@ -25,16 +28,20 @@ from dpatch.analysis._residual import add_operands
 from dpatch.errors import TraceError, first_line
 
 __all__ = [
+    "HelperSpan",
     "LeafTracer",
     "Span",
     "TracedBlock",
     "bind_inputs",
     "concrete_candidates",
     "config_key",
+    "plain_subclass",
     "run_graph_meta",
     "trace_and_run",
     "trace_module",
     "training_watcher",
+    "wrapper_names",
+    "written_forward",
 ]
 
 
@@ -47,6 +54,15 @@ class Span:
     col: int
     end_line: int
     end_col: int
+
+
+@dataclass(frozen=True)
+class HelperSpan:
+    """Where an operation is written inside a plain function a forward calls (transformers'
+    ``dropout_add(x, residual, prob, training)``): the function's code and the span in it."""
+
+    code: types.CodeType
+    span: Span
 
 
 @dataclass(frozen=True, eq=False)
@@ -62,6 +78,8 @@ class TracedBlock:
         env: the value of every node on the block's recorded meta inputs (empty when the
             graph has no addition, so nothing needed running).
         spans: where in the block's forward source each node was made (meta traces only).
+        helpers: for a node made inside a function the forward calls, where in that
+            function (meta traces only); its ``spans`` entry is the call.
         specialised: the graph holds the recorded shapes as constants (a forward that
             branches on shapes, traced by :mod:`dpatch.analysis._metatrace`): it finds sites, but
             the block is rewritten at source level, not generated from the graph.
@@ -73,6 +91,7 @@ class TracedBlock:
     concrete: dict[str, Any] = field(default_factory=dict)
     env: dict[fx.Node, Any] = field(default_factory=dict)
     spans: dict[fx.Node, Span] = field(default_factory=dict)
+    helpers: dict[fx.Node, HelperSpan] = field(default_factory=dict)
     specialised: bool = False
 
 
@@ -92,6 +111,48 @@ class LeafTracer(fx.Tracer):
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         return True
 
+    def create_arg(self, a: Any) -> Any:
+        if isinstance(a, dict) and dataclasses.is_dataclass(a) and not isinstance(a, type):
+            # transformers' ``ModelOutput`` is a dict and a dataclass: torch.fx would turn
+            # it into a plain dict, which its caller cannot index (``outputs[0]``). It is
+            # built again by its class, as torch.fx does for other dataclasses.
+            fields = {f.name: self.create_arg(getattr(a, f.name)) for f in dataclasses.fields(a)}
+            return self.create_node("call_function", type(a), (), fields)
+        return super().create_arg(a)
+
+
+#: Random functions: called on no traced value, they run once while tracing and a graph
+#: would hold that one draw (wav2vec2's LayerDrop, ``torch.rand([]) < layerdrop``).
+_RANDOM: frozenset[Any] = frozenset(
+    {
+        torch.rand,
+        torch.randn,
+        torch.randint,
+        torch.randperm,
+        torch.bernoulli,
+        torch.multinomial,
+        torch.normal,
+        torch.poisson,
+    }
+)
+
+
+class _HostRandom(torch.overrides.TorchFunctionMode):
+    """Refuses a random draw that would run once at trace time instead of in the graph."""
+
+    def __torch_function__(
+        self, func: Any, types: Any, args: Any = (), kwargs: dict[str, Any] | None = None
+    ) -> Any:
+        kwargs = kwargs or {}
+        if func in _RANDOM and not any(
+            isinstance(v, fx.Proxy) for v in pytree.tree_leaves((args, kwargs))
+        ):
+            raise TraceError(
+                f"its forward draws random numbers ({getattr(func, '__name__', func)}) "
+                "that a traced graph would fix once"
+            )
+        return func(*args, **kwargs)
+
 
 def _notrace_functions() -> tuple[Callable[..., Any], ...]:
     """Functions timm marks as untraceable (shape asserts, resampling), when timm is loaded."""
@@ -104,8 +165,70 @@ def _notrace_functions() -> tuple[Callable[..., Any], ...]:
 _READ_TRAINING = "__dpatch_read_training"  # set on the tracer's shadow copy only
 
 
+def written_forward(cls: type) -> Callable[..., Any]:
+    """``cls.forward`` as its source writes it: decorators (``@deprecate_kwarg``,
+    ``@can_return_tuple``) and wrappers a base class adds (transformers 5's
+    ``GradientCheckpointingLayer`` wraps every subclass's forward) taken off."""
+    fn: Callable[..., Any] = inspect.unwrap(cls.forward)  # type: ignore[attr-defined]
+    return fn
+
+
+def _wrappers(fn: Any) -> list[Any]:
+    """The functions wrapped around ``fn``'s innermost one, outermost first."""
+    chain: list[Any] = []
+    while hasattr(fn, "__wrapped__"):
+        chain.append(fn)
+        fn = fn.__wrapped__
+    return chain
+
+
+def wrapper_names(fn: Any) -> list[str]:
+    """:func:`wrapper_name` of each function wrapped around ``fn``'s innermost one."""
+    return [wrapper_name(f) for f in _wrappers(fn)]
+
+
+def wrapper_name(fn: Any) -> str:
+    """``deprecate_kwarg`` for the function ``@deprecate_kwarg(...)`` made, from where its
+    code is written (``functools.wraps`` copies the wrapped function's name)."""
+    code = getattr(fn, "__code__", None)
+    qualname = str(getattr(code, "co_qualname", "") or getattr(code, "co_name", "?"))
+    return qualname.split(".<locals>", 1)[0]
+
+
+def plain_subclass(cls: type, namespace: dict[str, Any]) -> tuple[type, int]:
+    """``type(cls.__name__, (cls,), namespace)`` with ``forward`` exactly as given (or as
+    inherited), and how many wrappers ``cls``'s ``__init_subclass__`` puts around a
+    subclass's forward by itself. transformers 5's ``GradientCheckpointingLayer`` wraps
+    every subclass's ``forward``; a tracer's shadow class must not get a second wrapper
+    (torch.fx would trace the wrapper's ``*args, **kwargs`` with the inner signature)."""
+    sub = type(cls.__name__, (cls,), {"__module__": cls.__module__, **namespace})
+    installed = sub.__dict__.get("forward")
+    wanted = namespace.get("forward")
+    added = 0
+    if installed is not None and installed is not wanted:
+        chain = _wrappers(installed)
+        inner = wanted if wanted is not None else cls.forward  # type: ignore[attr-defined]
+        added = next((i for i, f in enumerate(chain) if f.__wrapped__ is inner), len(chain)) + 1
+        if wanted is None:
+            delattr(sub, "forward")
+        else:
+            type.__setattr__(sub, "forward", wanted)
+    return sub, added
+
+
+def decorators_of(cls: type) -> list[str]:
+    """Names of the wrappers around ``cls.forward`` that its source puts there (decorators),
+    not counting those a subclass gets by itself (``GradientCheckpointingLayer``'s)."""
+    chain = _wrappers(cls.forward)  # type: ignore[attr-defined]
+    if not chain:
+        return []
+    _, added = plain_subclass(cls, {"forward": written_forward(cls)})
+    return [wrapper_name(f) for f in chain[added:]]
+
+
 def training_watcher(cls: type) -> type:
-    """A subclass of ``cls`` whose ``training`` attribute records that it was read."""
+    """A subclass of ``cls`` whose ``training`` attribute records that it was read, and
+    whose forward is the one its source writes (:func:`written_forward`)."""
 
     def get(self: nn.Module) -> bool:
         self.__dict__[_READ_TRAINING] = True
@@ -114,9 +237,10 @@ def training_watcher(cls: type) -> type:
     def set_(self: nn.Module, value: bool) -> None:
         self.__dict__["training"] = value
 
-    return type(
-        cls.__name__, (cls,), {"training": property(get, set_), "__module__": cls.__module__}
+    watcher, _ = plain_subclass(
+        cls, {"training": property(get, set_), "forward": written_forward(cls)}
     )
+    return watcher
 
 
 def trace_module(
@@ -131,12 +255,18 @@ def trace_module(
     arguments recorded as None or a constant) are specialised, with torch.fx's guards that
     fail loudly on other values.
     """
+    decorated = decorators_of(type(module))
+    if decorated:
+        # A graph holds one call's worth of what a decorator does (renaming arguments,
+        # converting outputs); the source-level rewrite keeps the decorator instead.
+        raise TraceError(f"its forward is decorated (@{decorated[0]})")
     shadow: nn.Module = object.__new__(training_watcher(type(module)))
     shadow.__dict__ = dict(module.__dict__)
     if training is not None:
         shadow.__dict__["training"] = training
     before = set(shadow.__dict__)
-    graph = LeafTracer().trace(shadow, concrete_args=concrete_args)
+    with _HostRandom():
+        graph = LeafTracer().trace(shadow, concrete_args=concrete_args)
     if concrete_args:
         _restore_arg_names(graph, set(concrete_args))
     _resolve_annotations(graph, type(module))
@@ -154,7 +284,7 @@ def _resolve_annotations(graph: fx.Graph, cls: type[nn.Module]) -> None:
     if not placeholders:
         return
     try:
-        hints = typing.get_type_hints(cls.forward)
+        hints = typing.get_type_hints(written_forward(cls))
     except Exception:  # an annotation naming something not importable here
         hints = {}
     for n in placeholders:
@@ -252,27 +382,28 @@ def _with_env(
     return replace(traced, env=run_graph_meta(mod, traced, call, known))
 
 
-def trace_and_run(mod: nn.Module, call: Call, known: dict[int, Any] | None = None) -> TracedBlock:
-    """Trace ``mod`` and run the graph on its recorded inputs; if either fails, try again
-    with its None/constant arguments specialised (``if mask is not None:`` needs that).
+def trace_and_run(
+    mod: nn.Module, call: Call, known: dict[int, Any] | None = None, *, specialise: bool = False
+) -> TracedBlock:
+    """Trace ``mod`` and run the graph on its recorded inputs. With ``specialise``, its
+    None/constant arguments are specialised (``if mask is not None:`` needs that): the
+    graph then holds for those values only, under torch.fx's guards.
 
     Raises:
-        TraceError: neither attempt worked; the message says why.
+        TraceError: the trace or its run failed (or, with ``specialise``, there is no
+            argument to specialise); the message says why.
     """
     known = known or {}
+    concrete = concrete_candidates(mod, *call) if specialise else {}
+    if specialise and not concrete:
+        raise TraceError("no None or constant argument to specialise")
     traced: TracedBlock | None = None
     try:
-        traced = trace_module(mod)
+        traced = trace_module(mod, concrete_args=concrete or None)
         return _with_env(mod, traced, call, known)
-    except Exception as first:
+    except Exception as exc:
         stage = "could not trace" if traced is None else "traced graph does not run"
-        concrete = concrete_candidates(mod, *call)
-        if not concrete:
-            raise TraceError(f"{stage}: {first_line(first, typed=True)}") from first
-        try:
-            return _with_env(mod, trace_module(mod, concrete_args=concrete), call, known)
-        except Exception:
-            raise TraceError(f"{stage}: {first_line(first, typed=True)}") from first
+        raise TraceError(f"{stage}: {first_line(exc, typed=True)}") from exc
 
 
 # --------------------------------------------------------------------------- trace keys
