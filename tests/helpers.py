@@ -320,11 +320,17 @@ def state_changes(before: dict[str, torch.Tensor], after: dict[str, torch.Tensor
 
 def zero_native_rates(model: nn.Module) -> None:
     """Set every stochastic-depth rate to 0: timm, torchvision and other libraries' classes
-    (a model's own slots, before patching)."""
+    (a model's own slots, before patching) and a model's own LayerDrop (transformers'
+    ``layerdrop``, ``decoder_layerdrop``)."""
     from timm.layers import DropPath as TimmDropPath
     from torchvision.ops import StochasticDepth
 
     from dpatch.analysis._slots import _foreign_rate_attr
+    from dpatch.models._layerdrop import find_layerdrop, set_layerdrop
+
+    for record in find_layerdrop(model):
+        if record.rate:
+            set_layerdrop(model, record, 0.0)
 
     for m in model.modules():
         if isinstance(m, TimmDropPath):

@@ -101,6 +101,75 @@ def test_transformers_config_gives_the_input() -> None:
     assert example.source == "transformers config (pixel_values)"
 
 
+class ConfigOnly(nn.Module):
+    """A model as transformers builds one, as far as input inference reads it: ``config``,
+    ``main_input_name`` and the forward's parameters."""
+
+    def __init__(self, config: object, main: str) -> None:
+        super().__init__()
+        self.config = config
+        self.main_input_name = main
+
+    def forward(
+        self,
+        main: torch.Tensor,
+        decoder_input_ids: torch.Tensor | None = None,
+        use_cache: bool | None = None,
+    ) -> torch.Tensor:
+        return main
+
+
+@pytest.mark.parametrize(
+    ("config", "main", "described"),
+    [
+        (
+            {"cls": "T5Config", "vocab_size": 64, "num_layers": 1},
+            "input_ids",
+            "2x16 int64, decoder_input_ids=2x16 int64, use_cache=False",
+        ),
+        (
+            {"cls": "WhisperConfig", "num_mel_bins": 16, "max_source_positions": 12},
+            "input_features",
+            "2x16x24 float32, decoder_input_ids=2x16 int64, use_cache=False",
+        ),
+        (
+            {
+                "cls": "Wav2Vec2Config",
+                "conv_dim": [8, 8],
+                "conv_stride": [5, 4],
+                "conv_kernel": [10, 4],
+            },
+            "input_values",
+            "2x325 float32, use_cache=False",
+        ),
+        (
+            {"cls": "LlamaConfig", "max_position_embeddings": 8},
+            "input_ids",
+            "2x8 int64, use_cache=False",
+        ),
+    ],
+    ids=["encoder-decoder", "whisper", "speech", "decoder-only"],
+)
+def test_transformers_text_and_speech_inputs_come_from_the_config(
+    config: dict[str, object], main: str, described: str
+) -> None:
+    transformers = pytest.importorskip("transformers")
+    from dpatch.analysis._inputs import input_candidates
+
+    kwargs = dict(config)
+    cls = getattr(transformers, str(kwargs.pop("cls")))
+    model = ConfigOnly(cls(**kwargs), main)
+    first = input_candidates(model, 2)[0]
+    assert first.describe() == described
+    assert first.source == f"transformers config ({main})"
+    doc = first.to_dict()
+    assert doc["kwargs"]["use_cache"] is False
+    wider = first.with_batch(3)
+    assert all(
+        v.shape[0] == 3 for v in [*wider.values, *wider.kwargs.values()] if hasattr(v, "shape")
+    )
+
+
 def test_given_inputs_win_and_are_reported() -> None:
     model = nn.Sequential(PlainRes(), PlainRes())
     x = torch.randn(3, 5, 8)

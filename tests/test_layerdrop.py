@@ -421,28 +421,10 @@ def test_transformers_retune_sets_what_the_forward_reads(family: str) -> None:
     assert {c.layers for c in report.layerdrop_changes} == {r[1] for r in HF[family][2]}
 
 
-def _transformers_4() -> bool:
-    import importlib.metadata
-
-    return importlib.metadata.version("transformers").startswith("4.")
-
-
-#: transformers 4.57: after inject, Wav2Vec2Model/HubertModel's eval forward raises
-#: ``KeyError: 0`` at ``encoder_outputs[0]`` (the encoder's source-level rewrite; not
-#: LayerDrop's doing: the same without it), which the eval-identity fixture catches.
-_W2V_4 = pytest.mark.xfail(
-    _transformers_4(), reason="4.57 wav2vec2 encoder rewrite breaks eval", strict=True
-)
-
-
 @transformers_only
 @pytest.mark.parametrize(
     "family",
-    [
-        pytest.param("wav2vec2", marks=_W2V_4),
-        pytest.param("hubert", marks=_W2V_4),
-        "bart",
-    ],
+    ["wav2vec2", "hubert", "bart"],
 )
 def test_transformers_inject_turns_off_layerdrop_where_sites_are(family: str) -> None:
     model = hf(family)

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dpatch import find_sites
+from dpatch import DropPath, find_sites, inject
 
 C = 8
 
@@ -53,6 +53,19 @@ def _attention_mask(s: Case, x: torch.Tensor, o: torch.Tensor) -> torch.Tensor:
     return (scores + o[..., :4]).softmax(-1)
 
 
+def _item_twice(s: Case, x: torch.Tensor, o: torch.Tensor) -> torch.Tensor:
+    t = x.split(C, dim=-1)  # a tuple of one tensor; ``t[0]`` read twice: two nodes
+    return s.f(t[0]) + t[0]
+
+
+def _phi(s: Case, x: torch.Tensor, o: torch.Tensor) -> torch.Tensor:
+    return s.proj(s.f(x)) + s.g(x) + x
+
+
+def _cohere(s: Case, x: torch.Tensor, o: torch.Tensor) -> torch.Tensor:
+    return x + s.proj(s.f(x)) + s.g(x)
+
+
 CASES: dict[str, tuple[Callable[..., torch.Tensor], int]] = {
     # residual additions
     "x + f(x)": (lambda s, x, o: x + s.f(x), 1),
@@ -68,6 +81,9 @@ CASES: dict[str, tuple[Callable[..., torch.Tensor], int]] = {
     "proj(x) + f(g(x)) (projection shortcut)": (lambda s, x, o: s.proj(x) + s.f(s.g(x)), 1),
     "shortcut passed in: f(h) + other": (lambda s, x, o: s.f(x) + o, 1),
     "two residuals: x + f(x), then + g(.)": (lambda s, x, o: (y := x + s.f(x)) + s.g(y), 2),
+    "f(t[0]) + t[0], one tuple item taken twice (ALBERT)": (_item_twice, 1),
+    "proj(f(x)) + g(x) + x, parallel branches then the shortcut (Phi, GPT-J)": (_phi, 1),
+    "x + proj(f(x)) + g(x), a second branch onto the stream (Cohere)": (_cohere, 2),
     # additions that are not residual
     "x + pos_embed": (lambda s, x, o: x + s.pos, 0),
     "x + bias": (lambda s, x, o: x + s.bias, 0),
@@ -83,6 +99,10 @@ CASES: dict[str, tuple[Callable[..., torch.Tensor], int]] = {
         0,
     ),
     "Res2Net channel groups": (_res2net, 0),
+    "f(x) + g(ones on f(x).device) (a metadata read is no data flow)": (
+        lambda s, x, o: (y := s.f(x)) + s.g(torch.ones(2, 4, C, device=y.device)),
+        0,
+    ),
     "attention logits + mask argument": (_attention_mask, 0),
 }
 
@@ -93,3 +113,21 @@ def test_residual_verdict(body: Callable[..., torch.Tensor], verdict: int) -> No
     sites = find_sites(Case(body), (x, other))
     assert len(sites) == verdict, [s.name for s in sites]
     assert all(s.kind == "graph" and s.path == "" for s in sites)
+
+
+@pytest.mark.parametrize("body", [_phi, _cohere], ids=["Phi", "Cohere"])
+def test_parallel_branches_are_the_branches_and_x_the_shortcut(
+    body: Callable[..., torch.Tensor],
+) -> None:
+    """At rate 1 every branch is dropped: the block returns its shortcut ``x`` exactly (a
+    branch taken for the shortcut would survive)."""
+    torch.manual_seed(0)
+    block = Case(body)
+    x, other = torch.randn(4, 4, C), torch.randn(4, 4, C)
+    inject(block, 0.5, schedule="uniform", example_inputs=(x, other))
+    for m in block.modules():
+        if isinstance(m, DropPath):
+            m.drop_prob = 1.0
+    block.train()
+    with torch.no_grad():
+        assert torch.equal(block(x, other), x)

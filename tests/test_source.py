@@ -200,13 +200,38 @@ def test_slot_in_its_own_statement_and_a_docstring_decorator() -> None:
     assert out.shape == (64, 5, 8)
 
 
-def test_a_decorator_that_may_change_behaviour_keeps_the_block_unfused() -> None:
+def test_a_decorator_that_changes_behaviour_is_applied_again() -> None:
+    torch.manual_seed(0)
     block = Doubled()
     x = torch.randn(2, 5, 8)
     ref = run(block, x, train=False)
     report = inject(block, 0.2, example_inputs=(x,))
+    assert [s.fused for s in report.sites] == [True]
+    src = block_meta(block).code.functions[0][1]  # type: ignore[union-attr]
+    assert src.startswith("@doubles\ndef forward(")
+    assert torch.equal(run(block, x, train=False), ref)  # still doubled
+
+
+def test_a_decorator_that_cannot_be_evaluated_again_keeps_the_block_unfused() -> None:
+    def local(fn):  # type: ignore[no-untyped-def]
+        return functools.wraps(fn)(lambda *a, **k: fn(*a, **k))
+
+    class Local(SlotApart):
+        @local
+        def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+            _, n, _ = hidden.shape
+            if n % 2:
+                hidden = hidden * 1.0
+            residual = hidden
+            hidden, _ = self.attention(hidden)
+            return self.drop_path2(self.mlp(hidden)) + residual
+
+    block = Local()
+    x = torch.randn(2, 5, 8)
+    ref = run(block, x, train=False)
+    report = inject(block, 0.2, example_inputs=(x,))
     assert [s.fused for s in report.sites] == [False]
-    assert any("decorated (@doubles)" in s.reason for s in report.skipped)
+    assert any("@local cannot be applied again" in s.reason for s in report.skipped)
     assert torch.equal(run(block, x, train=False), ref)
 
 
@@ -243,22 +268,63 @@ def _helper_add(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return x + y
 
 
+def dropout_add(x: torch.Tensor, residual: torch.Tensor, prob: float, training: bool):  # type: ignore[no-untyped-def]
+    """transformers' Falcon and BLOOM: the residual sum in a function of their module."""
+    out = F.dropout(x, p=prob, training=training)
+    out = residual + out
+    return out
+
+
 class AddInHelper(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.f = mlp()
+        self.g = mlp()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[0]:
+            x = _helper_add(x, self.f(x))
+        return dropout_add(self.g(x), x, 0.0, training=self.training)
+
+
+def test_an_addition_in_a_helper_function_goes_through_a_copy_of_it() -> None:
+    torch.manual_seed(0)
+    block = AddInHelper()
+    x = torch.randn(2, 8)
+    ref = run(block, x, train=False)
+    report = inject(block, 0.5, schedule="uniform", example_inputs=(x,))
+    assert [s.fused for s in report.sites] == [True, True]
+    src = block_meta(block).code.functions[0][1]  # type: ignore[union-attr]
+    assert "_dpatch_slot=self.drop_path2)" in src and "out = _dpatch_slot(out, residual)" in src
+    assert torch.equal(run(block, x, train=False), ref)
+    assert torch.equal(block(x), ref)  # the module's own dropout_add is untouched
+    block.train()
+    with torch.no_grad():
+        block.drop_path1.drop_prob = 1.0
+        block.drop_path2.drop_prob = 1.0
+        y = torch.randn(4, 8)
+        assert torch.equal(block(y), y)  # both branches dropped: the shortcut alone
+
+
+class AddInForeignHelper(nn.Module):
     def __init__(self) -> None:
         super().__init__()
         self.f = mlp()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[0]:
-            return _helper_add(x, self.f(x))
+            return functools.reduce(torch.add, [x, self.f(x)])
         return x
 
 
-def test_an_addition_in_a_helper_function_is_reported_not_patched() -> None:
-    block = AddInHelper()
-    report = inject(block, 0.2, example_inputs=(torch.randn(2, 8),))
+def test_an_addition_in_another_modules_function_is_reported_not_patched() -> None:
+    block = AddInForeignHelper()
+    x = torch.randn(2, 8)
+    ref = run(block, x, train=False)
+    report = inject(block, 0.2, example_inputs=(x,))
     assert report.sites and not report.sites[0].fused
     assert any("not an addition written in its forward" in s.reason for s in report.skipped)
+    assert torch.equal(run(block, x, train=False), ref)
 
 
 @pytest.mark.zoo

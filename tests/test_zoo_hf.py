@@ -105,6 +105,9 @@ _SLOT_NAMES = ("drop_path", "drop_path1", "drop_path2")
 
 
 def build(fam: dict[str, Any], light: bool = False, drop_path_rate: Any = None) -> nn.Module:
+    needs = fam.get("needs_transformers")
+    if needs and int(transformers.__version__.split(".")[0]) < int(needs):
+        pytest.skip(f"{fam['family']}: {fam['needs_transformers_why']}")
     cls = getattr(transformers, fam["class"])
     config = cls.config_class(**fam["config"])
     if drop_path_rate is not None:
@@ -356,7 +359,9 @@ def test_native_rates_follow_transformers_rule() -> None:
     """BEiT: linspace(0, r, layers); Swin: r*i/(N-1) over all blocks; LeViT: no slots."""
     beit = create_model("hf:BeitForImageClassification", **TINY_BEIT)
     rates = dpatch.models.native_rates(beit, 0.3)
-    assert rates == pytest.approx({f"beit.layers.{i}.drop_path": 0.15 * i for i in range(3)})
+    # transformers 4.x names them beit.encoder.layer.N, 5.x beit.layers.N
+    assert sorted(rates.values()) == pytest.approx([0.15 * i for i in range(3)])
+    assert all(name.endswith(".drop_path") for name in rates)
     swin = create_model(
         "hf:SwinModel", image_size=32, patch_size=4, embed_dim=16, depths=[1, 2],
         num_heads=[1, 2], window_size=4,

@@ -51,11 +51,12 @@ ZERO_SITES = {
 #: dpatch's count minus the oracle's, per block class, and why.
 MISCOUNTED: dict[str, tuple[dict[str, int], str]] = {
     name: (
-        {"ConvGRU": n, "RAFT": 2},
+        {"ConvGRU": n, "RAFT": 1},
         "dpatch's residual rule takes the GRU update `(1 - z) * h + z * q` for `shortcut + "
         "branch` (dropping `z * q` leaves `(1 - z) * h`, not h), and unrolls RAFT's refinement "
-        "loop, taking each `coords1 = coords1 + delta_flow` (the flow estimate's update by one "
-        "shared block) for a site of its own: one per num_flow_updates, 2 here, 12 by default",
+        "loop, taking each `coords1 = coords1 + delta_flow` after the first (the flow "
+        "estimate's update by one shared block) for a site of its own: num_flow_updates - 1, "
+        "1 here, 11 by default; the first adds the flow to the coordinate grid, a constant",
     )
     for name, n in (("raft_small", 1), ("raft_large", 2))
 }

@@ -12,12 +12,19 @@ from __future__ import annotations
 
 from dpatch.analysis._analyze import Analysis, BlockSites, LooseSlot, Unreached, analyze, qualify
 from dpatch.analysis._inputs import ExampleInputs, parse_shape
-from dpatch.analysis._meta import materialise, meta_execution, to_meta
+from dpatch.analysis._meta import materialise, meta_execution, real_execution, to_meta
 from dpatch.analysis._probe import Call, Probe, probe
 from dpatch.analysis._residual import INPLACE_ADDS, BlockSite
 from dpatch.analysis._sites import Site, find_sites, site_list
 from dpatch.analysis._slots import SLOT_ATTRS, SlotSettings, is_slot_module, slot_settings
-from dpatch.analysis._trace import Span, bind_inputs, run_graph_meta, trace_module
+from dpatch.analysis._trace import (
+    HelperSpan,
+    Span,
+    bind_inputs,
+    run_graph_meta,
+    trace_module,
+    wrapper_names,
+)
 from dpatch.analysis._views import is_dropout, is_reshape, may_alias
 
 __all__ = [
@@ -28,6 +35,7 @@ __all__ = [
     "BlockSites",
     "Call",
     "ExampleInputs",
+    "HelperSpan",
     "LooseSlot",
     "Probe",
     "Site",
@@ -46,9 +54,11 @@ __all__ = [
     "parse_shape",
     "probe",
     "qualify",
+    "real_execution",
     "run_graph_meta",
     "site_list",
     "slot_settings",
     "to_meta",
     "trace_module",
+    "wrapper_names",
 ]

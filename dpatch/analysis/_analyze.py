@@ -242,13 +242,20 @@ class TraceCache:
 
     def _trace(self, mod: nn.Module, call: Call, recorder: Recorder) -> TracedBlock | TraceError:
         """A plain trace; failing that, one with value-carrying proxies (a forward that
-        branches on shapes or unpacks a child's tuple); failing that, the first error."""
+        branches on shapes or arguments, or unpacks a child's tuple: its source is
+        rewritten, exact for every call); failing that, a plain trace specialised to the
+        recorded None/constant arguments (a graph for those values only: generation's
+        ``use_cache=True`` would fail its guards); failing that, the first error."""
         try:
             return trace_and_run(mod, call, self._known, recorder)
         except TraceError as exc:
             first = exc
         try:
             return meta_trace(mod, call, self._known, recorder)
+        except TraceError:
+            pass
+        try:
+            return trace_and_run(mod, call, self._known, specialise=True)
         except TraceError:
             return first
 
@@ -307,7 +314,9 @@ def analyze(
     none_loose: list[LooseSlot] = []  # ``None`` slots of blocks that cannot be traced
     idle_none_slots: set[str] = set()  # ``None`` slots of traced blocks, on no residual
     traces = TraceCache(pr.ran_once())
-    adds_of: dict[int, list[Any]] = {}  # id(graph) -> its residual adds (shared traces)
+    # graph -> its residual adds (shared traces); keyed by the graph itself, which keeps
+    # it alive: an uncached trace's id could be reused by the next block's graph
+    adds_of: dict[Any, list[Any]] = {}
     sources: dict[type, str | None] = {}
     for path, mod in _candidates(model, pr):
         order = pr.order[id(mod)]
@@ -333,7 +342,7 @@ def analyze(
             and is_slot_module(mod.get_submodule(str(n.target)), str(n.target).rsplit(".", 1)[-1])
         ]
         traced_slots.update(qualify(path, str(n.target)) for n in slot_nodes)
-        key = id(traced.graph)
+        key = traced.graph
         if key not in adds_of:
             adds_of[key] = find_residual_adds(mod, traced.graph, traced.env, slot_nodes)
         sites = assign_slots(mod, adds_of[key])

@@ -7,8 +7,11 @@ The probe tries candidates in this order and the first one the model runs on win
 2. the model's own metadata: timm's ``pretrained_cfg["input_size"]`` (and its patch
    embedding's image size), torchvision ViT's ``image_size``, a transformers model's
    ``config`` (``main_input_name``: ``pixel_values`` -> images of ``image_size`` and
-   ``num_channels``, ``input_ids`` -> integer ids below ``vocab_size``), torchvision's video
-   builders (B, 3, T, H, W);
+   ``num_channels``; ``input_ids`` -> 16 integer ids, plus ``decoder_input_ids`` for an
+   encoder-decoder; ``input_features`` -> ``num_mel_bins`` x ``2 * max_source_positions``
+   (Whisper); ``input_values`` -> raw audio of about 16 frames of its feature encoder;
+   ``use_cache=False`` where the forward takes it), torchvision's video builders
+   (B, 3, T, H, W);
 3. the first layer that sees the input: ``Conv1d/2d/3d`` (``in_channels``, at spatial sizes
    a model usually accepts), ``Linear`` (``in_features``), ``Embedding`` (integer ids);
 4. a 3x224x224 image, last, whatever came before it.
@@ -19,8 +22,9 @@ is needed).
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -37,32 +41,62 @@ __all__ = [
 
 @dataclass(frozen=True)
 class ExampleInputs:
-    """Positional inputs for one forward pass, and where they came from.
+    """Inputs for one forward pass, ``model(*values, **kwargs)``, and where they came from.
 
     Attributes:
-        values: the inputs (tensors are shapes and dtypes only).
+        values: the positional inputs (tensors are shapes and dtypes only).
         source: how dpatch chose them (``"given"``, ``"timm pretrained_cfg"``, ...).
+        kwargs: keyword inputs (an encoder-decoder's ``decoder_input_ids``, and
+            ``use_cache=False`` so a transformers model fills no cache while probed).
     """
 
     values: tuple[Any, ...]
     source: str
+    kwargs: dict[str, Any] = field(default_factory=dict)
 
     def describe(self) -> str:
-        """``2x3x224x224 float32`` per tensor input, comma-separated."""
-        return ", ".join(_describe(v) for v in self.values)
+        """``2x3x224x224 float32`` per tensor input, then ``name=2x16 int64`` per keyword
+        input, comma-separated."""
+        return ", ".join(
+            [_describe(v) for v in self.values]
+            + [
+                f"{k}={_describe(v) if isinstance(v, Tensor) else repr(v)}"
+                for k, v in self.kwargs.items()
+            ]
+        )
 
     def to_dict(self) -> dict[str, Any]:
         """Plain-JSON form (``--json`` output says which input was used)."""
         tensors = [v for v in self.values if isinstance(v, Tensor)]
-        return {
+        out: dict[str, Any] = {
             "source": self.source,
             "shapes": [list(v.shape) for v in tensors],
             "dtypes": [str(v.dtype).removeprefix("torch.") for v in tensors],
         }
+        if self.kwargs:
+            out["kwargs"] = {k: _plain(v) for k, v in self.kwargs.items()}
+        return out
 
     def with_batch(self, batch: int) -> ExampleInputs:
         """The same inputs with another size of the first (batch) dimension."""
-        return ExampleInputs(tuple(_rebatch(v, batch) for v in self.values), self.source)
+        return ExampleInputs(
+            tuple(_rebatch(v, batch) for v in self.values),
+            self.source,
+            {k: _rebatch(v, batch) for k, v in self.kwargs.items()},
+        )
+
+    def call(self, model: nn.Module) -> Any:
+        """``model(*values, **kwargs)``."""
+        return model(*self.values, **self.kwargs)
+
+
+def _plain(value: Any) -> Any:
+    """A keyword input in plain JSON: a tensor's shape and dtype, or the value itself."""
+    if isinstance(value, Tensor):
+        return {"shape": list(value.shape), "dtype": str(value.dtype).removeprefix("torch.")}
+    if value is None or isinstance(value, bool | int | float | str):
+        return value
+    return type(value).__name__
 
 
 def _describe(value: Any) -> str:
@@ -158,19 +192,63 @@ def _from_hf_config(model: nn.Module, batch: int) -> Iterator[ExampleInputs]:
         return
     name = getattr(model, "main_input_name", "pixel_values")
     source = f"transformers config ({name})"
+    kwargs = _hf_keywords(model, config, batch)
     if name == "pixel_values":
         channels = int(getattr(config, "num_channels", 3) or 3)
         size = getattr(config, "image_size", None) or 224
         h, w = (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
-        yield ExampleInputs((_meta(batch, channels, h, w),), source)
+        yield ExampleInputs((_meta(batch, channels, h, w),), source, kwargs)
     elif name == "input_ids":
-        length = min(int(getattr(config, "max_position_embeddings", 16) or 16), 16)
-        yield ExampleInputs((_meta(batch, length, dtype=torch.long),), source)
+        length = _text_length(config, "max_position_embeddings")
+        yield ExampleInputs((_meta(batch, length, dtype=torch.long),), source, kwargs)
     elif name == "input_values":
-        yield ExampleInputs((_meta(batch, 16000),), source)
+        yield ExampleInputs((_meta(batch, _audio_length(config)),), source, kwargs)
     elif name == "input_features":
         bins = int(getattr(config, "num_mel_bins", 80) or 80)
-        yield ExampleInputs((_meta(batch, bins, 3000),), source)
+        # Whisper's encoder wants exactly 2 * max_source_positions frames (its two
+        # convolutions halve them); 3000 is its default (30 s).
+        frames = 2 * int(getattr(config, "max_source_positions", 1500) or 1500)
+        yield ExampleInputs((_meta(batch, bins, frames),), source, kwargs)
+
+
+def _text_length(config: Any, limit_attr: str) -> int:
+    """16 tokens, or fewer where the config's positions end sooner."""
+    limit = getattr(config, limit_attr, None)
+    return min(int(limit), 16) if isinstance(limit, int) and limit > 0 else 16
+
+
+def _audio_length(config: Any) -> int:
+    """Samples for about 16 frames of a wav2vec2-style convolutional feature encoder
+    (``conv_kernel``, ``conv_stride``), else one second at 16 kHz."""
+    kernels = getattr(config, "conv_kernel", None)
+    strides = getattr(config, "conv_stride", None)
+    if not (isinstance(kernels, list | tuple) and isinstance(strides, list | tuple)) or len(
+        kernels
+    ) != len(strides):
+        return 16000
+    length = 16
+    for k, st in zip(reversed(kernels), reversed(strides), strict=True):
+        length = (length - 1) * int(st) + int(k)
+    return length
+
+
+def _hf_keywords(model: nn.Module, config: Any, batch: int) -> dict[str, Any]:
+    """Keyword inputs a transformers model needs besides its main input:
+    ``decoder_input_ids`` for an encoder-decoder, and ``use_cache=False`` where the forward
+    takes it (the probe runs once; a cache filled then would be handed to every layer's
+    recorded call)."""
+    try:
+        params = inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return {}
+    kwargs: dict[str, Any] = {}
+    if getattr(config, "is_encoder_decoder", False) and "decoder_input_ids" in params:
+        limit = "max_target_positions" if hasattr(config, "max_target_positions") else ""
+        length = _text_length(config, limit or "max_position_embeddings")
+        kwargs["decoder_input_ids"] = _meta(batch, length, dtype=torch.long)
+    if "use_cache" in params:
+        kwargs["use_cache"] = False
+    return kwargs
 
 
 def takes_token_ids(model: nn.Module) -> str:

@@ -14,8 +14,10 @@ expression that made it, so :mod:`dpatch.rewrite._source` can rewrite the forwar
 from __future__ import annotations
 
 import inspect
+import os
 import sys
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -25,7 +27,8 @@ from torch import Tensor, nn
 from dpatch.analysis._meta import meta_execution, to_meta
 from dpatch.analysis._probe import Call
 from dpatch.analysis._shadow import Recorder, shadow_of, watcher_class
-from dpatch.analysis._trace import LeafTracer, Span, TracedBlock
+from dpatch.analysis._trace import HelperSpan, LeafTracer, Span, TracedBlock
+from dpatch.analysis._wrappers import plain_subclass, written_forward
 from dpatch.errors import TraceError, first_line
 
 __all__ = ["meta_trace"]
@@ -94,6 +97,8 @@ class _MetaTracer(LeafTracer):
         self._known = known
         self.values: dict[fx.Node, Any] = {}
         self.spans: dict[fx.Node, Span] = {}
+        self.helpers: dict[fx.Node, HelperSpan] = {}
+        self._helper_positions: dict[Any, list[Any]] = {}
         self._code = code
         self._positions = list(code.co_positions()) if hasattr(code, "co_positions") else []
         self._placeholders = placeholders
@@ -101,6 +106,15 @@ class _MetaTracer(LeafTracer):
 
     def proxy(self, node: fx.Node) -> fx.Proxy:
         return _MetaProxy(node, self)
+
+    def create_arg(self, a: Any) -> Any:
+        try:
+            return super().create_arg(a)
+        except NotImplementedError:
+            # An object torch.fx has no node for (transformers' ``Cache``) is handed to
+            # children as it is: this graph is specialised, read for its additions and
+            # never turned into code.
+            return a
 
     def getattr(self, attr: str, attr_val: Any, parameter_proxy_cache: dict[str, Any]) -> Any:
         if self._computing:
@@ -116,7 +130,20 @@ class _MetaTracer(LeafTracer):
     ) -> Any:
         if self._computing:
             return forward(*args, **kwargs)
-        return super().call_module(m, forward, args, kwargs)
+        return self._structured(super().call_module(m, forward, args, kwargs))
+
+    def _structured(self, value: Any) -> Any:
+        """A child's tuple output as a tuple of proxies (one ``getitem`` each), so a forward
+        can test ``type(out) is tuple``, slice it and unpack it as it would the real one."""
+        if not isinstance(value, _MetaProxy):
+            return value
+        known = self.values.get(value.node)
+        if not isinstance(known, list | tuple):
+            return value
+        items = [self._structured(value[i]) for i in range(len(known))]  # type: ignore[index]
+        if hasattr(known, "_fields"):  # a named tuple
+            return type(known)(*items)
+        return type(known)(items)
 
     def create_proxy(
         self,
@@ -140,7 +167,9 @@ class _MetaTracer(LeafTracer):
             raise TraceError(f"{what} does not run on meta: {type(exc).__name__}: {exc}") from exc
         span = self._span()
         if span is not None:
-            self.spans[proxy.node] = span
+            self.spans[proxy.node] = span[0]
+            if span[1] is not None:
+                self.helpers[proxy.node] = span[1]
         return proxy
 
     def _compute(self, kind: str, target: Any, args: Any, kwargs: Any) -> Any:
@@ -173,17 +202,45 @@ class _MetaTracer(LeafTracer):
         finally:
             self._computing = False
 
-    def _span(self) -> Span | None:
-        """Where in the block's own forward the current operation is written."""
+    def _span(self) -> tuple[Span, HelperSpan | None] | None:
+        """Where in the block's own forward the current operation is written, and, for an
+        operation written in a function that forward calls (``dropout_add(x, residual,
+        ...)``), where in that function."""
         frame = sys._getframe(2)
+        child = None
         while frame is not None and frame.f_code is not self._code:
-            frame = frame.f_back  # type: ignore[assignment]
+            child, frame = frame, frame.f_back  # type: ignore[assignment]
         if frame is None or not self._positions:
             return None
-        line, end_line, col, end_col = self._positions[frame.f_lasti // 2]
-        if line is None or end_line is None or col is None or end_col is None:
+        span = _position(self._positions, frame.f_lasti)
+        if span is None:
             return None
-        return Span(line, col, end_line, end_col)
+        helper = None
+        code = child.f_code if child is not None else None
+        if (
+            code is not None
+            and hasattr(code, "co_positions")
+            and not code.co_filename.startswith(_LIBRARY_DIRS)
+        ):
+            if code not in self._helper_positions:
+                self._helper_positions[code] = list(code.co_positions())
+            inner = _position(self._helper_positions[code], child.f_lasti)  # type: ignore[union-attr]
+            helper = HelperSpan(code, inner) if inner is not None else None
+        return span, helper
+
+
+#: Where torch.fx's and dpatch's own frames between a forward and its operations live.
+_LIBRARY_DIRS = (
+    str(Path(torch.__file__).parent) + os.sep,
+    str(Path(__file__).parent.parent) + os.sep,
+)
+
+
+def _position(positions: list[Any], lasti: int) -> Span | None:
+    line, end_line, col, end_col = positions[lasti // 2]
+    if line is None or end_line is None or col is None or end_col is None:
+        return None
+    return Span(line, col, end_line, end_col)
 
 
 def _flat_forward(
@@ -239,7 +296,7 @@ def meta_trace(
             operation the meta device lacks, a forward Python cannot show).
     """
     cls: type[nn.Module] = type(mod)
-    fn = inspect.unwrap(cls.forward)
+    fn = written_forward(cls)
     if not hasattr(fn, "__code__"):
         raise TraceError("its forward is not Python code")
     args, kwargs = call
@@ -251,10 +308,10 @@ def meta_trace(
     this = next(iter(bound.signature.parameters))  # ``self``, whatever its name
     names = [k for k, v in bound.arguments.items() if k != this and isinstance(v, Tensor)]
     placeholders = {k: to_meta(bound.arguments[k]) for k in names}
-    forward = _flat_forward(fn, bound, names)
-    shadow_cls = type(cls.__name__, (watcher_class(cls),), {"forward": forward})
+    # a plain subclass: no second wrapper from a base's __init_subclass__
+    shadow_cls, _ = plain_subclass(watcher_class(cls), {"forward": _flat_forward(fn, bound, names)})
     shadow = shadow_of(mod, recorder=recorder, cls=shadow_cls)
-    tracer = _MetaTracer(fn.__code__, placeholders, known or {})
+    tracer = _MetaTracer(fn.__code__, placeholders, shadow.known(known or {}))
     try:
         with meta_execution(mod):
             graph = tracer.trace(shadow.module)
@@ -269,5 +326,6 @@ def meta_trace(
         reads_training=True,
         env={n: tracer.values.get(n) for n in graph.nodes},
         spans=dict(tracer.spans),
+        helpers=dict(tracer.helpers),
         specialised=True,
     )

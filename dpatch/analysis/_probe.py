@@ -69,14 +69,17 @@ def probe(model: nn.Module, example_inputs: Sequence[Any] | ExampleInputs | None
         candidates = input_candidates(model, PROBE_BATCH)
     device = next((t.device for t in model.parameters() if not t.is_meta), None)
     failures: dict[int, str] = {}  # candidate index -> its first failure
-    # Cheapest first: on meta; for real on the model's device; and, for a model in training
-    # mode (a detector that wants targets), both again in evaluation mode.
-    for training in [model.training, False] if model.training else [False]:
-        for real in [None] if device is None else [None, device]:
+    # Cheapest first: on meta, then for real on the model's device; a model in training
+    # mode (a detector that wants targets, a transformers encoder whose LayerDrop draws on
+    # the host) is tried in evaluation mode before it is run for real, where LayerDrop
+    # would leave random layers out of the probe.
+    modes = [model.training, False] if model.training else [False]
+    for real in [None] if device is None else [None, device]:
+        for training in modes:
             with _mode(model, training):
                 for i, cand in enumerate(candidates):
-                    inputs = cand.values if real is None else materialise(cand.values, real)
-                    result = _probe_once(model, inputs, meta=real is None)
+                    run = cand if real is None else _materialised(cand, real)
+                    result = _probe_once(model, run, meta=real is None)
                     if isinstance(result, Probe):
                         result.example = cand
                         return result
@@ -147,7 +150,13 @@ class _Reads(torch.overrides.TorchFunctionMode):
         return func(*args, **kwargs)
 
 
-def _probe_once(model: nn.Module, inputs: tuple[Any, ...], *, meta: bool) -> Probe | str:
+def _materialised(cand: ExampleInputs, device: Any) -> ExampleInputs:
+    return ExampleInputs(
+        materialise(cand.values, device), cand.source, materialise(cand.kwargs, device)
+    )
+
+
+def _probe_once(model: nn.Module, inputs: ExampleInputs, *, meta: bool) -> Probe | str:
     """A Probe of one run, or why the run failed (one line)."""
     result = Probe()
 
@@ -167,7 +176,7 @@ def _probe_once(model: nn.Module, inputs: tuple[Any, ...], *, meta: bool) -> Pro
         with meta_execution(model) if meta else real_execution(model):
             names = {n: id(p) for n, p in model.named_parameters(remove_duplicate=False)}
             with _Reads() as reads:
-                model(*inputs)
+                inputs.call(model)
         result.unused = frozenset(n for n, i in names.items() if i not in reads.seen)
     except Exception as exc:  # any model code can fail here; the caller reports it
         return first_line(exc, 300, typed=True)

@@ -132,11 +132,31 @@ class BlockSite:
     add: ResidualAdd | None = None
 
 
-class _Ancestry:
-    """Memoised ancestor sets (each node included in its own set)."""
+#: Tensor attributes and methods that read metadata, not values: ``x.device`` feeding
+#: ``torch.arange(n, device=x.device)`` makes no data flow from ``x``.
+_METADATA_ATTRS = frozenset({"device", "dtype", "shape", "ndim", "is_cuda", "layout"})
+_METADATA_METHODS = frozenset({"size", "dim", "numel", "get_device", "type"})
 
-    def __init__(self) -> None:
+
+def _data_inputs(n: fx.Node) -> list[fx.Node]:
+    """The nodes whose values ``n`` reads (none for a read of a tensor's metadata)."""
+    reads_attr = n.op == "call_function" and n.target is getattr and len(n.args) == 2
+    if reads_attr and n.args[1] in _METADATA_ATTRS:
+        return []
+    # ``x.type()`` names the type; ``x.type(dtype)`` converts the values
+    reads_method = n.op == "call_method" and n.target in _METADATA_METHODS
+    if reads_method and (len(n.args) == 1 or (n.target != "type" and len(n.args) == 2)):
+        return []
+    return n.all_input_nodes
+
+
+class _Ancestry:
+    """Memoised ancestor sets (each node included in its own set), along data flow only
+    (:func:`_data_inputs`), or with ``metadata`` along reads of shapes and devices too."""
+
+    def __init__(self, *, metadata: bool = False) -> None:
         self._memo: dict[fx.Node, frozenset[fx.Node]] = {}
+        self._inputs = (lambda n: n.all_input_nodes) if metadata else _data_inputs
 
     def __call__(self, node: fx.Node) -> frozenset[fx.Node]:
         if node in self._memo:
@@ -151,7 +171,7 @@ class _Ancestry:
                 seen |= self._memo[n]
                 continue
             seen.add(n)
-            stack.extend(n.all_input_nodes)
+            stack.extend(self._inputs(n))
         result = frozenset(seen)
         self._memo[node] = result
         return result
@@ -180,17 +200,62 @@ def _learned_cost(block: nn.Module, nodes: Iterable[fx.Node], memo: dict[int, in
     return cost
 
 
-def _has_activation(nodes: Iterable[fx.Node], env: dict[fx.Node, Any]) -> bool:
-    """True when ``nodes`` include a tensor input of the block (not only parameters)."""
+def _is_activation(value: Any) -> bool:
+    """A floating-point tensor: integer inputs (token ids, positions) and boolean masks are
+    looked up or compared, not transformed by a branch."""
+    return isinstance(value, Tensor) and (value.is_floating_point() or value.is_complex())
+
+
+def _has_activation(
+    nodes: Iterable[fx.Node], env: dict[fx.Node, Any], sized_by: Iterable[fx.Node] = ()
+) -> bool:
+    """True when ``nodes`` (what a value's data grows from) include a floating-point tensor
+    input of the block (not only parameters, not only ids):
+    ``inputs_embeds + position_embeddings(position_ids)`` adds two lookups of integer ids,
+    which is no residual. A learned tensor sized by an input (a class token
+    ``self.cls.expand(x.shape[0], -1, -1)``: ``sized_by`` holds what the value's shape
+    grows from) is an activation of its own."""
+    nodes = list(nodes)
+    if any(n.op == "get_attr" and _is_activation(env.get(n)) for n in nodes) and _has_activation(
+        sized_by, env
+    ):
+        return True
     for n in nodes:
         if n.op != "placeholder":
             continue
         value = env.get(n)
-        if isinstance(value, Tensor):
+        if _is_activation(value):
             return True
-        if isinstance(value, list | tuple) and any(isinstance(v, Tensor) for v in value):
+        if isinstance(value, list | tuple) and any(_is_activation(v) for v in value):
             return True
     return False
+
+
+def _summed_again(node: fx.Node, common: frozenset[fx.Node]) -> bool:
+    """Whether ``node`` is added to a value of ``common`` (what its operands both grow from)."""
+    for user in node.users:
+        ops = add_operands(user)
+        if ops is None:
+            continue
+        other = ops.second if ops.first is node else ops.first
+        if other in common:
+            return True
+    return False
+
+
+def _tensor_items(nodes: Iterable[fx.Node], env: dict[fx.Node, Any]) -> set[tuple[fx.Node, int]]:
+    """(tuple, index) of the tensors ``nodes`` take out of a tuple: ``out[0]`` written twice
+    (ALBERT's ``ffn(attention_output[0]) + attention_output[0]``) is one tensor, where
+    Res2Net's ``split[0]`` and ``split[1]`` are two."""
+    return {
+        (n.args[0], n.args[1])
+        for n in nodes
+        if n.op == "call_function"
+        and n.target is operator.getitem
+        and isinstance(n.args[0], fx.Node)
+        and isinstance(n.args[1], int)
+        and isinstance(env.get(n), Tensor)
+    }
 
 
 def _ends_in_learned_op(block: nn.Module, node: fx.Node) -> bool:
@@ -233,7 +298,7 @@ def find_residual_adds(
         env: every node's meta value on the block's recorded inputs.
         slot_nodes: the graph's calls of native DropPath slots.
     """
-    anc = _Ancestry()
+    anc, sized = _Ancestry(), _Ancestry(metadata=True)
     memo: dict[int, int] = {}
     found: list[ResidualAdd] = []
     for node in graph.nodes:
@@ -247,7 +312,7 @@ def find_residual_adds(
         if not (va.shape == vb.shape == vo.shape):
             continue
         anc_a, anc_b = anc(a), anc(b)
-        if not _has_activation(anc_a, env) or not _has_activation(anc_b, env):
+        if not _has_activation(anc_a, env, sized(a)) or not _has_activation(anc_b, env, sized(b)):
             continue
         excl_a, excl_b = anc_a - anc_b, anc_b - anc_a
         slot_a = [s for s in slot_nodes if s in excl_a]
@@ -261,7 +326,18 @@ def find_residual_adds(
         cost_a, cost_b = _learned_cost(block, excl_a, memo), _learned_cost(block, excl_b, memo)
         if cost_a == cost_b:
             continue  # parallel branches of equal weight (RepVGG-style): not a residual
-        shortcut, branch = (a, b) if cost_b > cost_a else (b, a)
+        stream = {r.node for r in found}
+        if (a in stream) != (b in stream):
+            # The running sum of earlier residuals is the shortcut, whatever the costs:
+            # Cohere's ``residual + attn(h) + mlp(h)`` adds the MLP to ``residual + attn``.
+            shortcut, branch = (a, b) if a in stream else (b, a)
+        elif cost_a and cost_b and _summed_again(node, anc_a & anc_b):
+            # Parallel branches of unequal weight whose sum then goes onto a value both grow
+            # from (Phi's and GPT-J's ``attn(h) + mlp(h) + residual``): that later addition
+            # is the residual, with both branches as its branch.
+            continue
+        else:
+            shortcut, branch = (a, b) if cost_b > cost_a else (b, a)
         if branch is a and ops.alpha != 1.0:
             continue  # ``branch + alpha * shortcut``: a scaled shortcut is not a residual
         # The nearest values both operands grow from must include an activation tensor:
@@ -269,10 +345,12 @@ def find_residual_adds(
         # tuple ``split``, so that addition mixes two channel groups, not a residual.
         common = anc_a & anc_b
         frontier = [n for n in common if not any(u in common for u in n.users)]
-        shares_source = any(isinstance(env.get(n), Tensor) and n.op != "get_attr" for n in frontier)
+        shares_source = any(
+            isinstance(env.get(n), Tensor) and n.op != "get_attr" for n in frontier
+        ) or bool(_tensor_items(anc_a, env) & _tensor_items(anc_b, env))
         fed_in = (
             shortcut.op == "placeholder"
-            and isinstance(env.get(shortcut), Tensor)
+            and _is_activation(env.get(shortcut))
             and _ends_in_learned_op(block, branch)
         )
         if not (shares_source or fed_in):

@@ -22,6 +22,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from dpatch.analysis._wrappers import plain_subclass
+
 __all__ = [
     "MODULE_INTERNALS",
     "Reads",
@@ -163,11 +165,9 @@ def _watcher(cls: type) -> type:
                 log.record(state[_PATH], name, value)
         return value
 
-    watcher = type(
-        cls.__name__,
-        (cls,),
-        {"__getattribute__": __getattribute__, "__module__": cls.__module__},
-    )
+    # a plain subclass: a base's __init_subclass__ (GradientCheckpointingLayer) must not
+    # wrap the forward a second time
+    watcher, _ = plain_subclass(cls, {"__getattribute__": __getattribute__})
     _WATCHERS[cls] = watcher
     return watcher
 
@@ -179,6 +179,11 @@ class Shadow:
     module: nn.Module
     recorder: Recorder
     original_keys: frozenset[str]
+    copies: dict[int, nn.Module] = field(default_factory=dict)  # id(original) -> its copy
+
+    def known(self, outputs: dict[int, Any]) -> dict[int, Any]:
+        """``outputs`` (by id of an original module) by id of its copy."""
+        return {id(c): outputs[i] for i, c in self.copies.items() if i in outputs}
 
     def added(self) -> dict[str, Any]:
         """Attributes the tracer put on the block's copy (tensor constants it lifted)."""
@@ -226,7 +231,7 @@ def shadow_of(
     root = copy(module, "", cls)
     if training is not None:
         root.__dict__["training"] = training
-    return Shadow(root, log, frozenset(root.__dict__))
+    return Shadow(root, log, frozenset(root.__dict__), copies)
 
 
 def watcher_class(cls: type) -> type:

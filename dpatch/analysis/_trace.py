@@ -8,32 +8,53 @@ configuration (the 12 blocks of a ViT) share one trace through :class:`TraceCach
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import sys
+import types
 import typing
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+import torch
 import torch.fx as fx
+import torch.utils._pytree as pytree
 from torch import Tensor, nn
 
 from dpatch.analysis._meta import meta_execution, to_meta
 from dpatch.analysis._probe import Call
 from dpatch.analysis._residual import add_operands
-from dpatch.analysis._shadow import MODULE_INTERNALS, Recorder, freeze, shadow_of, structure
+from dpatch.analysis._shadow import (
+    MODULE_INTERNALS,
+    Recorder,
+    freeze,
+    shadow_of,
+    structure,
+    watcher_class,
+)
+from dpatch.analysis._wrappers import (
+    decorators_of,
+    plain_subclass,
+    wrapper_names,
+    written_forward,
+)
 from dpatch.errors import TraceError, first_line
 
 __all__ = [
+    "HelperSpan",
     "LeafTracer",
     "Span",
     "TracedBlock",
     "bind_inputs",
     "concrete_candidates",
     "config_key",
+    "plain_subclass",
     "run_graph_meta",
     "trace_and_run",
     "trace_module",
+    "wrapper_names",
+    "written_forward",
 ]
 
 
@@ -46,6 +67,15 @@ class Span:
     col: int
     end_line: int
     end_col: int
+
+
+@dataclass(frozen=True)
+class HelperSpan:
+    """Where an operation is written inside a plain function a forward calls (transformers'
+    ``dropout_add(x, residual, prob, training)``): the function's code and the span in it."""
+
+    code: types.CodeType
+    span: Span
 
 
 @dataclass(frozen=True, eq=False)
@@ -61,6 +91,8 @@ class TracedBlock:
         env: the value of every node on the block's recorded meta inputs (empty when the
             graph has no addition, so nothing needed running).
         spans: where in the block's forward source each node was made (meta traces only).
+        helpers: for a node made inside a function the forward calls, where in that
+            function (meta traces only); its ``spans`` entry is the call.
         specialised: the graph holds the recorded shapes as constants (a forward that
             branches on shapes, traced by :mod:`dpatch.analysis._metatrace`): it finds sites, but
             the block is rewritten at source level, not generated from the graph.
@@ -72,6 +104,7 @@ class TracedBlock:
     concrete: dict[str, Any] = field(default_factory=dict)
     env: dict[fx.Node, Any] = field(default_factory=dict)
     spans: dict[fx.Node, Span] = field(default_factory=dict)
+    helpers: dict[fx.Node, HelperSpan] = field(default_factory=dict)
     specialised: bool = False
 
 
@@ -90,6 +123,48 @@ class LeafTracer(fx.Tracer):
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         return True
+
+    def create_arg(self, a: Any) -> Any:
+        if isinstance(a, dict) and dataclasses.is_dataclass(a) and not isinstance(a, type):
+            # transformers' ``ModelOutput`` is a dict and a dataclass: torch.fx would turn
+            # it into a plain dict, which its caller cannot index (``outputs[0]``). It is
+            # built again by its class, as torch.fx does for other dataclasses.
+            fields = {f.name: self.create_arg(getattr(a, f.name)) for f in dataclasses.fields(a)}
+            return self.create_node("call_function", type(a), (), fields)
+        return super().create_arg(a)
+
+
+#: Random functions: called on no traced value, they run once while tracing and a graph
+#: would hold that one draw (wav2vec2's LayerDrop, ``torch.rand([]) < layerdrop``).
+_RANDOM: frozenset[Any] = frozenset(
+    {
+        torch.rand,
+        torch.randn,
+        torch.randint,
+        torch.randperm,
+        torch.bernoulli,
+        torch.multinomial,
+        torch.normal,
+        torch.poisson,
+    }
+)
+
+
+class _HostRandom(torch.overrides.TorchFunctionMode):
+    """Refuses a random draw that would run once at trace time instead of in the graph."""
+
+    def __torch_function__(
+        self, func: Any, types: Any, args: Any = (), kwargs: dict[str, Any] | None = None
+    ) -> Any:
+        kwargs = kwargs or {}
+        if func in _RANDOM and not any(
+            isinstance(v, fx.Proxy) for v in pytree.tree_leaves((args, kwargs))
+        ):
+            raise TraceError(
+                f"its forward draws random numbers ({getattr(func, '__name__', func)}) "
+                "that a traced graph would fix once"
+            )
+        return func(*args, **kwargs)
 
 
 def _notrace_functions() -> tuple[Callable[..., Any], ...]:
@@ -114,8 +189,17 @@ def trace_module(
     fail loudly on other values. ``recorder`` logs what the forward reads (see
     :mod:`dpatch.analysis._shadow`).
     """
-    shadow = shadow_of(module, recorder=recorder, training=training)
-    graph = LeafTracer().trace(shadow.module, concrete_args=concrete_args)
+    cls = type(module)
+    decorated = decorators_of(cls)
+    if decorated:
+        # A graph holds one call's worth of what a decorator does (renaming arguments,
+        # converting outputs); the source-level rewrite keeps the decorator instead.
+        raise TraceError(f"its forward is decorated (@{decorated[0]})")
+    # the forward as its source writes it, with no wrapper a base class adds
+    root_cls, _ = plain_subclass(watcher_class(cls), {"forward": written_forward(cls)})
+    shadow = shadow_of(module, recorder=recorder, training=training, cls=root_cls)
+    with _HostRandom():
+        graph = LeafTracer().trace(shadow.module, concrete_args=concrete_args)
     if concrete_args:
         _restore_arg_names(graph, set(concrete_args))
     _resolve_annotations(graph, type(module))
@@ -132,7 +216,7 @@ def _resolve_annotations(graph: fx.Graph, cls: type[nn.Module]) -> None:
     if not placeholders:
         return
     try:
-        hints = typing.get_type_hints(cls.forward)
+        hints = typing.get_type_hints(written_forward(cls))
     except Exception:  # an annotation naming something not importable here
         hints = {}
     for n in placeholders:
@@ -235,28 +319,29 @@ def trace_and_run(
     call: Call,
     known: dict[int, Any] | None = None,
     recorder: Recorder | None = None,
+    *,
+    specialise: bool = False,
 ) -> TracedBlock:
-    """Trace ``mod`` and run the graph on its recorded inputs; if either fails, try again
-    with its None/constant arguments specialised (``if mask is not None:`` needs that).
+    """Trace ``mod`` and run the graph on its recorded inputs. With ``specialise``, its
+    None/constant arguments are specialised (``if mask is not None:`` needs that): the
+    graph then holds for those values only, under torch.fx's guards. ``recorder`` logs
+    what the forward reads.
 
     Raises:
-        TraceError: neither attempt worked; the message says why.
+        TraceError: the trace or its run failed (or, with ``specialise``, there is no
+            argument to specialise); the message says why.
     """
     known = known or {}
+    concrete = concrete_candidates(mod, *call) if specialise else {}
+    if specialise and not concrete:
+        raise TraceError("no None or constant argument to specialise")
     traced: TracedBlock | None = None
     try:
-        traced = trace_module(mod, recorder=recorder)
+        traced = trace_module(mod, concrete_args=concrete or None, recorder=recorder)
         return _with_env(mod, traced, call, known)
-    except Exception as first:
+    except Exception as exc:
         stage = "could not trace" if traced is None else "traced graph does not run"
-        concrete = concrete_candidates(mod, *call)
-        if not concrete:
-            raise TraceError(f"{stage}: {first_line(first, typed=True)}") from first
-        try:
-            retraced = trace_module(mod, concrete_args=concrete, recorder=recorder)
-            return _with_env(mod, retraced, call, known)
-        except Exception:
-            raise TraceError(f"{stage}: {first_line(first, typed=True)}") from first
+        raise TraceError(f"{stage}: {first_line(exc, typed=True)}") from exc
 
 
 # --------------------------------------------------------------------------- trace keys

@@ -103,10 +103,13 @@ def random_inputs(
         InvalidValueError: it takes several inputs (give data instead).
     """
     values = random_example(model, batch, seed, example_inputs)
-    if len(values) != 1 or not isinstance(values[0], Tensor):
+    example = probe(model, example_inputs).example
+    assert example is not None
+    keywords = [k for k, v in example.kwargs.items() if isinstance(v, Tensor)]
+    if len(values) != 1 or not isinstance(values[0], Tensor) or keywords:
         raise InvalidValueError(
-            f"the model takes {len(values)} inputs; give data holding them instead of "
-            "synthetic inputs"
+            f"the model takes {len(values) + len(keywords)} inputs; give data holding them "
+            "instead of synthetic inputs"
         )
     return values[0]
 

@@ -33,7 +33,9 @@ from dpatch.analysis import (
     BlockSites,
     Call,
     bind_inputs,
+    materialise,
     meta_execution,
+    real_execution,
     to_meta,
     trace_module,
 )
@@ -125,19 +127,20 @@ def _plan_key(bs: BlockSites, skip: bool, pruned: frozenset[str]) -> _PlanKey:
 
 
 _SHAPE_BRANCHES = (
-    "its forward branches on shapes: rewritten at source level, which masks (no skipping)"
+    "its forward is rewritten at source level (it branches on shapes or arguments, or "
+    "unpacks a child's tuple), which masks (no skipping)"
 )
 
 
-def _generate_source(bs: BlockSites, skip: bool) -> _Plan:
+def _generate_source(bs: BlockSites, skip: bool, pruned: frozenset[str]) -> _Plan:
     """Edit the block's own forward source (a trace specialised to one shape)."""
     assert bs.traced is not None
-    src = rewrite_source(bs.module, bs.sites, bs.traced.spans)
-    code = GeneratedCode((("forward", src),), in_place=True)
+    done = rewrite_source(bs.module, bs.sites, bs.traced.spans, bs.traced.helpers, pruned)
+    code = GeneratedCode((("forward", done.source),), in_place=True)
     reason = _SHAPE_BRANCHES if skip else NOT_REQUESTED
-    n = len(bs.sites)
+    reasons = tuple(_PRUNED if s.attr in pruned else reason for s in bs.sites)
     cls = generated_class(type(bs.module), code)
-    return _Plan(cls, code, (False,) * n, (reason,) * n, ((),) * n)
+    return _Plan(cls, code, (False,) * len(bs.sites), reasons, done.dropped)
 
 
 def _generate(
@@ -147,9 +150,7 @@ def _generate(
     branches are left out)."""
     assert bs.traced is not None
     if bs.traced.specialised:
-        if pruned:
-            raise TraceError("its forward branches on shapes; pruning needs a graph rewrite")
-        return _generate_source(bs, skip)
+        return _generate_source(bs, skip, pruned)
     graph = fx.Graph()
     val_map: dict[fx.Node, fx.Node] = {}
     graph.output(graph.graph_copy(bs.traced.graph, val_map))
@@ -412,17 +413,37 @@ def _trial_run(
         trial._modules[attr] = DropPath(0.5, mode="row", skip=skip).train()
     object.__setattr__(trial, "__class__", cls)
     args, kwargs = call
+    if not direct:
+        args, kwargs = tuple(bind_inputs(module, args, kwargs)), {}
     try:
-        if direct:
-            with meta_execution(trial):
-                trial(*to_meta(args), **to_meta(kwargs))
-        else:
-            values = [to_meta(v) for v in bind_inputs(module, args, kwargs)]
-            with meta_execution(trial):
-                trial(*values)
+        with meta_execution(trial):
+            trial(*to_meta(args), **to_meta(kwargs))
     except Exception as exc:
-        return first_line(exc, 160, typed=True)
+        failure = first_line(exc, 160, typed=True)
+    else:
+        return ""
+    # A block that does not run on meta (a mixture of experts routes on values, as the probe
+    # found) is tried for real, on random inputs, with copies of its buffers.
+    device = next((t.device for t in module.parameters() if not t.is_meta), None)
+    if device is None:
+        return failure
+    try:
+        with real_execution(trial):
+            trial(*_real(args, device), **_real(kwargs, device))
+    except Exception:  # the meta failure says more about a rewrite that is wrong
+        return failure
     return ""
+
+
+def _real(value: Any, device: torch.device) -> Any:
+    """Recorded inputs with meta tensors replaced by random ones on ``device``."""
+    if isinstance(value, torch.Tensor):
+        return materialise(value, device) if value.is_meta else value
+    if isinstance(value, list | tuple) and not hasattr(value, "_fields"):
+        return type(value)(_real(v, device) for v in value)
+    if isinstance(value, dict):
+        return {k: _real(v, device) for k, v in value.items()}
+    return value
 
 
 def unpatch_block(module: nn.Module) -> None:

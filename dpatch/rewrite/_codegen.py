@@ -19,6 +19,8 @@ from typing import Any
 
 from torch import nn
 
+from dpatch.analysis import wrapper_names
+from dpatch.errors import TraceError
 from dpatch.marks import GeneratedCode
 
 __all__ = ["compile_function", "generated_class", "rebuild_block"]
@@ -70,8 +72,26 @@ def generated_class(orig_cls: type, code: GeneratedCode) -> type:
         }
     )
     cls = type(orig_cls.__name__, (orig_cls,), namespace)
+    # Wrappers around the forward must come back as they were: decorators kept in a
+    # source-level rewrite, and those a base class's ``__init_subclass__`` adds to every
+    # subclass (transformers 5's GradientCheckpointingLayer). Anything else (a forward
+    # wrapped after its class was made) would be lost.
+    before = _behaviour(wrapper_names(orig_cls.forward))  # type: ignore[attr-defined]
+    after = _behaviour(wrapper_names(cls.forward))  # type: ignore[attr-defined]
+    if after != before:
+        raise TraceError(
+            f"its forward is wrapped by {', '.join(before) or 'nothing'}, but the rewritten "
+            f"one would be wrapped by {', '.join(after) or 'nothing'}"
+        )
     _CLASSES[key] = cls
     return cls
+
+
+def _behaviour(names: list[str]) -> list[str]:
+    """Wrapper names without those of docstring decorators (a rewrite drops them)."""
+    from dpatch.rewrite._source import DOC_DECORATORS
+
+    return [n for n in names if n not in DOC_DECORATORS]
 
 
 def _reduce_block(self: nn.Module, protocol: int) -> tuple[Any, ...]:

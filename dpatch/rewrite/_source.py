@@ -17,14 +17,15 @@ import linecache
 import textwrap
 import types
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 from torch import nn
 
-from dpatch.analysis import BlockSite, Span
-from dpatch.errors import TraceError
+from dpatch.analysis import BlockSite, HelperSpan, Span
+from dpatch.errors import TraceError, first_line
 
-__all__ = ["compile_like", "rewrite_source"]
+__all__ = ["DOC_DECORATORS", "SourceRewrite", "compile_like", "rewrite_source"]
 
 _METHOD_ADDS = {"add", "add_", "__add__", "__iadd__"}
 _INPLACE_METHODS = {"add_", "__iadd__"}
@@ -36,9 +37,9 @@ def _forward_of(cls: type[nn.Module]) -> Callable[..., Any]:
 
 
 #: Decorators that only write a forward's docstring (transformers'): a rewritten forward
-#: may go without them. Any other decorator may change behaviour, so its block is not
-#: rewritten.
-_DOC_DECORATORS = frozenset(
+#: goes without them. Any other decorator (``@deprecate_kwarg``, ``@can_return_tuple``)
+#: stays in the rewritten source and is applied again when it is compiled.
+DOC_DECORATORS = frozenset(
     {
         "auto_docstring",
         "add_start_docstrings",
@@ -73,10 +74,9 @@ def _parse(fn: Callable[..., Any]) -> tuple[ast.FunctionDef, int, int]:
     fdef = tree.body[0] if tree.body else None
     if not isinstance(fdef, ast.FunctionDef):
         raise TraceError("its forward is not a plain function definition")
-    behaviour = [d for d in fdef.decorator_list if _decorator_name(d) not in _DOC_DECORATORS]
-    if behaviour:
-        raise TraceError(f"its forward is decorated (@{ast.unparse(behaviour[0])})")
-    fdef.decorator_list = []  # documentation only: the rewritten forward needs none
+    fdef.decorator_list = [
+        d for d in fdef.decorator_list if _decorator_name(d) not in DOC_DECORATORS
+    ]
     return fdef, start, indent
 
 
@@ -149,12 +149,26 @@ class _Unwrap(ast.NodeTransformer):
 
 
 class _Rewrite(ast.NodeTransformer):
-    """Replace each residual addition (by AST node identity) with its slot call."""
+    """Replace each residual addition (by AST node identity) with its slot call, and each
+    call of a helper that holds one with a call of the helper's rewritten copy."""
 
-    def __init__(self, this: str, plans: dict[int, BlockSite], unwrapped: set[int]) -> None:
+    def __init__(
+        self,
+        this: str,
+        plans: dict[int, BlockSite],
+        unwrapped: set[int],
+        slot: str | None = None,
+        helper_calls: dict[int, tuple[str, BlockSite]] | None = None,
+        pruned: frozenset[str] = frozenset(),
+        copy_shortcut: bool = False,
+    ) -> None:
         self.this = this
         self.plans = plans  # id(ast node) -> its site
         self.unwrapped = unwrapped  # additions whose slot call was removed where it stood
+        self.slot = slot  # the slot is this parameter (a helper's copy), not an attribute
+        self.helper_calls = helper_calls or {}  # id(call) -> (helper copy's name, site)
+        self.pruned = pruned  # slot attributes whose additions become their shortcut
+        self.copy_shortcut = copy_shortcut  # the forward writes in place somewhere
 
     def _call(self, node: ast.AST) -> ast.expr:
         site = self.plans[id(node)]
@@ -163,6 +177,12 @@ class _Rewrite(ast.NodeTransformer):
         first, second = ops
         branch_first = site.add.branch_first
         branch, shortcut = (first, second) if branch_first else (second, first)
+        if site.attr in self.pruned:
+            # The block returns the shortcut; a copy where the forward writes into tensors
+            # in place, which would otherwise write into the shortcut (often its input).
+            if self.copy_shortcut:
+                return ast.Call(ast.Attribute(shortcut, "clone", ast.Load()), [], [])
+            return shortcut
         if site.add.slot_node is not None and id(node) not in self.unwrapped:
             unwrap = _Unwrap(f"{self.this}.{site.add.slot_node.target}")
             branch = unwrap.visit(branch)
@@ -175,7 +195,8 @@ class _Rewrite(ast.NodeTransformer):
         if site.add.alpha != 1.0:
             args.append(ast.Constant(site.add.alpha))
         keywords = [ast.keyword("branch_first", ast.Constant(True))] if branch_first else []
-        return ast.Call(_attr_chain(self.this, site.attr), args, keywords)
+        slot = ast.Name(self.slot, ast.Load()) if self.slot else _attr_chain(self.this, site.attr)
+        return ast.Call(slot, args, keywords)
 
     def visit_BinOp(self, node: ast.BinOp) -> Any:
         self.generic_visit(node)
@@ -190,6 +211,10 @@ class _Rewrite(ast.NodeTransformer):
 
     def visit_Call(self, node: ast.Call) -> Any:
         self.generic_visit(node)
+        if id(node) in self.helper_calls:
+            name, site = self.helper_calls[id(node)]
+            slot = ast.keyword(_SLOT_PARAM, _attr_chain(self.this, site.attr))
+            return ast.Call(ast.Name(name, ast.Load()), node.args, [*node.keywords, slot])
         if id(node) not in self.plans:
             return node
         call = self._call(node)
@@ -202,30 +227,141 @@ class _Rewrite(ast.NodeTransformer):
         return call
 
 
-def rewrite_source(module: nn.Module, sites: list[BlockSite], spans: dict[Any, Span]) -> str:
-    """The source of ``type(module).forward`` with each site's addition going through its
-    slot.
-
-    Raises:
-        TraceError: the source is unavailable, decorated, or an addition cannot be found
-            in it exactly (then the block is not rewritten).
-    """
-    fdef, start, indent = _parse(_forward_of(type(module)))
-    if not fdef.args.args:
-        raise TraceError("its forward takes no self")
-    this = fdef.args.args[0].arg
-    by_span: dict[Span, ast.AST] = {}
+def _by_span(fdef: ast.FunctionDef, start: int, indent: int) -> dict[Span, ast.AST]:
+    out: dict[Span, ast.AST] = {}
     for node in ast.walk(fdef):
         if isinstance(node, ast.BinOp | ast.AugAssign | ast.Call):
             span = _span_of(node, start, indent)
             if span is not None:
-                by_span[span] = node
+                out[span] = node
+    return out
+
+
+#: The keyword a helper's rewritten copy takes its slot by.
+_SLOT_PARAM = "_dpatch_slot"
+
+
+def _helper_copy(
+    forward: Callable[..., Any], call: ast.AST, helper: HelperSpan, site: BlockSite, name: str
+) -> ast.FunctionDef:
+    """A copy of the plain function ``call`` calls (``dropout_add(x, residual, p, training)``,
+    written in the forward's module), named ``name``, whose residual addition goes through
+    the slot it takes as the keyword ``_dpatch_slot``.
+
+    Raises:
+        TraceError: the call is not of such a function, or the addition is not in it.
+    """
+    assert site.add is not None
+    func = call.func if isinstance(call, ast.Call) else None
+    target = forward.__globals__.get(func.id) if isinstance(func, ast.Name) else None
+    if getattr(target, "__code__", None) is not helper.code or site.add.slot_node is not None:
+        raise TraceError(
+            f"the residual addition {site.add.node.name} is written in a function its "
+            "forward calls that dpatch cannot copy (only plain functions of the same "
+            "module, holding the whole addition)"
+        )
+    assert target is not None
+    fdef, start, indent = _parse(target)
+    if fdef.decorator_list:
+        raise TraceError(f"the function {target.__name__} holding an addition is decorated")
+    found = _by_span(fdef, start, indent).get(helper.span)
+    if found is None or _operands(found) is None:
+        raise TraceError(
+            f"the residual addition {site.add.node.name} is not an addition written in "
+            f"{target.__name__}"
+        )
+    copy = _Rewrite("", {id(found): site}, set(), slot=_SLOT_PARAM).visit(fdef)
+    copy.body = copy.body[_after_docstring(copy) :] or [ast.Pass()]
+    copy.name = name
+    copy.args.kwonlyargs.append(ast.arg(_SLOT_PARAM))
+    copy.args.kw_defaults.append(None)
+    return copy
+
+
+def rewrite_source(
+    module: nn.Module,
+    sites: list[BlockSite],
+    spans: dict[Any, Span],
+    helpers: dict[Any, HelperSpan] | None = None,
+    pruned: frozenset[str] = frozenset(),
+) -> SourceRewrite:
+    """The source of ``type(module).forward`` with each site's addition going through its
+    slot. An addition written in a plain function the forward calls (``helpers``) goes
+    through a rewritten copy of that function, defined at the top of the forward. A pruned
+    site's addition becomes its shortcut, and the statements that only computed its branch
+    are left out (``pruned``: slot attributes).
+
+    Raises:
+        TraceError: the source is unavailable, or an addition cannot be found in it (or in
+            a function it calls) exactly (then the block is not rewritten).
+    """
+    src, _ = _rewrite(module, sites, spans, helpers or {}, pruned)
+    if not pruned:
+        return SourceRewrite(src, ((),) * len(sites))
+    _, before = _rewrite(module, sites, spans, helpers or {}, frozenset())
+    dropped: list[tuple[str, ...]] = []
+    for site in sites:
+        if site.attr not in pruned:
+            dropped.append(())
+            continue
+        _, alone = _rewrite(module, sites, spans, helpers or {}, frozenset({site.attr}))
+        slots = {s.attr for s in sites}
+        dropped.append(tuple(t for t in _unreached(before, alone) if t not in slots))
+    return SourceRewrite(src, tuple(dropped))
+
+
+@dataclass(frozen=True)
+class SourceRewrite:
+    """A rewritten forward's source, and per site the children and attributes (relative to
+    the block) only its pruned branch used."""
+
+    source: str
+    dropped: tuple[tuple[str, ...], ...]
+
+
+def _unreached(before: set[str], after: set[str]) -> tuple[str, ...]:
+    """References of ``before`` that no reference of ``after`` reaches (``a.b`` keeps
+    ``a`` and ``a.b.c``)."""
+
+    def reached(t: str) -> bool:
+        return any(r == t or r.startswith(t + ".") or t.startswith(r + ".") for r in after)
+
+    return tuple(sorted(t for t in before if not reached(t)))
+
+
+def _rewrite(
+    module: nn.Module,
+    sites: list[BlockSite],
+    spans: dict[Any, Span],
+    helpers: dict[Any, HelperSpan],
+    pruned: frozenset[str],
+) -> tuple[str, set[str]]:
+    """The rewritten source and the ``self.<a.b>`` attribute chains it reads."""
+    forward = _forward_of(type(module))
+    fdef, start, indent = _parse(forward)
+    if not fdef.args.args:
+        raise TraceError("its forward takes no self")
+    this = fdef.args.args[0].arg
+    by_span = _by_span(fdef, start, indent)
     plans: dict[int, BlockSite] = {}
+    helper_calls: dict[int, tuple[str, BlockSite]] = {}
+    copies: list[ast.stmt] = []
     for site in sites:
         add = site.add
         assert add is not None
         span = spans.get(add.node)
         found = by_span.get(span) if span is not None else None
+        helper = helpers.get(add.node)
+        if found is not None and _operands(found) is None and helper is not None:
+            if site.attr in pruned:
+                raise TraceError(
+                    f"its residual addition {add.node.name} is written in a function its "
+                    "forward calls; pruning needs it written in the forward"
+                )
+            name = f"_dpatch_{getattr(getattr(found, 'func', None), 'id', 'helper')}_{site.attr}"
+            copies.append(_helper_copy(forward, found, helper, site, name))
+            helper_calls[id(found)] = (name, site)
+            continue
         if found is None or _operands(found) is None:
             where = f" (line {span.line})" if span is not None else ""
             raise TraceError(
@@ -237,9 +373,107 @@ def rewrite_source(module: nn.Module, sites: list[BlockSite], spans: dict[Any, S
     for node in by_span.values():
         if id(node) in plans and _unwrap_apart(fdef, this, node, plans[id(node)]):
             unwrapped.add(id(node))
-    rewritten = _Rewrite(this, plans, unwrapped).visit(fdef)
+    dead_before = _dead_statements(fdef.body)
+    rewrite = _Rewrite(
+        this,
+        plans,
+        unwrapped,
+        helper_calls=helper_calls,
+        pruned=pruned,
+        copy_shortcut=bool(pruned) and _writes_in_place(fdef),
+    )
+    rewritten = rewrite.visit(fdef)
+    if pruned:
+        dead = _dead_statements(rewritten.body) - dead_before
+        rewritten.body = [st for st in rewritten.body if id(st) not in dead] or [ast.Pass()]
+    rewritten.body[_after_docstring(rewritten) : _after_docstring(rewritten)] = copies
     ast.fix_missing_locations(rewritten)
-    return ast.unparse(rewritten) + "\n"
+    return ast.unparse(rewritten) + "\n", _self_refs(rewritten, this)
+
+
+def _self_refs(fdef: ast.FunctionDef, this: str) -> set[str]:
+    """``a.b`` for every ``self.a.b`` the function reads (longest chains)."""
+    refs: set[str] = set()
+    for node in ast.walk(fdef):
+        chain: list[str] = []
+        cur: ast.expr = node if isinstance(node, ast.Attribute) else ast.Constant(None)
+        while isinstance(cur, ast.Attribute):
+            chain.append(cur.attr)
+            cur = cur.value
+        if chain and isinstance(cur, ast.Name) and cur.id == this:
+            refs.add(".".join(reversed(chain)))
+    return {r for r in refs if not any(o.startswith(r + ".") for o in refs)}
+
+
+def _writes_in_place(fdef: ast.FunctionDef) -> bool:
+    """Whether the forward may write into a tensor in place (``x += y``, ``x.relu_()``,
+    ``x[mask] = 0``)."""
+    for node in ast.walk(fdef):
+        if isinstance(node, ast.AugAssign):
+            return True
+        if isinstance(node, ast.Assign) and any(isinstance(t, ast.Subscript) for t in node.targets):
+            return True
+        if (
+            isinstance(node, ast.Call)
+            and isinstance(node.func, ast.Attribute)
+            and node.func.attr.endswith("_")
+            and not node.func.attr.startswith("_")
+        ):
+            return True
+    return False
+
+
+def _assigned_names(stmt: ast.stmt) -> set[str] | None:
+    """The names an assignment of plain names binds (``a = ...``, ``a, _ = ...``); None for
+    any other statement."""
+    if isinstance(stmt, ast.Assign):
+        targets: list[ast.expr] = list(stmt.targets)
+    elif isinstance(stmt, ast.AnnAssign) and stmt.value is not None:
+        targets = [stmt.target]
+    else:
+        return None
+    names: set[str] = set()
+    while targets:
+        t = targets.pop()
+        if isinstance(t, ast.Name):
+            names.add(t.id)
+        elif isinstance(t, ast.Tuple | ast.List):
+            targets.extend(t.elts)
+        elif isinstance(t, ast.Starred):
+            targets.append(t.value)
+        else:
+            return None
+    return names
+
+
+def _dead_statements(body: list[ast.stmt]) -> set[int]:
+    """ids of the top-level assignments in ``body`` whose names nothing reads afterwards.
+    Compound statements count as reading every name they mention and binding none."""
+    live: set[str] = set()
+    dead: set[int] = set()
+    for stmt in reversed(body):
+        names = _assigned_names(stmt)
+        if names is None:
+            live |= _names_in(stmt)
+        elif names & live:
+            live = (live - names) | _names_in(stmt.value)  # type: ignore[attr-defined]
+        else:
+            dead.add(id(stmt))
+    return dead
+
+
+def _names_in(node: ast.AST) -> set[str]:
+    return {n.id for n in ast.walk(node) if isinstance(n, ast.Name)}
+
+
+def _after_docstring(fdef: ast.FunctionDef) -> int:
+    first = fdef.body[0] if fdef.body else None
+    is_doc = (
+        isinstance(first, ast.Expr)
+        and isinstance(first.value, ast.Constant)
+        and isinstance(first.value.value, str)
+    )
+    return 1 if is_doc else 0
 
 
 def _unwrap_apart(fdef: ast.FunctionDef, this: str, node: ast.AST, site: BlockSite) -> bool:
@@ -268,7 +502,14 @@ def _count_calls(tree: ast.AST, target: str) -> int:
 
 def compile_like(src: str, original: Callable[..., Any], filename: str) -> Callable[..., Any]:
     """Compile a rewritten ``def`` so it runs as ``original`` did: the same globals (its
-    module), closure cells (``__class__`` for zero-argument ``super()``) and defaults."""
+    module), closure cells (``__class__`` for zero-argument ``super()``), defaults and
+    decorators (each decorator expression evaluated again in the original's module, as
+    the ``def`` statement did).
+
+    Raises:
+        TraceError: a decorator expression does not evaluate there (it names something
+            local to the class body).
+    """
     code = original.__code__
     freevars = code.co_freevars
     wrapper = f"def __dpatch_make({', '.join(freevars)}):\n{textwrap.indent(src, '    ')}"
@@ -283,4 +524,18 @@ def compile_like(src: str, original: Callable[..., Any], filename: str) -> Calla
     )
     fn.__kwdefaults__ = original.__kwdefaults__
     fn.__qualname__ = original.__qualname__
-    return fn
+    fdef = ast.parse(src).body[0]
+    assert isinstance(fdef, ast.FunctionDef)
+    decorated: Callable[..., Any] = fn
+    for node in reversed(fdef.decorator_list):
+        try:
+            decorator = eval(  # the decorator as the original ``def`` evaluated it
+                compile(ast.Expression(node), filename, "eval"), original.__globals__
+            )
+        except Exception as exc:
+            raise TraceError(
+                f"its forward's decorator @{ast.unparse(node)} cannot be applied again "
+                f"({first_line(exc, typed=True)})"
+            ) from exc
+        decorated = decorator(decorated)
+    return decorated

@@ -122,11 +122,16 @@ def _device_and_dtype(model: nn.Module) -> tuple[torch.device, torch.dtype]:
     return torch.device("cpu"), torch.float32
 
 
+#: Positional and keyword inputs of one forward pass.
+_Inputs = tuple[tuple[Any, ...], dict[str, Any]]
+
+
 def _real_inputs(
     model: nn.Module, example_inputs: Sequence[Any] | None, an: Analysis, batch: int
-) -> tuple[Any, ...]:
+) -> _Inputs:
     """Real inputs: the caller's (meta tensors become random ones), else random values
-    shaped like the input the analysis ran the model on, at ``batch`` rows."""
+    shaped like the input the analysis ran the model on (keyword inputs included), at
+    ``batch`` rows."""
     device, dtype = _device_and_dtype(model)
 
     def real(v: Any, given: bool) -> Any:
@@ -139,26 +144,41 @@ def _real_inputs(
         return v
 
     if example_inputs:
-        return tuple(real(v, True) for v in example_inputs)
-    return tuple(real(v, False) for v in an.example.with_batch(batch).values)
+        return tuple(real(v, True) for v in example_inputs), {}
+    example = an.example.with_batch(batch)
+    return (
+        tuple(real(v, False) for v in example.values),
+        {k: real(v, False) for k, v in example.kwargs.items()},
+    )
 
 
-def _describe(inputs: tuple[Any, ...], source: str) -> str:
+def _first_row(inputs: _Inputs) -> _Inputs:
+    args, kwargs = inputs
+
+    def row(v: Any) -> Any:
+        return v[:1] if isinstance(v, Tensor) and v.dim() else v
+
+    return tuple(row(v) for v in args), {k: row(v) for k, v in kwargs.items()}
+
+
+def _describe(inputs: _Inputs, source: str) -> str:
     """``2x3x224x224 float32 (timm pretrained_cfg)``."""
+    args, kwargs = inputs
     shapes = ", ".join(
-        f"{'x'.join(map(str, v.shape))} {str(v.dtype).removeprefix('torch.')}"
-        for v in inputs
+        f"{k}{'x'.join(map(str, v.shape))} {str(v.dtype).removeprefix('torch.')}"
+        for k, v in [*(("", a) for a in args), *((f"{k}=", a) for k, a in kwargs.items())]
         if isinstance(v, Tensor)
     )
     return f"{shapes or 'no tensor'} ({source})"
 
 
-def _run(model: nn.Module, inputs: tuple[Any, ...], what: str) -> Any:
+def _run(model: nn.Module, inputs: _Inputs, what: str) -> Any:
+    args, kwargs = inputs
     try:
         with torch.no_grad():
-            return model(*inputs)
+            return model(*args, **kwargs)
     except Exception as exc:
-        shapes = ", ".join(str(tuple(v.shape)) for v in inputs if isinstance(v, Tensor))
+        shapes = ", ".join(str(tuple(v.shape)) for v in args if isinstance(v, Tensor))
         line = first_line(exc, 200, typed=True)
         raise ModelRunError(
             f"the model failed a {what} forward pass on inputs of shape {shapes or '?'} "
@@ -373,7 +393,7 @@ def verify(
             observer.training = False
             work.eval()
             # Eval is deterministic: one row of the default input shows any difference.
-            once = inputs if example_inputs else tuple(v[:1] for v in inputs)
+            once = inputs if example_inputs else _first_row(inputs)
             out = _tensors(_run(work, once, "eval"))
         finally:
             observer.remove()
