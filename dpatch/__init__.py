@@ -204,6 +204,34 @@ __all__ = [
 ]
 
 
+#: Subpackages and modules reachable as attributes of ``dpatch`` (imported on first use).
+_PACKAGES = frozenset(
+    {
+        "analysis",
+        "depth",
+        "droppath",
+        "env",
+        "errors",
+        "files",
+        "integrations",
+        "kernels",
+        "marks",
+        "models",
+        "patching",
+        "ranks",
+        "recipes",
+        "report",
+        "rewrite",
+        "rows",
+        "schedule",
+        "scheduler",
+        "settings",
+        "tie",
+        "verification",
+    }
+)
+
+
 def __getattr__(name: str) -> Any:
     home = _HOMES.get(name)
     if home is not None:
@@ -221,6 +249,8 @@ def __getattr__(name: str) -> Any:
             stacklevel=2,
         )
         return importlib.import_module("dpatch.files")
+    if name in _PACKAGES:  # ``dpatch.depth.find_layers`` after a plain ``import dpatch``
+        return importlib.import_module(f"dpatch.{name}")
     raise AttributeError(f"module 'dpatch' has no attribute {name!r}")
 
 

@@ -142,3 +142,21 @@ def test_json_rates_are_rounded_for_people_files_keep_every_bit(tmp_path: object
     site_rates = [s["rate"] for s in manifest["sites"]]
     assert site_rates == dpatch.schedule_rates("linear", 8, 0.1)
     assert any(r != round(r, 10) for r in site_rates)  # float noise kept, bit for bit
+
+
+def test_subpackages_are_attributes_of_a_plain_import() -> None:
+    """``import dpatch`` then ``dpatch.depth.find_layers``: subpackages load on first use,
+    and ``import dpatch`` alone stays light."""
+    code = (
+        "import sys, dpatch\n"
+        "light = 'torch' not in sys.modules\n"
+        "assert callable(dpatch.depth.find_layers) and isinstance(dpatch.tie.Tie, type)\n"
+        "print(light, dpatch.settings.DEFAULTS)\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split()[0] == "True"
+    with pytest.raises(AttributeError, match="no attribute 'nope'"):
+        import dpatch
+
+        dpatch.nope  # noqa: B018

@@ -12,6 +12,7 @@ import json
 import math
 import os
 import socket
+import sys
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
@@ -54,6 +55,16 @@ def _spawn(fn: Callable[..., None], *args: Any, timeout: float = 240.0) -> None:
                 if p.is_alive():
                     p.kill()
             pytest.fail(f"{fn.__name__} was still running after {timeout:g} s: a hang")
+
+
+def _done() -> None:
+    """End a rank that finished: its results are written, its process group destroyed.
+    ``os._exit`` skips the interpreter's teardown, where a gloo thread still being joined
+    can abort the process ("terminate called without an active exception", seen once in
+    CI after every step had run)."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def _init(rank: int, port: int) -> None:
@@ -121,6 +132,7 @@ def _ddp_worker(rank: int, port: int, name: str, out_dir: str) -> None:
     finally:
         dist.destroy_process_group()
     Path(out_dir, f"rank{rank}.json").write_text(json.dumps(results))
+    _done()
 
 
 def _fsdp_worker(rank: int, port: int, out_dir: str) -> None:
@@ -162,6 +174,7 @@ def _fsdp_worker(rank: int, port: int, out_dir: str) -> None:
     finally:
         dist.destroy_process_group()
     Path(out_dir, f"rank{rank}.json").write_text(json.dumps(results))
+    _done()
 
 
 def _read(out: Path) -> list[dict[str, Any]]:
@@ -371,6 +384,7 @@ def _ddp_scale_worker(rank: int, port: int, out_dir: str) -> None:
     finally:
         dist.destroy_process_group()
     Path(out_dir, f"rank{rank}.json").write_text(json.dumps(results))
+    _done()
 
 
 def _binomial_ok(dropped: int, n: int, p: float, sigmas: float = 4.0) -> bool:
@@ -455,6 +469,7 @@ def _fsdp_block_worker(rank: int, port: int, out_dir: str) -> None:
     finally:
         dist.destroy_process_group()
     Path(out_dir, f"rank{rank}.json").write_text(json.dumps(results))
+    _done()
 
 
 @pytest.mark.slow
@@ -610,6 +625,7 @@ def _ddp_tie_worker(rank: int, port: int, out_dir: str) -> None:
     finally:
         dist.destroy_process_group()
     Path(out_dir, f"rank{rank}.json").write_text(json.dumps(results))
+    _done()
 
 
 @pytest.mark.slow
