@@ -13,7 +13,19 @@ ResNet-50 at 112 px, smaller batches, fp32). Configurations, at linear 0.2 and u
   k = max(round(B (1-p)), 1) rows, run the branch on them and ``index_add`` the result back
   scaled by B/k (DINOv2's ``drop_add_residual_stochastic_depth``), same rates as dpatch.
 
-Step times: all five configurations in one process, interleaved round by round
+A tiny Llama (transformers' ``LlamaForCausalLM``, random weights, next-token loss on random
+ids; CPU: 8 layers, width 256, 128 tokens, batch 16; CUDA: 16 layers, width 1024, 512
+tokens, batch 32), at uniform 0.4, each decoder layer dropped as one unit
+(``tie="block"``, LayerDrop's and LayerSkip's scheme):
+
+- ``none``: no layer dropout;
+- ``dpatch mask``: ``dpatch.inject(model, 0.4, schedule="uniform", tie="block")``;
+- ``dpatch skip``: the same with ``skip=True`` (a layer runs on its kept rows only);
+- ``layer subset``: torchtune's ``LayerDropout`` written out here: each layer runs on the
+  rows a per-sample draw keeps (``out = x.clone(); out[kept] = layer(x[kept])``), the peer
+  for skipping whole layers.
+
+Step times: all configurations in one process, interleaved round by round
 (``_common.interleave``), ratios to ``none`` paired within a round. Peak memory: each
 configuration alone in a fresh process (CUDA: max_memory_allocated; CPU: peak resident set
 size, VmHWM, of a process forked from a server that has imported torch, timm and dpatch),
@@ -41,9 +53,30 @@ from _common import Case, Run, Timing, event_timer, interleave, parser, sync
 
 CONFIGS = ["none", "timm", "dpatch mask", "dpatch skip", "subset"]
 SCHEDULES = [("linear", 0.2), ("uniform", 0.4)]
+LLAMA_CONFIGS = ["none", "dpatch mask", "dpatch skip", "layer subset"]
+LLAMA_SCHEDULES = [("uniform", 0.4)]
+
+
+def configs_for(model_name: str) -> list[str]:
+    return LLAMA_CONFIGS if model_name == "llama" else CONFIGS
+
+
+def schedules_for(model_name: str) -> list[tuple[str, float]]:
+    return LLAMA_SCHEDULES if model_name == "llama" else SCHEDULES
 
 
 def model_settings(name: str, gpu: bool, quick: bool = False) -> dict[str, Any]:
+    if name == "llama":
+        layers, width, length, batch = (16, 1024, 512, 32) if gpu else (8, 256, 128, 16)
+        if quick:
+            layers, width, length, batch = 4, 64, 32, 4
+        return {
+            "arch": "llama",
+            "label": f"Llama {layers}x{width}",
+            "batch": batch,
+            "size": length,
+            "kwargs": {"layers": layers, "width": width, "length": length},
+        }
     if name == "resnet50":
         return {
             "arch": "resnet50",
@@ -77,6 +110,8 @@ def build(
 
     import dpatch
 
+    if arch == "llama":
+        return build_llama(config, rate, **kwargs)
     if config == "timm":
         model = timm.create_model(arch, drop_path_rate=rate, **kwargs)
         if schedule == "uniform":
@@ -106,6 +141,54 @@ def _timm_uniform(model: torch.nn.Module, rate: float) -> None:
                 if current is None:
                     del m.__dict__[attr]
                 setattr(m, attr, DropPath(rate))
+
+
+def build_llama(config: str, rate: float, layers: int, width: int, length: int) -> nn.Module:
+    """A random tiny ``LlamaForCausalLM`` with ``config``'s layer dropout at ``rate``."""
+    import transformers
+
+    import dpatch
+
+    cfg = transformers.LlamaConfig(
+        vocab_size=256,
+        hidden_size=width,
+        intermediate_size=4 * width,
+        num_hidden_layers=layers,
+        num_attention_heads=max(width // 64, 1),
+        num_key_value_heads=max(width // 64, 1),
+        max_position_embeddings=length,
+        use_cache=False,
+    )
+    model = transformers.LlamaForCausalLM(cfg)
+    if config.startswith("dpatch"):
+        dpatch.inject(model, rate, schedule="uniform", tie="block", skip=config == "dpatch skip")
+    elif config == "layer subset":
+        decoder = model.model
+        decoder.layers = nn.ModuleList(SubsetLayer(layer, rate) for layer in decoder.layers)
+    return model
+
+
+class SubsetLayer(nn.Module):
+    """torchtune's ``LayerDropout`` around one decoder layer: in training, a per-sample draw
+    keeps each row with probability 1 - rate; the layer runs on the kept rows only, the
+    dropped rows pass through unchanged (no rescaling, as torchtune's default). Other
+    arguments are passed as they are, so they must broadcast over the batch (true here: no
+    padding mask, position embeddings of batch 1)."""
+
+    def __init__(self, layer: nn.Module, rate: float) -> None:
+        super().__init__()
+        self.layer, self.rate = layer, rate
+
+    def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        if not self.training or self.rate == 0:
+            return self.layer(hidden_states, *args, **kwargs)
+        keep = torch.rand(hidden_states.shape[0], device=hidden_states.device) >= self.rate
+        kept = keep.nonzero().flatten()
+        out = hidden_states.clone()
+        if kept.numel():
+            result = self.layer(hidden_states[kept], *args, **kwargs)
+            out[kept] = result[0] if isinstance(result, tuple) else result
+        return out
 
 
 # --------------------------------------------------------------------------- subset baseline
@@ -194,15 +277,25 @@ def make_step(
         opt: torch.optim.Optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     else:
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=gpu)
-    x = torch.randn(s["batch"], 3, s["size"], s["size"], device=device)
+    if model_name == "llama":
+        ids = torch.randint(0, 256, (s["batch"], s["size"] + 1), device=device)
+        x, y = ids[:, :-1], ids[:, 1:]
+    else:
+        x = torch.randn(s["batch"], 3, s["size"], s["size"], device=device)
+        y = torch.randint(0, 1000, (s["batch"],), device=device)
     if model_name == "resnet50":
         x = x.contiguous(memory_format=torch.channels_last)
-    y = torch.randint(0, 1000, (s["batch"],), device=device)
     loss_fn = torch.nn.CrossEntropyLoss()
+
+    def logits(x: torch.Tensor) -> torch.Tensor:
+        if model_name == "llama":
+            return model(input_ids=x).logits.flatten(0, 1)
+        out: torch.Tensor = model(x)
+        return out
 
     def step() -> None:
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=gpu):
-            loss = loss_fn(model(x), y)
+            loss = loss_fn(logits(x), y.flatten() if model_name == "llama" else y)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -247,7 +340,10 @@ def measure_time(
     if threads:
         torch.set_num_threads(threads)
     device = torch.device(device_name)
-    cases = [Case(c, make_step(model_name, c, schedule, rate, device, quick)[0]) for c in CONFIGS]
+    cases = [
+        Case(c, make_step(model_name, c, schedule, rate, device, quick)[0])
+        for c in configs_for(model_name)
+    ]
 
     def progress(s: str) -> None:
         print(f"  {model_name} {schedule} {rate} {s}", file=sys.stderr, flush=True)
@@ -270,18 +366,20 @@ def fresh_process(fn: Callable[..., Any], *args: Any) -> Any:
 # --------------------------------------------------------------------------- main
 def main() -> None:
     p = parser(__doc__ or "", rounds=(6, 2), warmup=(1, 1))
-    p.add_argument("--models", default="resnet50,vit", help="comma list: resnet50,vit")
+    p.add_argument("--models", default="resnet50,vit,llama", help="comma list: resnet50,vit,llama")
     p.add_argument("--memory-rounds", type=int, default=None, help="default 2 (quick: 1)")
     args = p.parse_args()
     run = Run("train_step", args)
     gpu = run.device.type == "cuda"
     mem_rounds = args.memory_rounds or (1 if args.quick else 2)
     threads = torch.get_num_threads()
-    time_rows: list[list[Any]] = []
-    mem_rows: list[list[Any]] = []
+    # one pair of tables per set of configurations (image models, the Llama)
+    rows: dict[tuple[str, ...], tuple[list[list[Any]], list[list[Any]]]] = {}
     for model in args.models.split(","):
         s = model_settings(model, gpu, args.quick)
-        for schedule, rate in SCHEDULES:
+        configs = configs_for(model)
+        time_rows, mem_rows = rows.setdefault(tuple(configs), ([], []))
+        for schedule, rate in schedules_for(model):
             key = f"{model} {schedule} {rate}"
             doc = fresh_process(
                 measure_time, model, schedule, rate, args.device, threads, args.quick,
@@ -289,20 +387,21 @@ def main() -> None:
             )  # fmt: skip
             timing = Timing.from_dict(doc)
             run.record(key, timing)
-            label = f"{s['label']} b{s['batch']} {s['size']}px"
+            unit = "tokens" if model == "llama" else "px"
+            label = f"{s['label']} b{s['batch']} {s['size']}{unit}"
             time_rows.append(
                 [
                     label,
                     f"{schedule} {rate}",
                     timing.spread("none"),
-                    *(timing.ratio(c, "none").ratio_cell() for c in CONFIGS[1:]),
+                    *(timing.ratio(c, "none").ratio_cell() for c in configs[1:]),
                 ]
             )
             # memory: each configuration alone in a fresh process, round-robin
-            peaks: dict[str, list[float]] = {c: [] for c in CONFIGS}
+            peaks: dict[str, list[float]] = {c: [] for c in configs}
             order = []
             for r in range(mem_rounds):
-                turn = CONFIGS[r % len(CONFIGS) :] + CONFIGS[: r % len(CONFIGS)]
+                turn = configs[r % len(configs) :] + configs[: r % len(configs)]
                 for c in turn:
                     where = (model, c, schedule, rate, args.device, threads, args.quick)
                     peaks[c].append(fresh_process(measure_memory, *where))
@@ -311,33 +410,35 @@ def main() -> None:
                     f"{key} memory round {r + 1}: "
                     + ", ".join(f"{c} {v[-1]:.3f} GiB" for c, v in peaks.items())
                 )
-            mem = Timing(tuple(CONFIGS), {c: tuple(v) for c, v in peaks.items()}, tuple(order), 0)
+            mem = Timing(tuple(configs), {c: tuple(v) for c, v in peaks.items()}, tuple(order), 0)
             run.record(f"{key} memory", mem, unit="GiB")
             mem_rows.append(
                 [
                     label,
                     f"{schedule} {rate}",
                     mem.spread("none").cell("GiB"),
-                    *(mem.ratio(c, "none").ratio_cell() for c in CONFIGS[1:]),
+                    *(mem.ratio(c, "none").ratio_cell() for c in configs[1:]),
                 ]
             )
     prec = "bf16 autocast" if gpu else "fp32"
-    header = ["model", "schedule", "none", *(f"{c} / none" for c in CONFIGS[1:])]
-    run.table(
-        f"Train step time (forward + backward + optimizer, {prec})",
-        header,
-        time_rows,
-        note=f"median [min-max] of {run.rounds} interleaved rounds after {run.warmup} "
-        "warm-up step(s); ratios paired within a round",
-    )
     what = "CUDA max_memory_allocated" if gpu else "peak RSS of a process running it alone"
-    run.table(
-        f"Train step peak memory ({what})",
-        header,
-        mem_rows,
-        note=f"median [min-max] of {mem_rounds} round(s), one fresh process per "
-        "configuration and round",
-    )
+    for configs, (time_rows, mem_rows) in rows.items():
+        header = ["model", "schedule", "none", *(f"{c} / none" for c in configs[1:])]
+        whole = " (each decoder layer one unit, tie=block)" if "layer subset" in configs else ""
+        run.table(
+            f"Train step time (forward + backward + optimizer, {prec}){whole}",
+            header,
+            time_rows,
+            note=f"median [min-max] of {run.rounds} interleaved rounds after {run.warmup} "
+            "warm-up step(s); ratios paired within a round",
+        )
+        run.table(
+            f"Train step peak memory ({what}){whole}",
+            header,
+            mem_rows,
+            note=f"median [min-max] of {mem_rounds} round(s), one fresh process per "
+            "configuration and round",
+        )
     run.finish()
 
 

@@ -18,7 +18,11 @@ block one unit. A :class:`Tie` is shared by the block's slots and hooked on the 
 
 Which arguments are per-sample is read off two probes at different batch sizes (see
 :func:`dpatch.patching` ``second_probe``): a value whose first dimension follows the batch
-size. Eval and generation never touch a tie: the hooks act in training only.
+size. Arguments are named by their place in the call (``[1]['attention_mask']``), not by
+position among the tensors, so a value the probe saw as ``None`` (transformers builds no
+attention mask for an unpadded batch) does not shift the others; such a value is gathered
+when its first dimension is the batch size. Eval and generation never touch a tie: the
+hooks act in training only.
 """
 
 from __future__ import annotations
@@ -55,10 +59,11 @@ class Tie:
 
     Args:
         slots: the block's DropPath slots (their first gives rate, mode, scaling).
-        batched: positions (in ``pytree`` flattening of ``(args, kwargs)``) of the call's
-            per-sample values, or None where no second probe told them apart (no
-            whole-layer skipping then).
-        hidden: the position of the hidden states among those values (the block's input and
+        batched: places (``pytree.keystr`` of ``(args, kwargs)``: ``[0][0]``,
+            ``[1]['position_ids']``) of the call's per-sample values, or None where no
+            second probe told them apart (no whole-layer skipping then).
+        shared: places of tensors the probes saw shared by every sample (never gathered).
+        hidden: the place of the hidden states among those values (the block's input and
             output), or None.
         skip_reason: why the whole layer cannot run on a subset of rows ('' when it can).
         skip: compute-skipping was asked: the whole layer runs on the kept rows (row mode,
@@ -70,13 +75,15 @@ class Tie:
         slots: Sequence[DropPath],
         *,
         skip: bool = False,
-        batched: frozenset[int] | None = None,
-        hidden: int | None = None,
+        batched: frozenset[str] | None = None,
+        shared: frozenset[str] = frozenset(),
+        hidden: str | None = None,
         skip_reason: str = "",
     ) -> None:
         self.slots = tuple(slots)
         self.skip = skip
         self.batched = batched
+        self.shared = shared
         self.hidden = hidden
         self.skip_reason = skip_reason if skip_reason or batched is not None else "no probe"
         self._calls: list[_Call] = []
@@ -130,14 +137,17 @@ class Tie:
         lead = self._lead()
         if not block.training or lead.drop_prob == 0.0 or torch.jit.is_scripting():
             return None
-        leaves, spec = pytree.tree_flatten((args, kwargs))
+        placed, spec = pytree.tree_flatten_with_path((args, kwargs))
+        places = [pytree.keystr(p) for p, _ in placed]
+        leaves = [v for _, v in placed]
         if any(isinstance(v, Tensor) and v.is_meta for v in leaves):
             return None  # dpatch's own probe, recording the block's natural call
         if lead.mode == "batch":
             keep = lead.draw_batch()
             self._calls.append(_Call(lead.batch_scale() if keep else 0.0, keep))
             return None
-        hidden = leaves[self.hidden] if self.hidden is not None else _first_tensor(leaves)
+        at = dict(zip(places, leaves, strict=True))
+        hidden = at.get(self.hidden) if self.hidden is not None else _first_tensor(leaves)
         if not isinstance(hidden, Tensor) or hidden.dim() == 0:
             return None  # nothing to draw rows for: the slots draw on their own
         rows = int(hidden.shape[0])
@@ -150,8 +160,8 @@ class Tie:
                 scale = rows / k if lead.scaling == "inverted" else 1.0
                 self._calls.append(_Call(scale, True, index, hidden, rows))
                 gathered = [
-                    _rows(v, index) if i in self.batched and _per_sample(v, rows) else v
-                    for i, v in enumerate(leaves)
+                    _rows(v, index) if self._gathers(place, v, rows) else v
+                    for place, v in zip(places, leaves, strict=True)
                 ]
                 new_args, new_kwargs = pytree.tree_unflatten(gathered, spec)
                 return new_args, new_kwargs
@@ -160,6 +170,17 @@ class Tie:
             factor.mul_(1.0 / (1.0 - lead.drop_prob))
         self._calls.append(_Call(factor))
         return None
+
+    def _gathers(self, place: str, value: Any, rows: int) -> bool:
+        """Whether an argument is per-sample: as the probes told, or, for one they saw as
+        no tensor (a mask built only for padded batches), by its first dimension."""
+        if not _per_sample(value, rows) or place in self.shared:
+            return False
+        return self.batched is None or place in self.batched or place not in self.seen
+
+    @property
+    def seen(self) -> frozenset[str]:
+        return (self.batched or frozenset()) | self.shared
 
     def post(
         self, block: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any

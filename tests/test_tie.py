@@ -225,3 +225,68 @@ def test_retune_keeps_the_whole_layer_skip() -> None:
     assert {(s.tie, s.skip) for s in report.sites} == {("block", True)}
     deltas = _deltas(model, x)
     assert int((deltas != 0).sum()) == 3  # k = round(10 * 0.3): the layer still skips
+
+
+def _tiny_llama(layers: int = 3) -> nn.Module:
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(
+        vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32,
+    )  # fmt: skip
+    return transformers.LlamaForCausalLM(cfg).eval()
+
+
+def test_llama_whole_layer_skip_runs_kept_rows_as_the_layer_would() -> None:
+    """A real transformers Llama with a padding mask that differs per sample: with
+    ``tie="block", skip=True`` (no rescaling, to compare values) a dropped sample leaves a
+    layer as it came, and a kept sample leaves it exactly as the unpatched layer computes it
+    on the whole batch: the mask, position ids and rotary (cos, sin) reached the layer
+    gathered to the kept rows."""
+    import copy
+
+    reference = _tiny_llama()
+    model = copy.deepcopy(reference)
+    report = dpatch.inject(model, 0.5, schedule="uniform", tie="block", skip=True, scaling="none")
+    assert {s.tie for s in report.sites} == {"block"} and len(report.sites) == 6
+    ids = torch.randint(0, 50, (6, 9))
+    mask = torch.ones(6, 9, dtype=torch.long)
+    for row, pad in enumerate((0, 1, 2, 3, 4, 5)):
+        mask[row, :pad] = 0  # left padding, a different amount per sample
+    seen: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {"ref": [], "patched": []}
+    inputs: list[torch.Tensor] = []
+
+    def record_input(mod: nn.Module, args: tuple, kwargs: dict) -> None:
+        # prepended: the layer's input before the tie gathers the kept rows
+        inputs.append(kwargs.get("hidden_states", args[0] if args else None).detach().clone())
+
+    def record(key: str):
+        def hook(mod: nn.Module, args: tuple, kwargs: dict, out: object) -> None:
+            y = out[0] if isinstance(out, tuple) else out  # after the tie put the rows back
+            seen[key].append((inputs.pop(), y.detach().clone()))
+
+        return hook
+
+    for key, m in (("ref", reference), ("patched", model)):
+        for layer in m.model.layers:
+            layer.register_forward_pre_hook(record_input, with_kwargs=True, prepend=True)
+            layer.register_forward_hook(record(key), with_kwargs=True)
+    model.train()
+    torch.manual_seed(3)
+    model(input_ids=ids, attention_mask=mask).logits.sum().backward()
+    dropped = kept = 0
+    for x, y in seen["patched"]:
+        # The unpatched layer on the same input, the whole batch, the same mask.
+        seen["ref"].clear()
+        with torch.no_grad():
+            reference.model(inputs_embeds=x, attention_mask=mask)
+        expected = seen["ref"][0][1]
+        for row in range(6):
+            if torch.equal(y[row], x[row]):
+                dropped += 1
+            else:
+                kept += 1
+                assert torch.allclose(y[row], expected[row], atol=1e-5), row
+        break  # the first layer: its input is the embeddings, the reference's too
+    assert dropped and kept
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)

@@ -61,13 +61,13 @@ def tie_blocks(
         if head is None or not all(isinstance(dp, DropPath) for dp in slots):
             notes.append(Skipped(head_path, "not tied: a branch of this block has no slot"))
             continue
-        batched, hidden, reason = _per_sample(
+        batched, shared, hidden, reason = _per_sample(
             an.inputs.get(id(head)),
             skip_inputs.get(id(head)) if skip_inputs is not None else None,
             rows,
         )
         tie = Tie([dp for dp in slots if isinstance(dp, DropPath)], skip=skip, batched=batched,
-                  hidden=hidden, skip_reason=reason)  # fmt: skip
+                  shared=shared, hidden=hidden, skip_reason=reason)  # fmt: skip
         tie.attach(head)
         if not skip or group[0].mode != "row":
             continue
@@ -91,27 +91,29 @@ def _batch(an: Analysis) -> int | None:
 
 def _per_sample(
     call: Call | None, other: Call | None, rows: int | None
-) -> tuple[frozenset[int] | None, int | None, str]:
-    """Which flattened call values follow the batch size between the two probes, which of
-    them is the hidden state (the first), and why the whole layer cannot skip ('' if it
-    can)."""
+) -> tuple[frozenset[str] | None, frozenset[str], str | None, str]:
+    """Which call values (by place, ``pytree.keystr``) follow the batch size between the
+    two probes, which tensors stay shared, which value is the hidden state (the first
+    batched one), and why the whole layer cannot skip ('' if it can)."""
+    none: frozenset[str] = frozenset()
     if call is None or rows is None:
-        return None, None, "the block's call was not recorded"
+        return None, none, None, "the block's call was not recorded"
     if other is None:
-        return None, None, "skip was not asked"
-    leaves, spec = pytree.tree_flatten(call)
+        return None, none, None, "skip was not asked"
+    placed, spec = pytree.tree_flatten_with_path(call)
     leaves2, spec2 = pytree.tree_flatten(other)
     if spec != spec2:
-        return None, None, "its arguments change structure with the batch size"
-    batched = frozenset(
-        i
-        for i, (a, b) in enumerate(zip(leaves, leaves2, strict=True))
-        if _rows_of(a) == rows and _rows_of(b) == rows + 1
-    )
-    hidden = min(batched, default=None)
-    if hidden is None:
-        return None, None, "no argument of its call holds the samples"
-    return batched, hidden, ""
+        return None, none, None, "its arguments change structure with the batch size"
+    batched: list[str] = []
+    shared: set[str] = set()
+    for (path, a), b in zip(placed, leaves2, strict=True):
+        if _rows_of(a) == rows and _rows_of(b) == rows + 1:
+            batched.append(pytree.keystr(path))
+        elif isinstance(a, Tensor):
+            shared.add(pytree.keystr(path))
+    if not batched:
+        return None, none, None, "no argument of its call holds the samples"
+    return frozenset(batched), frozenset(shared), batched[0], ""
 
 
 def _rows_of(value: Any) -> int | None:
