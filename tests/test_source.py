@@ -338,3 +338,38 @@ def test_timm_tiny_vit_every_site_fused() -> None:
     report = inject(model, 0.2)
     assert len(report.sites) == 22 and all(s.fused for s in report.sites)
     assert torch.equal(run(model, x, train=False), ref)
+
+
+class SliceMasked(nn.Module):
+    """transformers 4's Swin builds its shifted-window mask by slice assignment into a tensor
+    made with the input's dtype and device (``mask[:, rows, cols] = count``), then adds a
+    branch that reads the mask: the assignment must trace (value-carrying), and the mask
+    counts as data the branch reads, not a second input."""
+
+    def __init__(self, c: int = 8, shift: int = 1) -> None:
+        super().__init__()
+        self.shift = shift
+        self.f = mlp(c)
+        self.drop_path = nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        _, n, _ = x.shape
+        mask = torch.zeros((1, n, 1), dtype=x.dtype, device=x.device)
+        if self.shift > 0:
+            for count, rows in enumerate((slice(0, -self.shift), slice(-self.shift, None))):
+                mask[:, rows, :] = count
+        return x + self.drop_path(self.f(x) * (1 + mask))
+
+
+def test_slice_assignment_in_a_forward_traces() -> None:
+    import copy
+
+    for shift in (1, 2, 0):  # one class, several settings; 0 takes the other path
+        torch.manual_seed(shift)
+        model = nn.Sequential(SliceMasked(shift=shift), SliceMasked(shift=shift + 1))
+        reference = copy.deepcopy(model)
+        report = inject(model, 0.2, example_inputs=(torch.randn(2, 6, 8),))
+        assert len(report.sites) == 2 and not report.skipped, report.skipped
+        assert all(s.fused for s in report.sites)  # traced: the slot is on a known addition
+        for x in (torch.randn(2, 6, 8), torch.randn(3, 9, 8)):  # another length too
+            assert torch.equal(run(model, x, train=False), run(reference, x, train=False))

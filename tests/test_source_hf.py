@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 from typing import Any
 
+import pytest
 import torch
 from helpers import check_invariants, mlp
 from torch import nn
@@ -349,3 +350,18 @@ def test_probe_in_training_prefers_evaluation_on_meta_to_a_real_run() -> None:
     for seed in range(4):
         torch.manual_seed(seed)
         assert len(find_sites(model, (torch.randn(2, 5, C),))) == 4
+
+
+def test_swin_shifted_window_blocks_trace_on_every_transformers_version() -> None:
+    """transformers 4.57's Swin fills its shifted-window mask by slice assignment (5.x
+    computes it from ``arange``): with ``coverage="all"`` both branches of every block are
+    sites on either version, the shifted blocks included."""
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.SwinConfig(image_size=32, patch_size=4, embed_dim=16, depths=[2, 2],
+                                  num_heads=[2, 2], window_size=4)  # fmt: skip
+    torch.manual_seed(0)
+    model = transformers.SwinModel(cfg).eval()
+    report = inject(model, 0.1, coverage="all")
+    assert not report.skipped, report.skipped
+    assert len(report.sites) == 8
+    assert {s.path for s in report.sites} >= {"encoder.layers.0.blocks.1"}

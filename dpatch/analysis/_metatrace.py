@@ -14,6 +14,7 @@ expression that made it, so :mod:`dpatch.rewrite._source` can rewrite the forwar
 from __future__ import annotations
 
 import inspect
+import operator
 import os
 import sys
 from collections.abc import Callable, Iterator
@@ -81,6 +82,11 @@ class _MetaProxy(fx.Proxy):
 
     def __iter__(self) -> Iterator[Any]:
         return iter([self.__getitem__(i) for i in range(len(self))])
+
+    def __setitem__(self, key: Any, value: Any) -> None:
+        """``mask[:, rows, cols, :] = count`` (transformers 4's Swin builds its shifted-window
+        mask so): an ``operator.setitem`` node, applied to the meta value in place."""
+        self.tracer.create_proxy("call_function", operator.setitem, (self, key, value), {})
 
     def __bool__(self) -> bool:
         value = self._value
