@@ -36,7 +36,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any, ClassVar, Optional
+from typing import Any, ClassVar, Optional, Protocol
 
 import torch
 from torch import Tensor, nn
@@ -46,8 +46,18 @@ from dpatch.ranks import RankCheck, Replay, attach_zero_grads, in_backward
 from dpatch.rows import scatter_add_rows
 from dpatch.settings import KERNEL_SETTINGS, MODES, SCALINGS
 
-if TYPE_CHECKING:
-    from dpatch.tie import Tie
+
+class SharedDecision(Protocol):
+    """What a slot asks of the decision it shares with the other slots of its block
+    (:class:`dpatch.tie.Tie`, which hooks the block and sets ``_tie`` on its slots)."""
+
+    @property
+    def active(self) -> bool: ...
+
+    def keep(self) -> bool: ...
+
+    def apply(self, x: Tensor, residual: Tensor | None, alpha: float) -> Tensor: ...
+
 
 __all__ = ["DropPath", "drop_add", "drop_path", "keep_count"]
 
@@ -329,7 +339,7 @@ class DropPath(nn.Module):
         # Set by inject/retune: shared by the slots of one model (dpatch.ranks).
         self._ranks: RankCheck | None = None
         # Set for a tied block: the one decision its slots share (dpatch.tie).
-        self._tie: Tie | None = None
+        self._tie: SharedDecision | None = None
 
     def _apply(self, fn: Any, recurse: bool = True) -> DropPath:
         # .to()/.cuda() move parameters and buffers; the rate tensor follows (in float32).

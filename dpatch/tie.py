@@ -29,16 +29,14 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 import torch.utils._pytree as pytree
 from torch import Tensor, nn
 
+from dpatch.droppath import DropPath, keep_count
 from dpatch.errors import DPatchError
-
-if TYPE_CHECKING:
-    from dpatch.droppath import DropPath
 
 __all__ = ["Tie"]
 
@@ -152,8 +150,6 @@ class Tie:
             return None  # nothing to draw rows for: the slots draw on their own
         rows = int(hidden.shape[0])
         if self.skip and self.whole_layer and self.batched is not None:
-            from dpatch.droppath import keep_count
-
             k = keep_count(rows, lead.drop_prob)
             if k > 0:
                 index = torch.randperm(rows, device=hidden.device)[:k]

@@ -3,7 +3,7 @@ hooked on the block, which says from two probes which call arguments are per-sam
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch.utils._pytree as pytree
@@ -20,7 +20,7 @@ __all__ = ["tie_blocks", "tied", "untie"]
 
 def untie(model: nn.Module) -> int:
     """Remove every tie (their hooks and the slots' links); returns how many."""
-    ties = {id(m._tie): m._tie for m in model.modules() if isinstance(m, DropPath) and m._tie}
+    ties = {id(t): t for t in _ties(model)}
     for tie in ties.values():
         tie.detach()
     return len(ties)
@@ -28,7 +28,13 @@ def untie(model: nn.Module) -> int:
 
 def tied(model: nn.Module) -> Tie | None:
     """A tie of ``model`` (None when it has none): what an earlier patch tied."""
-    return next((m._tie for m in model.modules() if isinstance(m, DropPath) and m._tie), None)
+    return next(_ties(model), None)
+
+
+def _ties(model: nn.Module) -> Iterator[Tie]:
+    for m in model.modules():
+        if isinstance(m, DropPath) and isinstance(m._tie, Tie):
+            yield m._tie
 
 
 def tie_blocks(

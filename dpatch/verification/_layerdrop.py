@@ -26,7 +26,7 @@ from torch import Tensor, nn
 
 from dpatch.errors import first_line
 from dpatch.models import LayerDrop
-from dpatch.verification._verdict import Measured, wilson
+from dpatch.verification._measured import Measured, wilson
 
 __all__ = ["LAYERDROP_DRAWS", "LayerDropCheck", "LayerDropWatch", "compare_layerdrop", "judge"]
 
