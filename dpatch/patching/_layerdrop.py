@@ -64,7 +64,15 @@ def turn_off_layerdrop(report: PatchReport, *, keep: bool) -> PatchReport:
             f"{record.layers}: dpatch's rates replace it; keep_layerdrop=True "
             "(--keep-layerdrop) keeps both"
         )
-    state = layerdrop_state(model)
+    return _with_changes(report, changes, notes)
+
+
+def _with_changes(
+    report: PatchReport, changes: list[LayerDropChange], notes: list[str]
+) -> PatchReport:
+    """``report`` with the changes made and the LayerDrop state of its model as it is now."""
+    assert report.model is not None
+    state = layerdrop_state(report.model)
     return dataclasses.replace(
         report,
         layerdrop=state["layerdrop"],
@@ -108,13 +116,7 @@ def set_layerdrop_rates(report: PatchReport, rate: float) -> PatchReport:
                 f"set the model's own LayerDrop on {record.layers}: {record.attr} "
                 f"{record.rate:g} -> {now.rate:g}"
             )
-    state = layerdrop_state(model)
-    return dataclasses.replace(
-        report,
-        layerdrop=state["layerdrop"],
-        layerdrop_changes=tuple(changes),
-        notes=(*notes, *state["notes"]),
-    )
+    return _with_changes(report, changes, notes)
 
 
 def apply_layerdrop_entries(model: nn.Module, entries: Sequence[Mapping[str, Any]]) -> None:
