@@ -185,3 +185,38 @@ def test_prune_llama_decoder_layers() -> None:
     assert set(dpatch.depth.unused_state_keys(model)) == {
         k for k in model.state_dict() if k.startswith("model.layers.2.")
     }
+
+
+@pytest.mark.zoo
+@pytest.mark.parametrize("fam", FAMILIES, ids=IDS)
+def test_prune_every_family(fam: dict[str, Any]) -> None:
+    """``prune`` on every family: the two highest-rate sites (the deepest layer's branches)
+    are pruned, the model still runs in eval, its output changes (something was removed),
+    and the weights files leave out are exactly those of the pruned branches. Where the
+    table says so, pruning is refused with a one-line reason (the model is left as it was),
+    or files keep the weights (``prune: weights_kept``, with the reason)."""
+    model = build(fam)
+    args, kwargs = real_inputs(model)
+    with torch.no_grad():
+        before = FirstOutput(model, kwargs)(*args)
+    expect = fam.get("prune", {})
+    if "refused" in expect:
+        with pytest.raises(dpatch.UnsupportedSiteError, match=expect["refused"]):
+            dpatch.prune(model, count=2)
+        with torch.no_grad():
+            assert torch.equal(FirstOutput(model.eval(), kwargs)(*args), before)
+        return
+    report = dpatch.prune(model, count=2)
+    pruned = [s for s in report.sites if s.pruned]
+    assert len(pruned) == 2, [(s.name, s.rate) for s in report.sites]
+    model.eval()
+    with torch.no_grad():
+        after = FirstOutput(model, kwargs)(*args)
+    assert after.shape == before.shape and torch.isfinite(after).all()
+    assert not torch.equal(after, before)
+    unused = dpatch.depth.unused_state_keys(model)
+    if "weights_kept" in expect:
+        assert unused == ()
+        return
+    assert unused, "pruned branches hold no weights"
+    assert all(any(k.startswith(s.path + ".") for s in pruned) for k in unused), unused

@@ -98,7 +98,7 @@ def rebuild_blocks(
     for path, pruned in wanted.items():
         b = blocks.get(path)
         if b is None or b.traced is None:
-            failed[path] = "its block was not traced"
+            failed[path] = "it was not traced"
             continue
         before = taken.get(path, Taken(None, frozenset(), False))
         slots = _slots_for(b, before)

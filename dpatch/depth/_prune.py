@@ -327,7 +327,9 @@ def prune(
         if failed:
             path, why = next(iter(failed.items()))
             first = next(s for s in chosen if s.path == path)
-            raise UnsupportedSiteError(f"cannot prune {first.name}: its block {why}")
+            raise UnsupportedSiteError(
+                f"cannot prune {first.name}: its block cannot be rewritten ({why})"
+            )
     except Exception:
         _restore(model, an2, blocks, taken)
         raise
