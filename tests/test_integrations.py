@@ -450,3 +450,24 @@ def test_lightning_ddp_without_find_unused_parameters(tmp_path: Path) -> None:
     assert ranks[0] == ranks[1]
     assert [step for step, _ in ranks[0]] == [0, 1, 2]
     assert [rates[0] for _, rates in ranks[0]] == pytest.approx([0.0, 0.25, 0.5])
+
+
+def test_callbacks_pass_tie_and_keep_layerdrop_to_inject() -> None:
+    """Both callbacks take ``tie`` (a layer as one unit) and ``keep_layerdrop`` (the model's
+    own LayerDrop kept where dpatch puts sites); by default that LayerDrop is turned off."""
+    from test_layerdrop import X, Stack
+
+    from dpatch.integrations.lightning import DropPathCallback as Lit
+    from dpatch.integrations.transformers import DropPathCallback as HF
+
+    for cls in (Lit, HF):
+        kept = cls(0.2, "uniform", tie="block", keep_layerdrop=True, example_inputs=X)
+        model = Stack()
+        report = kept._driver.patch(model)
+        assert {s.tie for s in report.sites} == {"block"}
+        assert model.layerdrop == 0.2 and report.layerdrop_changes == ()
+        plain = cls(0.2, "uniform", example_inputs=X)
+        other = Stack()
+        report = plain._driver.patch(other)
+        assert {s.tie for s in report.sites} == {"branch"}
+        assert other.layerdrop == 0.0 and len(report.layerdrop_changes) == 1

@@ -46,6 +46,7 @@ class DropPathDriver:
         size: str | None,
         action: str,
         example_inputs: Sequence[Any] | None,
+        keep_layerdrop: bool = False,
     ) -> None:
         if action not in ACTIONS:
             raise InvalidValueError(f"unknown action {action!r}; choose one of: inject, retune")
@@ -59,6 +60,7 @@ class DropPathDriver:
         self.size = size
         self.action = action
         self.example_inputs = example_inputs
+        self.keep_layerdrop = keep_layerdrop
         self._settings = settings
         self._scheduler_args = {k: v for k, v in scheduler_args.items() if v is not None}
         base = recipe.time.scheduler_kwargs() if recipe is not None else {"kind": "constant"}
@@ -117,7 +119,11 @@ class DropPathDriver:
         settings = self.settings()
         if self.action == "inject":
             report = inject(
-                model, settings=settings, example_inputs=self.example_inputs, allow_empty=False
+                model,
+                settings=settings,
+                example_inputs=self.example_inputs,
+                allow_empty=False,
+                keep_layerdrop=self.keep_layerdrop,
             )
         else:
             report = retune(model, settings=settings, example_inputs=self.example_inputs)

@@ -44,11 +44,13 @@ class DropPathCallback(pl.Callback):
     """Stochastic depth for a LightningModule, scheduled over optimizer steps.
 
     Args:
-        max_rate, schedule, min_rate, rates, mode, scaling, per, skip, seed: as in
+        max_rate, schedule, min_rate, rates, mode, scaling, per, skip, seed, tie: as in
             :func:`dpatch.inject`; None takes the recipe's value, else inject's default.
         recipe: a recipe name (``dpatch.recipes.list_recipes()``) or ``Recipe``: its rate,
             per-layer schedule, mode and time schedule, unless given explicitly.
         size: the recipe's model size; read from the model when not given.
+        keep_layerdrop: keep the model's own LayerDrop (``config.layerdrop``, ...) where
+            dpatch puts sites on its layers (default: turned off, with a note).
         action: ``"inject"`` (any model; idempotent) or ``"retune"`` (only existing slots).
         example_inputs: inputs for the meta-device probe (a tuple of positional inputs of
             ``pl_module.forward``); needed when it does not take an image batch.
@@ -82,6 +84,8 @@ class DropPathCallback(pl.Callback):
         per: str | None = None,
         skip: bool | None = None,
         seed: int | None = None,
+        tie: str | None = None,
+        keep_layerdrop: bool = False,
         action: str = "inject",
         example_inputs: Sequence[Any] | None = None,
         kind: str | FactorFn | None = None,
@@ -113,6 +117,7 @@ class DropPathCallback(pl.Callback):
             size=size,
             action=action,
             example_inputs=example_inputs,
+            keep_layerdrop=keep_layerdrop,
         )
         self.log_name = log_name
 

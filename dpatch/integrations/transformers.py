@@ -52,11 +52,13 @@ class DropPathCallback(TrainerCallback):
     steps.
 
     Args:
-        max_rate, schedule, min_rate, rates, mode, scaling, per, skip, seed: as in
+        max_rate, schedule, min_rate, rates, mode, scaling, per, skip, seed, tie: as in
             :func:`dpatch.inject`; None takes the recipe's value, else inject's default.
         recipe: a recipe name (``dpatch.recipes.list_recipes()``) or ``Recipe``: its rate,
             per-layer schedule, mode and time schedule, unless given explicitly.
         size: the recipe's model size; read from the model when not given.
+        keep_layerdrop: keep the model's own LayerDrop (``config.layerdrop``, ...) where
+            dpatch puts sites on its layers (default: turned off, with a note).
         action: ``"inject"`` (any model; idempotent) or ``"retune"`` (only existing slots).
         example_inputs: positional inputs of ``model.forward`` for the meta-device probe;
             needed when it does not take an image batch first.
@@ -91,6 +93,8 @@ class DropPathCallback(TrainerCallback):
         per: str | None = None,
         skip: bool | None = None,
         seed: int | None = None,
+        tie: str | None = None,
+        keep_layerdrop: bool = False,
         action: str = "inject",
         example_inputs: Sequence[Any] | None = None,
         kind: str | FactorFn | None = None,
@@ -121,6 +125,7 @@ class DropPathCallback(TrainerCallback):
             size=size,
             action=action,
             example_inputs=example_inputs,
+            keep_layerdrop=keep_layerdrop,
         )
         self.log_name = log_name
         self.restored_from: Path | None = None
