@@ -455,7 +455,7 @@ def test_lightning_ddp_without_find_unused_parameters(tmp_path: Path) -> None:
 def test_callbacks_pass_tie_and_keep_layerdrop_to_inject() -> None:
     """Both callbacks take ``tie`` (a layer as one unit) and ``keep_layerdrop`` (the model's
     own LayerDrop kept where dpatch puts sites); by default that LayerDrop is turned off."""
-    from test_layerdrop import X, Stack
+    from test_layerdrop import Stack, X
 
     from dpatch.integrations.lightning import DropPathCallback as Lit
     from dpatch.integrations.transformers import DropPathCallback as HF
