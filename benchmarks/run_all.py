@@ -6,9 +6,9 @@ residual_op, train_step, distributed, patch_cost, batch_files, cli_startup,
 depth_robustness, zoo_coverage. Their
 Markdown goes to the report in that order, their progress to stderr, their raw samples to
 ``NAME.json`` beside the report. A script that fails is reported in its section and the
-others still run; the exit status is then 1. Meant to take under 15 minutes on a quiet
-2-core machine (not yet timed on one: 51 minutes on a busy shared one, 16 of them CPU
-time); ``--quick`` took 4 minutes there.
+others still run; the exit status is then 1. On a quiet 2-core machine the scripts but
+zoo_coverage took 18.7 minutes (``--only`` all of them but zoo_coverage, ``--threads 1``),
+zoo_coverage 21 more on a busy machine (two worker processes; it times nothing).
 
     python benchmarks/run_all.py                      # benchmarks/results/report.md
     python benchmarks/run_all.py --quick --out /tmp/report.md
