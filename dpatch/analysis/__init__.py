@@ -23,9 +23,9 @@ from dpatch.analysis._trace import (
     bind_inputs,
     run_graph_meta,
     trace_module,
-    wrapper_names,
 )
 from dpatch.analysis._views import is_dropout, is_reshape, may_alias
+from dpatch.analysis._wrappers import wrapper_names
 
 __all__ = [
     "INPLACE_ADDS",

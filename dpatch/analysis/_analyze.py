@@ -255,7 +255,7 @@ class TraceCache:
         except TraceError:
             pass
         try:
-            return trace_and_run(mod, call, self._known, specialise=True)
+            return trace_and_run(mod, call, self._known, recorder, specialise=True)
         except TraceError:
             return first
 

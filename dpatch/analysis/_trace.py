@@ -33,12 +33,7 @@ from dpatch.analysis._shadow import (
     structure,
     watcher_class,
 )
-from dpatch.analysis._wrappers import (
-    decorators_of,
-    plain_subclass,
-    wrapper_names,
-    written_forward,
-)
+from dpatch.analysis._wrappers import decorators_of, plain_subclass, written_forward
 from dpatch.errors import TraceError, first_line
 
 __all__ = [
@@ -49,12 +44,9 @@ __all__ = [
     "bind_inputs",
     "concrete_candidates",
     "config_key",
-    "plain_subclass",
     "run_graph_meta",
     "trace_and_run",
     "trace_module",
-    "wrapper_names",
-    "written_forward",
 ]
 
 
