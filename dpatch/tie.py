@@ -82,6 +82,7 @@ class Tie:
         self.skip = skip
         self.batched = batched
         self.shared = shared
+        self.seen = (batched or frozenset()) | shared  # places the probes classified
         self.hidden = hidden
         self.skip_reason = skip_reason if skip_reason or batched is not None else "no probe"
         self._calls: list[_Call] = []
@@ -173,10 +174,6 @@ class Tie:
         if not _per_sample(value, rows) or place in self.shared:
             return False
         return self.batched is None or place in self.batched or place not in self.seen
-
-    @property
-    def seen(self) -> frozenset[str]:
-        return (self.batched or frozenset()) | self.shared
 
     def post(
         self, block: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any
