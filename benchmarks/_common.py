@@ -373,6 +373,32 @@ def device_name(device: torch.device) -> str:
     return cpu_model()
 
 
+#: glibc settings under which freed memory stays in the process's heap: blocks over the
+#: mmap threshold (128 KiB, moving with what was freed) otherwise go back to the OS when
+#: freed and are faulted in again, page by page, when next allocated. 32 MiB is the largest
+#: threshold glibc takes on 64-bit.
+HELD_HEAP = {"MALLOC_MMAP_THRESHOLD_": str(32 << 20), "MALLOC_TRIM_THRESHOLD_": str(4 << 30)}
+
+
+def heap_held() -> bool:
+    """Whether this process runs with ``HELD_HEAP``."""
+    return all(os.environ.get(k) == v for k, v in HELD_HEAP.items())
+
+
+def hold_freed_memory() -> None:
+    """Run this script again, same arguments, with glibc keeping freed memory in the heap
+    (``HELD_HEAP``); nothing on a system other than Linux or when it already does.
+
+    For timing an elementwise op: an expression with two large temporaries (timm's
+    ``x + DropPath(b)``) otherwise pays for page faults at every call in some processes
+    and not in others, depending on what glibc's moving threshold saw first."""
+    if not sys.platform.startswith("linux") or heap_held():
+        return
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **HELD_HEAP})
+
+
 def environment(device: torch.device) -> dict[str, Any]:
     """What the figures were measured on."""
     import timm
@@ -389,6 +415,7 @@ def environment(device: torch.device) -> dict[str, Any]:
         "torch": torch.__version__,
         "timm": timm.__version__,
         "dpatch": dpatch.__version__,
+        "malloc": "freed memory held in the heap" if heap_held() else "default",
     }
     if device.type == "cuda":
         try:

@@ -7,7 +7,11 @@ timed interleaved, round by round (``_common.interleave``); a sample is the mean
 Forward only by default; ``--backward`` times forward + backward. One torch thread unless
 ``--threads`` says otherwise: an elementwise op of a millisecond on two OpenMP threads
 measures the scheduler whenever anything else runs on a 2-core machine (samples of 8 ms
-for a 0.1 ms add), one thread measures the op.
+for a 0.1 ms add), one thread measures the op. On Linux the script runs itself again with
+glibc keeping freed memory in the heap (``_common.HELD_HEAP``): under glibc's defaults a
+19 MB temporary goes back to the OS when freed and is faulted in again at the next call in
+some processes and not others, so timm's fp32 expression (two temporaries) took 5 ms in one
+run and 26 ms in the next; ``--system-malloc`` keeps the defaults.
 
     python benchmarks/residual_op.py                 # CPU, reduced batch (32 / 8)
     python benchmarks/residual_op.py --device cuda   # full batch (256 / 64)
@@ -23,7 +27,7 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import Case, Run, parser, wall_timer
+from _common import Case, Run, heap_held, hold_freed_memory, parser, wall_timer
 
 from dpatch import drop_add
 
@@ -38,7 +42,15 @@ def main() -> None:
     p.add_argument("--batch-conv", type=int, default=None)
     p.add_argument("--calls", type=int, default=None, help="calls per sample (default 10)")
     p.add_argument("--backward", action="store_true")
+    p.add_argument(
+        "--system-malloc",
+        action="store_true",
+        help="keep glibc's defaults (by default the script runs again with freed memory "
+        "held in the heap, so page faults do not decide timm's two-temporary expression)",
+    )
     args = p.parse_args()
+    if not args.system_malloc:
+        hold_freed_memory()
     run = Run("residual_op", args)
     device = run.device
     gpu = device.type == "cuda"
@@ -119,7 +131,8 @@ def main() -> None:
         ],
         rows,
         note=f"median [min-max] of {run.rounds} interleaved rounds, a sample = mean of "
-        f"{calls} calls; ratios paired within a round",
+        f"{calls} calls; ratios paired within a round; "
+        + ("freed memory held in the heap" if heap_held() else "glibc's default malloc"),
     )
     run.finish()
 

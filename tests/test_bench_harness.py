@@ -189,3 +189,31 @@ def test_run_prints_markdown_and_writes_the_document(
     assert doc["timings"]["k"]["samples"] == {"a": [1.5, 1.5]}
     assert doc["tables"][0]["rows"] == [["row\\|1", "1.50 ms [1.50-1.50] n=2"]]
     assert {"cpu", "threads", "torch", "timm", "dpatch"} <= set(doc["environment"])
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc settings: Linux only")
+def test_hold_freed_memory_runs_the_script_again_with_the_heap_held(tmp_path: Path) -> None:
+    """The script starts over once, same arguments, with ``HELD_HEAP`` in its environment;
+    the second start finds it there and goes on."""
+    import os
+    import subprocess
+
+    script = tmp_path / "demo.py"
+    script.write_text(
+        "import os, sys\n"
+        f"sys.path.insert(0, {str(_PATH.parent)!r})\n"
+        "import _common\n"
+        "print('start', sys.argv[1:], _common.heap_held(), flush=True)\n"
+        "_common.hold_freed_memory()\n"
+        "print('go on', os.environ['MALLOC_TRIM_THRESHOLD_'], flush=True)\n"
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
+    done = subprocess.run(
+        [sys.executable, str(script), "--quick"], capture_output=True, text=True, env=env
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines() == [
+        "start ['--quick'] False",
+        "start ['--quick'] True",
+        f"go on {common.HELD_HEAP['MALLOC_TRIM_THRESHOLD_']}",
+    ]
