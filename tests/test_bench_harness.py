@@ -209,7 +209,11 @@ def test_hold_freed_memory_runs_the_script_again_with_the_heap_held(tmp_path: Pa
     )
     env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
     done = subprocess.run(
-        [sys.executable, str(script), "--quick"], capture_output=True, text=True, env=env
+        [sys.executable, str(script), "--quick"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
     )
     assert done.returncode == 0, done.stderr
     assert done.stdout.splitlines() == [
