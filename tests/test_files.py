@@ -85,6 +85,20 @@ def test_never_overwrites_without_force(patched) -> None:
     dfiles.save(model, out, report, force=True)
 
 
+@pytest.mark.parametrize("umask", [0o022, 0o027])
+def test_files_get_the_mode_a_plain_write_gives(tmp_path: Path, umask: int) -> None:
+    """Written through a private temporary, a file still gets 0o666 less the umask (it
+    was 0o600 whatever the umask), as `open(path, "w")` would give it."""
+    old = os.umask(umask)
+    try:
+        out = dfiles.save(torch.nn.Linear(2, 2), tmp_path / "x.safetensors")
+        plain = tmp_path / "plain"
+        plain.write_text("")
+    finally:
+        os.umask(old)
+    assert out.stat().st_mode & 0o777 == plain.stat().st_mode & 0o777 == 0o666 & ~umask
+
+
 def test_output_folder_checks(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     model = torch.nn.Linear(2, 2)
     with pytest.raises(OutputError, match="does not exist"):

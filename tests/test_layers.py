@@ -5,6 +5,7 @@ their formulas, pruning whole layers, and removing them from a transformers mode
 from __future__ import annotations
 
 import math
+import os
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -343,6 +344,10 @@ def test_save_pretrained_loads_without_dpatch_and_computes_the_same(tmp_path: Pa
     )
     assert not any(s.pruned for s in dpatch.find_sites(model))  # the input model is untouched
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no temporary left
+    # the folder gets mkdir's mode (mkdtemp made it 0o700)
+    mask = os.umask(0o022)
+    os.umask(mask)
+    assert (tmp_path / "out").stat().st_mode & 0o777 == 0o777 & ~mask
 
 
 def test_save_pretrained_refuses_what_a_plain_model_cannot_hold(tmp_path: Path) -> None:

@@ -44,6 +44,7 @@ __all__ = [
     "load_state_dict_file",
     "load_target",
     "load_weights",
+    "plain_mode",
     "read_manifest",
     "save",
 ]
@@ -79,17 +80,28 @@ def check_folder(out: Path) -> None:
         raise OutputError(f"output folder {str(folder)!r} is not writable; choose another -o")
 
 
+def plain_mode(path: str | os.PathLike[str], *, folder: bool = False) -> None:
+    """Give ``path``, written through a private temporary (``mkstemp`` makes 0o600,
+    ``mkdtemp`` 0o700), the mode ``open(path, "w")`` (``mkdir``) would have given it: 0o666
+    (0o777) less the umask."""
+    mask = os.umask(0o077)  # read it; the strict value is in force for that instant only
+    os.umask(mask)
+    os.chmod(path, (0o777 if folder else 0o666) & ~mask)
+
+
 def atomic_write(
     path: str | os.PathLike[str], write: Callable[[str], None], *, force: bool = False
 ) -> Path:
     """Call ``write(tmp)`` on a temporary file in the target folder, then rename it into
-    place. An interrupted or failed write leaves neither a partial output nor the temp file.
+    place, with the mode a plain write would give it. An interrupted or failed write leaves
+    neither a partial output nor the temp file.
     """
     out = check_output(path, force)
     fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent or ".")
     os.close(fd)
     try:
         write(tmp)
+        plain_mode(tmp)
         os.replace(tmp, out)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

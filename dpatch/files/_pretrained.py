@@ -24,7 +24,7 @@ from torch import nn
 
 from dpatch.depth import PlainModel, without_pruned_layers
 from dpatch.errors import InvalidValueError, OutputError
-from dpatch.files._files import check_folder
+from dpatch.files._files import check_folder, plain_mode
 from dpatch.models import transformers_quiet
 
 __all__ = ["PretrainedExport", "check_output_dir", "is_transformers_model", "save_pretrained"]
@@ -134,6 +134,7 @@ def save_pretrained(
     try:
         with transformers_quiet():
             plain.model.save_pretrained(str(tmp))  # type: ignore[operator]
+        plain_mode(tmp, folder=True)
         if out.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".old", dir=out.parent))
             os.replace(out, old / out.name)

@@ -36,6 +36,7 @@ from transformers import TrainerCallback
 
 from dpatch import PatchReport
 from dpatch.errors import InvalidValueError, OutputError
+from dpatch.files import plain_mode
 from dpatch.integrations._driver import DropPathDriver
 from dpatch.recipes import Recipe, ResolvedRecipe
 from dpatch.scheduler import DropPathScheduler, FactorFn
@@ -201,6 +202,7 @@ def _write_json(path: Path, data: dict[str, Any]) -> None:
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             json.dump(data, f, indent=1)
+        plain_mode(tmp)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
