@@ -8,7 +8,7 @@ Markdown goes to the report in that order, their progress to stderr, their raw s
 ``NAME.json`` beside the report. A script that fails is reported in its section and the
 others still run; the exit status is then 1. On a quiet 2-core machine the scripts but
 zoo_coverage took 18.7 minutes (``--only`` all of them but zoo_coverage, ``--threads 1``),
-zoo_coverage 21 more on a busy machine (two worker processes; it times nothing).
+zoo_coverage 3 more (two worker processes; it times nothing).
 
     python benchmarks/run_all.py                      # benchmarks/results/report.md
     python benchmarks/run_all.py --quick --out /tmp/report.md
