@@ -353,6 +353,11 @@ def test_transformers_resume_continues_the_schedule(tmp_path: Path) -> None:
     assert (
         saved["scheduler"]["last_step"] == 3 and (tmp_path / "checkpoint-6" / STATE_FILE).exists()
     )
+    # the state file gets the mode the Trainer's own files get (0o666 less the umask)
+    assert (
+        state_file.stat().st_mode & 0o777
+        == (tmp_path / "checkpoint-3" / "trainer_state.json").stat().st_mode & 0o777
+    )
 
     second = HFCallback(0.2, "uniform", **args)  # other targets: the state must win
     _, rec_b, _ = hf_fit(second, tmp_path, resume=str(tmp_path / "checkpoint-3"))

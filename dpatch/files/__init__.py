@@ -23,7 +23,6 @@ from dpatch.files._files import (
     load_state_dict_file,
     load_target,
     load_weights,
-    plain_mode,
     read_manifest,
     save,
 )
@@ -51,7 +50,6 @@ __all__ = [
     "load_target",
     "load_weights",
     "patch_many",
-    "plain_mode",
     "prepare_batch",
     "read_manifest",
     "report_from_manifest",

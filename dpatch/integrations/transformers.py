@@ -26,8 +26,6 @@ Events (transformers 4.40+):
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -36,7 +34,7 @@ from transformers import TrainerCallback
 
 from dpatch import PatchReport
 from dpatch.errors import InvalidValueError, OutputError
-from dpatch.files import plain_mode
+from dpatch.files import atomic_write
 from dpatch.integrations._driver import DropPathDriver
 from dpatch.recipes import Recipe, ResolvedRecipe
 from dpatch.scheduler import DropPathScheduler, FactorFn
@@ -189,21 +187,13 @@ class DropPathCallback(TrainerCallback):
                 f"checkpoint folder {str(folder)!r} does not exist after the Trainer saved; "
                 "DropPathCallback writes its state next to the Trainer's"
             )
-        _write_json(folder / STATE_FILE, self._driver.state_dict())
+        state_dict = self._driver.state_dict()
+
+        def write(tmp: str) -> None:
+            Path(tmp).write_text(json.dumps(state_dict, indent=1), encoding="utf-8")
+
+        atomic_write(folder / STATE_FILE, write, force=True)
 
 
 def _checkpoint_dir(args: Any, step: int) -> Path:
     return Path(args.output_dir) / f"{_CHECKPOINT_PREFIX}-{step}"
-
-
-def _write_json(path: Path, data: dict[str, Any]) -> None:
-    """Write atomically: a temporary file in the same folder, then a rename."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(data, f, indent=1)
-        plain_mode(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
