@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import ctypes
 import json
 import math
 import os
@@ -397,6 +398,21 @@ def hold_freed_memory() -> None:
     sys.stdout.flush()
     sys.stderr.flush()
     os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **HELD_HEAP})
+
+
+def hold_freed_memory_here() -> bool:
+    """``HELD_HEAP``'s settings in this running process, through glibc's ``mallopt``: for a
+    worker process that times (its parent may measure memory, where the defaults belong).
+    False, changing nothing, where the C library has no ``mallopt`` (not glibc)."""
+    try:
+        libc = ctypes.CDLL(None)
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False
+    m_trim_threshold, m_mmap_threshold = -1, -3  # glibc's malloc.h
+    # mallopt takes an int: the trim threshold is capped at 2 GiB - 1 (the env var's 4 GiB
+    # does not fit), as far beyond the largest heap these scripts use
+    return bool(mallopt(m_mmap_threshold, 32 << 20)) and bool(mallopt(m_trim_threshold, 2**31 - 1))
 
 
 def environment(device: torch.device) -> dict[str, Any]:

@@ -104,13 +104,13 @@ def _empty(folder: Path) -> Path:
 def main() -> None:
     p = parser(__doc__ or "", rounds=(3, 1), warmup=(0, 0))
     p.add_argument("--count", type=int, default=None, help="checkpoints (default 20)")
-    p.add_argument("--separate", type=int, default=None, help="separate commands per round (3)")
+    p.add_argument("--separate", type=int, default=None, help="separate commands per round (2)")
     p.add_argument("--model", default="timm:resnet50")
     p.add_argument("--command", choices=("inject", "retune", "verify"), default="inject")
     args = p.parse_args()
     run = Run("batch_files", args)
     n = args.count or (3 if args.quick else 20)
-    per_round = min(args.separate or (1 if args.quick else 3), n)
+    per_round = min(args.separate or (1 if args.quick else 2), n)
     arch = args.model.removeprefix("timm:")
     command = args.command
     writes = command != "verify"

@@ -37,7 +37,7 @@ COMMANDS: dict[str, tuple[list[str], dict[str, str]]] = {
 
 
 def main() -> None:
-    args = parser(__doc__ or "", rounds=(15, 3), warmup=(1, 1)).parse_args()
+    args = parser(__doc__ or "", rounds=(10, 3), warmup=(1, 1)).parse_args()
     run = Run("cli_startup", args)
     script = shutil.which("dpatch") or str(Path(sys.executable).parent / "dpatch")
 

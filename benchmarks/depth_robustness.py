@@ -9,7 +9,9 @@ highest-rate branches first, which for Huang's schedule is deepest first) and ev
 block (fairseq's advice) - and their test accuracy is measured. The same sites are pruned in
 both models. Plain training is the baseline. Prints the table (mean, standard deviation and
 min-max over seeds), with ``--json`` every seed's accuracies, and with ``--png`` (when
-matplotlib is installed) a plot. One torch thread unless ``--threads`` says otherwise.
+matplotlib is installed) a plot. One torch thread unless ``--threads`` says otherwise; on
+CPU the seeds' models train in ``--jobs`` worker processes (default 2: nothing is timed,
+and every model seeds itself, so the numbers do not depend on it).
 
     python benchmarks/depth_robustness.py --json depth_robustness.json --png depth_robustness.png
 """
@@ -17,9 +19,11 @@ matplotlib is installed) a plot. One torch thread unless ``--threads`` says othe
 from __future__ import annotations
 
 import copy
+import multiprocessing
 import statistics
 import sys
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -138,6 +142,35 @@ def curve(
     return out
 
 
+def train_and_prune(
+    seed: int, name: str, widths: tuple[int, int, int], size: int, epochs: int,
+    max_rate: float, device_type: str, threads: int | None,
+) -> tuple[float, float, dict[str, list[str]], dict[str, list[float]]]:  # fmt: skip
+    """One seed's ``name`` model ("plain" or "huang"), trained and pruned by both orders:
+    its training seconds, test accuracy, the orders and the accuracy curves. Both models of
+    a seed start from the same initialisation; the orders come from the DropPath model's
+    sites (its rates decide "by rate"; the plain model has none)."""
+    if threads:
+        torch.set_num_threads(threads)
+    device = torch.device(device_type)
+    xtr, ytr, xte, yte = (t.to(device) for t in digits(size))
+    example = (xte[:2],)
+    torch.manual_seed(seed)
+    plain = CifarResNet(widths).to(device)
+    dp = copy.deepcopy(plain)  # same initialisation
+    report = dpatch.inject(dp, schedule="huang", max_rate=max_rate, example_inputs=example)
+    model = plain if name == "plain" else dp
+    t0 = time.perf_counter()
+    train(model, xtr, ytr, epochs=epochs, seed=seed)
+    seconds = time.perf_counter() - t0
+    orders = {by: [s.name for s in dpatch.prune_order(list(report.sites), by)] for by in BY}
+    curves = {by: curve(model, orders[by], xte, yte, example) for by in BY}
+    return seconds, accuracy(model, xte, yte), orders, curves
+
+
+BY = ("rate", "every-other")
+
+
 def main() -> None:
     p = parser(__doc__ or "")
     p.set_defaults(threads=1)
@@ -147,6 +180,9 @@ def main() -> None:
     p.add_argument("--widths", default="8,16,32")
     p.add_argument("--max-rate", type=float, default=0.5)
     p.add_argument("--png", type=Path, default=None, help="plot here (needs matplotlib)")
+    p.add_argument(
+        "--jobs", type=int, default=2, help="worker processes on CPU (default 2; nothing is timed)"
+    )
     args = p.parse_args()
     # --threads defaults to 1 here: two OpenMP threads on a busy 2-core box run 4-8x slower
     run = Run("depth_robustness", args)
@@ -156,33 +192,30 @@ def main() -> None:
     widths = tuple(int(w) for w in args.widths.split(","))
     if len(widths) != 3:
         raise SystemExit(f"error: --widths takes three numbers, but got {args.widths!r}")
-    xtr, ytr, xte, yte = (t.to(device) for t in digits(args.size))
-    example = (xte[:2],)
 
     runs: dict[str, dict[str, list[list[float]]]] = {
         "plain": {"rate": [], "every-other": []},
         "huang": {"rate": [], "every-other": []},
     }
     orders: dict[str, list[str]] = {}
-    for seed in range(seeds):
-        torch.manual_seed(seed)
-        plain = CifarResNet(widths).to(device)  # type: ignore[arg-type]
-        dp = copy.deepcopy(plain)  # same initialisation
-        report = dpatch.inject(dp, schedule="huang", max_rate=args.max_rate, example_inputs=example)
-        for name, model in (("plain", plain), ("huang", dp)):
-            t0 = time.perf_counter()
-            train(model, xtr, ytr, epochs=epochs, seed=seed)
-            run.note(
-                f"seed {seed} {name}: trained in {time.perf_counter() - t0:.1f} s, "
-                f"test accuracy {accuracy(model, xte, yte):.4f}"
-            )
-        # The same sites, in the same order, for both models: the DropPath model's rates
-        # decide "by rate" (the plain model has none).
+    # Each (seed, model) trains on its own: nothing is timed, so --jobs processes share them
+    # out; every job seeds itself, so the numbers are those of a run one after another.
+    jobs = [
+        (seed, name, widths, args.size, epochs, args.max_rate, run.device.type, args.threads)
+        for seed in range(seeds)
+        for name in ("plain", "huang")
+    ]
+    if args.jobs > 1 and device.type == "cpu":
+        ctx = multiprocessing.get_context("spawn")
+        with ProcessPoolExecutor(args.jobs, mp_context=ctx) as pool:
+            results = list(pool.map(train_and_prune, *zip(*jobs, strict=True)))
+    else:
+        results = [train_and_prune(*job) for job in jobs]
+    for (seed, name, *_), (seconds, acc, job_orders, curves) in zip(jobs, results, strict=True):
+        run.note(f"seed {seed} {name}: trained in {seconds:.1f} s, test accuracy {acc:.4f}")
+        orders.update(job_orders)
         for by in ("rate", "every-other"):
-            order = [s.name for s in dpatch.prune_order(list(report.sites), by)]
-            orders[by] = order
-            for name, model in (("plain", plain), ("huang", dp)):
-                runs[name][by].append(curve(model, order, xte, yte, example))
+            runs[name][by].append(curves[by])
 
     depth = len(orders["rate"])
     table = []

@@ -148,7 +148,7 @@ def _free_port() -> int:
 
 
 def main() -> None:
-    p = parser(__doc__ or "", rounds=(20, 3), warmup=(2, 1))
+    p = parser(__doc__ or "", rounds=(16, 3), warmup=(2, 1))
     p.add_argument("--world", type=int, default=2, help="processes (default 2)")
     p.add_argument("--rate", type=float, default=0.4, help="uniform drop rate (default 0.4)")
     p.add_argument("--width", type=int, default=192)

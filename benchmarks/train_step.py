@@ -1,8 +1,9 @@
 """A full training step (forward, backward, optimizer) with and without stochastic depth.
 
 Models: ResNet-50 (SGD, channels_last) and a ViT (AdamW); on CUDA with bf16 autocast at
-224 px (ViT-B/16, batch 256 / ResNet-50 batch 256), on CPU reduced (ViT-S/16 at 112 px,
-ResNet-50 at 112 px, smaller batches, fp32). Configurations, at linear 0.2 and uniform 0.4:
+224 px (ViT-B/16, batch 256 / ResNet-50 batch 256), on CPU reduced (ViT-S/16 and ResNet-50
+at 112 px, batch 16, fp32). Configurations, at uniform 0.4 (``--schedules`` adds others,
+such as linear 0.2):
 
 - ``none``: the timm model without DropPath (drop_path_rate=0): the baseline;
 - ``timm``: timm's own DropPath (create_model(drop_path_rate=r); uniform rates set on it);
@@ -14,7 +15,7 @@ ResNet-50 at 112 px, smaller batches, fp32). Configurations, at linear 0.2 and u
   scaled by B/k (DINOv2's ``drop_add_residual_stochastic_depth``), same rates as dpatch.
 
 A tiny Llama (transformers' ``LlamaForCausalLM``, random weights, next-token loss on random
-ids; CPU: 8 layers, width 256, 128 tokens, batch 16; CUDA: 16 layers, width 1024, 512
+ids; CPU: 8 layers, width 256, 128 tokens, batch 8; CUDA: 16 layers, width 1024, 512
 tokens, batch 32), at uniform 0.4, each decoder layer dropped as one unit
 (``tie="block"``, LayerDrop's and LayerSkip's scheme):
 
@@ -29,7 +30,8 @@ Step times: all configurations in one process, interleaved round by round
 (``_common.interleave``), ratios to ``none`` paired within a round. Peak memory: each
 configuration alone in a fresh process (CUDA: max_memory_allocated; CPU: peak resident set
 size, VmHWM, of a process forked from a server that has imported torch, timm and dpatch),
-``--memory-rounds`` times, round by round.
+``--memory-rounds`` times, round by round. On CPU two such processes run at once (``--memory-jobs``):
+each one's peak is its own, and nothing is timed while they run.
 
     python benchmarks/train_step.py                    # CPU
     python benchmarks/train_step.py --device cuda      # GPU
@@ -41,7 +43,7 @@ import copy
 import multiprocessing
 import sys
 from collections.abc import Callable
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -49,10 +51,19 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import Case, Run, Timing, event_timer, interleave, parser, sync
+from _common import (
+    Case,
+    Run,
+    Timing,
+    event_timer,
+    hold_freed_memory_here,
+    interleave,
+    parser,
+    sync,
+)
 
 CONFIGS = ["none", "timm", "dpatch mask", "dpatch skip", "subset"]
-SCHEDULES = [("linear", 0.2), ("uniform", 0.4)]
+SCHEDULES = "uniform:0.4"  # the image models' default; --schedules linear:0.2,uniform:0.4
 LLAMA_CONFIGS = ["none", "dpatch mask", "dpatch skip", "layer subset"]
 LLAMA_SCHEDULES = [("uniform", 0.4)]
 
@@ -61,13 +72,30 @@ def configs_for(model_name: str) -> list[str]:
     return LLAMA_CONFIGS if model_name == "llama" else CONFIGS
 
 
-def schedules_for(model_name: str) -> list[tuple[str, float]]:
-    return LLAMA_SCHEDULES if model_name == "llama" else SCHEDULES
+def parse_schedules(text: str) -> list[tuple[str, float]]:
+    """``"linear:0.2,uniform:0.4"`` -> ``[("linear", 0.2), ("uniform", 0.4)]``."""
+    out = []
+    for part in text.split(","):
+        name, _, rate = part.partition(":")
+        try:
+            if name not in ("linear", "uniform"):
+                raise ValueError
+            out.append((name, float(rate)))
+        except ValueError:
+            raise SystemExit(
+                f"error: --schedules takes SCHEDULE:RATE pairs (linear or uniform), "
+                f"but got {part!r}"
+            ) from None
+    return out
+
+
+def schedules_for(model_name: str, image: str = SCHEDULES) -> list[tuple[str, float]]:
+    return LLAMA_SCHEDULES if model_name == "llama" else parse_schedules(image)
 
 
 def model_settings(name: str, gpu: bool, quick: bool = False) -> dict[str, Any]:
     if name == "llama":
-        layers, width, length, batch = (16, 1024, 512, 32) if gpu else (8, 256, 128, 16)
+        layers, width, length, batch = (16, 1024, 512, 32) if gpu else (8, 256, 128, 8)
         if quick:
             layers, width, length, batch = 4, 64, 32, 4
         return {
@@ -97,7 +125,7 @@ def model_settings(name: str, gpu: bool, quick: bool = False) -> dict[str, Any]:
     return {
         "arch": "vit_small_patch16_224",
         "label": "ViT-S/16",
-        "batch": 8 if quick else 32,
+        "batch": 8 if quick else 16,
         "size": size,
         "kwargs": {"img_size": size},
     }
@@ -336,7 +364,10 @@ def measure_time(
     model_name: str, schedule: str, rate: float, device_name: str, threads: int, quick: bool,
     rounds: int, warmup: int,
 ) -> dict[str, Any]:  # fmt: skip
-    """Step times of every configuration, interleaved round by round in this process."""
+    """Step times of every configuration, interleaved round by round in this process, with
+    freed memory held in the heap (page faults from glibc's moving mmap threshold otherwise
+    hit some configurations and processes and not others; see ``_common.HELD_HEAP``)."""
+    held = hold_freed_memory_here()
     if threads:
         torch.set_num_threads(threads)
     device = torch.device(device_name)
@@ -351,7 +382,7 @@ def measure_time(
     timing = interleave(
         cases, rounds=rounds, warmup=warmup, timer=event_timer(device), progress=progress
     )
-    return timing.as_dict()
+    return {**timing.as_dict(), "heap_held": held}
 
 
 def fresh_process(fn: Callable[..., Any], *args: Any) -> Any:
@@ -367,11 +398,22 @@ def fresh_process(fn: Callable[..., Any], *args: Any) -> Any:
 def main() -> None:
     p = parser(__doc__ or "", rounds=(6, 2), warmup=(1, 1))
     p.add_argument("--models", default="resnet50,vit,llama", help="comma list: resnet50,vit,llama")
+    p.add_argument(
+        "--schedules", default=SCHEDULES,
+        help=f"the image models' schedules, comma list of SCHEDULE:RATE (default {SCHEDULES}; "
+        "the Llama always runs uniform:0.4)",
+    )  # fmt: skip
     p.add_argument("--memory-rounds", type=int, default=None, help="default 2 (quick: 1)")
+    p.add_argument(
+        "--memory-jobs", type=int, default=None,
+        help="memory processes at once (default: 2 on CPU, 1 on CUDA: they share the GPU)",
+    )  # fmt: skip
     args = p.parse_args()
+    parse_schedules(args.schedules)  # a bad value stops here, before any work
     run = Run("train_step", args)
     gpu = run.device.type == "cuda"
     mem_rounds = args.memory_rounds or (1 if args.quick else 2)
+    mem_jobs = args.memory_jobs or (1 if gpu else 2)
     threads = torch.get_num_threads()
     # one pair of tables per set of configurations (image models, the Llama)
     rows: dict[tuple[str, ...], tuple[list[list[Any]], list[list[Any]]]] = {}
@@ -379,12 +421,13 @@ def main() -> None:
         s = model_settings(model, gpu, args.quick)
         configs = configs_for(model)
         time_rows, mem_rows = rows.setdefault(tuple(configs), ([], []))
-        for schedule, rate in schedules_for(model):
+        for schedule, rate in schedules_for(model, args.schedules):
             key = f"{model} {schedule} {rate}"
             doc = fresh_process(
                 measure_time, model, schedule, rate, args.device, threads, args.quick,
                 run.rounds, run.warmup,
             )  # fmt: skip
+            held = doc.pop("heap_held")
             timing = Timing.from_dict(doc)
             run.record(key, timing)
             unit = "tokens" if model == "llama" else "px"
@@ -402,9 +445,14 @@ def main() -> None:
             order = []
             for r in range(mem_rounds):
                 turn = configs[r % len(configs) :] + configs[: r % len(configs)]
+                with ThreadPoolExecutor(mem_jobs) as jobs:  # each job its own fresh process
+                    where = (schedule, rate, args.device, threads, args.quick)
+                    done = {
+                        c: jobs.submit(fresh_process, measure_memory, model, c, *where)
+                        for c in turn
+                    }
                 for c in turn:
-                    where = (model, c, schedule, rate, args.device, threads, args.quick)
-                    peaks[c].append(fresh_process(measure_memory, *where))
+                    peaks[c].append(done[c].result())
                 order.append(tuple(turn))
                 run.note(
                     f"{key} memory round {r + 1}: "
@@ -430,14 +478,15 @@ def main() -> None:
             header,
             time_rows,
             note=f"median [min-max] of {run.rounds} interleaved rounds after {run.warmup} "
-            "warm-up step(s); ratios paired within a round",
+            "warm-up step(s); ratios paired within a round"
+            + ("; freed memory held in the heap" if held else ""),
         )
         run.table(
             f"Train step peak memory ({what}){whole}",
             header,
             mem_rows,
             note=f"median [min-max] of {mem_rounds} round(s), one fresh process per "
-            "configuration and round",
+            f"configuration and round, {mem_jobs} at a time",
         )
     run.finish()
 

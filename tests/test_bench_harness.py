@@ -7,6 +7,7 @@ import contextlib
 import importlib.util
 import json
 import math
+import os
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -221,3 +222,40 @@ def test_hold_freed_memory_runs_the_script_again_with_the_heap_held(tmp_path: Pa
         "start ['--quick'] True",
         f"go on {common.HELD_HEAP['MALLOC_TRIM_THRESHOLD_']}",
     ]
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt, /proc")
+def test_hold_freed_memory_here_keeps_a_freed_block_resident(tmp_path: Path) -> None:
+    """A 24 MiB block freed under glibc's defaults goes back to the OS (resident memory
+    drops); after ``hold_freed_memory_here()`` it stays in the heap. Each case runs in its
+    own process: mallopt changes the process for good."""
+    import subprocess
+
+    script = tmp_path / "demo.py"
+    script.write_text(
+        "import sys\n"
+        f"sys.path.insert(0, {str(_PATH.parent)!r})\n"
+        "import _common, torch\n"
+        "def rss():\n"
+        "    for line in open('/proc/self/status'):\n"
+        "        if line.startswith('VmRSS:'):\n"
+        "            return int(line.split()[1]) / 1024\n"
+        "held = _common.hold_freed_memory_here() if sys.argv[1] == 'held' else False\n"
+        "x = torch.ones(6 << 20)\n"  # 24 MiB, touched
+        "before = rss()\n"
+        "del x\n"
+        "print(held, round(before - rss()))\n"
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
+    drops = {}
+    for case in ("default", "held"):
+        done = subprocess.run(
+            [sys.executable, str(script), case], capture_output=True, text=True, env=env,
+            timeout=120,
+        )  # fmt: skip
+        assert done.returncode == 0, done.stderr
+        held, drop = done.stdout.split()
+        assert held == str(case == "held")
+        drops[case] = int(drop)
+    assert drops["default"] >= 20, drops  # MiB given back at the free
+    assert drops["held"] <= 2, drops
