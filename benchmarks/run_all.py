@@ -6,9 +6,8 @@ residual_op, train_step, distributed, patch_cost, batch_files, cli_startup,
 depth_robustness, zoo_coverage. Their
 Markdown goes to the report in that order, their progress to stderr, their raw samples to
 ``NAME.json`` beside the report. A script that fails is reported in its section and the
-others still run; the exit status is then 1. On a quiet 2-core machine the scripts but
-zoo_coverage took 18.7 minutes (``--only`` all of them but zoo_coverage, ``--threads 1``),
-zoo_coverage 3 more (two worker processes; it times nothing).
+others still run; the exit status is then 1. On a quiet 2-core machine all of them took
+12.6 minutes (``--threads 1``; train_step 3.6 and zoo_coverage 3.4 of them).
 
     python benchmarks/run_all.py                      # benchmarks/results/report.md
     python benchmarks/run_all.py --quick --out /tmp/report.md
