@@ -410,9 +410,11 @@ def hold_freed_memory_here() -> bool:
     except (OSError, AttributeError):
         return False
     m_trim_threshold, m_mmap_threshold = -1, -3  # glibc's malloc.h
+    mmap = int(HELD_HEAP["MALLOC_MMAP_THRESHOLD_"])
     # mallopt takes an int: the trim threshold is capped at 2 GiB - 1 (the env var's 4 GiB
     # does not fit), as far beyond the largest heap these scripts use
-    return bool(mallopt(m_mmap_threshold, 32 << 20)) and bool(mallopt(m_trim_threshold, 2**31 - 1))
+    trim = min(int(HELD_HEAP["MALLOC_TRIM_THRESHOLD_"]), 2**31 - 1)
+    return bool(mallopt(m_mmap_threshold, mmap)) and bool(mallopt(m_trim_threshold, trim))
 
 
 def environment(device: torch.device) -> dict[str, Any]:

@@ -142,6 +142,9 @@ def curve(
     return out
 
 
+BY = ("rate", "every-other")  # the two pruning orders
+
+
 def train_and_prune(
     seed: int, name: str, widths: tuple[int, int, int], size: int, epochs: int,
     max_rate: float, device_type: str, threads: int | None,
@@ -166,9 +169,6 @@ def train_and_prune(
     orders = {by: [s.name for s in dpatch.prune_order(list(report.sites), by)] for by in BY}
     curves = {by: curve(model, orders[by], xte, yte, example) for by in BY}
     return seconds, accuracy(model, xte, yte), orders, curves
-
-
-BY = ("rate", "every-other")
 
 
 def main() -> None:
@@ -201,7 +201,7 @@ def main() -> None:
     # Each (seed, model) trains on its own: nothing is timed, so --jobs processes share them
     # out; every job seeds itself, so the numbers are those of a run one after another.
     jobs = [
-        (seed, name, widths, args.size, epochs, args.max_rate, run.device.type, args.threads)
+        (seed, name, widths, args.size, epochs, args.max_rate, device.type, args.threads)
         for seed in range(seeds)
         for name in ("plain", "huang")
     ]
@@ -214,7 +214,7 @@ def main() -> None:
     for (seed, name, *_), (seconds, acc, job_orders, curves) in zip(jobs, results, strict=True):
         run.note(f"seed {seed} {name}: trained in {seconds:.1f} s, test accuracy {acc:.4f}")
         orders.update(job_orders)
-        for by in ("rate", "every-other"):
+        for by in BY:
             runs[name][by].append(curves[by])
 
     depth = len(orders["rate"])

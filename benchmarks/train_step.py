@@ -89,8 +89,9 @@ def parse_schedules(text: str) -> list[tuple[str, float]]:
     return out
 
 
-def schedules_for(model_name: str, image: str = SCHEDULES) -> list[tuple[str, float]]:
-    return LLAMA_SCHEDULES if model_name == "llama" else parse_schedules(image)
+def schedules_for(model_name: str, image: list[tuple[str, float]]) -> list[tuple[str, float]]:
+    """The Llama's schedules, or ``image`` (``--schedules``, parsed) for the image models."""
+    return LLAMA_SCHEDULES if model_name == "llama" else image
 
 
 def model_settings(name: str, gpu: bool, quick: bool = False) -> dict[str, Any]:
@@ -409,7 +410,7 @@ def main() -> None:
         help="memory processes at once (default: 2 on CPU, 1 on CUDA: they share the GPU)",
     )  # fmt: skip
     args = p.parse_args()
-    parse_schedules(args.schedules)  # a bad value stops here, before any work
+    image_schedules = parse_schedules(args.schedules)  # a bad value stops here, before any work
     run = Run("train_step", args)
     gpu = run.device.type == "cuda"
     mem_rounds = args.memory_rounds or (1 if args.quick else 2)
@@ -421,7 +422,7 @@ def main() -> None:
         s = model_settings(model, gpu, args.quick)
         configs = configs_for(model)
         time_rows, mem_rows = rows.setdefault(tuple(configs), ([], []))
-        for schedule, rate in schedules_for(model, args.schedules):
+        for schedule, rate in schedules_for(model, image_schedules):
             key = f"{model} {schedule} {rate}"
             doc = fresh_process(
                 measure_time, model, schedule, rate, args.device, threads, args.quick,
